@@ -1,0 +1,68 @@
+"""Job configs are dataclasses whose defaults are the paper's recipe; command-line flags are generated from fields.
+
+``parse(Cfg)`` turns ``--per-class 7000`` into ``Cfg(per_class=7000)``; a field's ``metadata["help"]`` is its help.
+``asdict(cfg)`` crosses the driver→worker boundary and ``Cfg(**d)`` rebuilds it there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import kemo
+
+T = TypeVar("T")
+
+
+def _scalar_type(tp: Any) -> tuple[Any, bool]:
+    """(underlying type, optional?) for ``X`` or ``X | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def parser_for(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().splitlines()[0])
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        tp, _ = _scalar_type(hints[field.name])
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        default = None if required else (field.default if field.default is not dataclasses.MISSING
+                                         else field.default_factory())
+        help_ = field.metadata.get("help", "")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif tp in (int, float, str):
+            parser.add_argument(flag, type=tp, default=default, required=required,
+                                help=f"{help_} (default: {default})" if not required else help_)
+        else:
+            raise TypeError(f"{cls.__name__}.{field.name}: unsupported flag type {tp!r}")
+    return parser
+
+
+def parse(cls: type[T], argv: list[str] | None = None) -> T:
+    """Build ``cls`` from command-line flags generated from its fields."""
+    ns = parser_for(cls).parse_args(argv)
+    return cls(**vars(ns))
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the source tree when there is one (``0.1.0+g1a2b3c4[.dirty]``)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return kemo.__version__
+    return f"{kemo.__version__}+g{sha}{'.dirty' if dirty else ''}"

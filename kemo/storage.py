@@ -1,0 +1,168 @@
+"""Local paths and ``s3://`` URIs behind one pyarrow filesystem API, and the commit manifest of every output.
+
+S3 goes through pyarrow's S3 client; ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` selects a custom endpoint (a moto
+server in tests, MinIO on premises). Every output directory is committed by ``_commit.json``, written last, which names
+its files with sizes and SHA-256: readers read what it names, never a glob, so a crashed run leaves nothing that a
+reader can mistake for output (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import io
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from kemo.config import code_version
+
+COMMIT = "_commit.json"
+CONFIG = "config.json"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+@functools.cache
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme)
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an ``s3://bucket/key`` URI."""
+    if is_s3(uri):
+        path = uri[len("s3://"):].rstrip("/")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if not endpoint and not region:
+            region = pafs.resolve_s3_region(path.split("/", 1)[0])
+        return _s3_filesystem(endpoint, region), path
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or an S3 URI (POSIX separators, no normalisation of ``..``)."""
+    if is_s3(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    rel: str  # root-relative key with '/' separators, exactly as stored (not normalised)
+    uri: str  # what read_bytes() takes
+    size: int
+    mtime_ns: int | None
+
+
+def list_files(root: str) -> list[FileEntry]:
+    """Every file under ``root`` (recursive), sorted by key. S3 "folder" marker keys are not files."""
+    fs, base = resolve(root)
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=False))
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File or info.path.endswith("/"):
+            continue
+        if is_s3(root):
+            rel = posixpath.relpath(info.path, base)
+        else:
+            rel = os.path.relpath(info.path, base).replace(os.sep, "/")
+        uri = f"s3://{info.path}" if is_s3(root) else info.path
+        out.append(FileEntry(rel, uri, int(info.size or 0), info.mtime_ns))
+    out.sort(key=lambda e: e.rel)
+    return out
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file. Local writes go through a temporary name and a rename; an S3 PUT is atomic already."""
+    fs, path = resolve(uri)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, ensure_ascii=False, indent=2, default=str).encode("utf-8"))
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri).decode("utf-8"))
+
+
+def write_parquet(table: pa.Table, uri: str) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(read_bytes(uri)))
+
+
+def uncommit(out_dir: str) -> None:
+    """Remove the commit marker before rewriting an output, so a crash mid-rewrite leaves no valid-looking output."""
+    fs, path = resolve(join(out_dir, COMMIT))
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
+
+
+def commit(out_dir: str, files: list[str], config: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Write the resolved config, then ``_commit.json`` naming every file of the output (paths relative to out_dir)."""
+    write_json(join(out_dir, CONFIG), {"kind": kind, "code_version": code_version(), "config": config})
+    entries = []
+    for rel in [*files, CONFIG]:
+        data = read_bytes(join(out_dir, rel))
+        entries.append({"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    manifest = {
+        "kind": kind,
+        "code_version": code_version(),
+        "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "files": entries,
+    }
+    write_json(join(out_dir, COMMIT), manifest)
+    return manifest
+
+
+def committed(out_dir: str, kind: str | None = None) -> dict[str, Any]:
+    """The commit manifest of an output directory; raises if it is missing, of another kind, or names a lost file."""
+    try:
+        manifest = read_json(join(out_dir, COMMIT))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{out_dir} holds no committed output ({COMMIT} missing)") from e
+    if kind is not None and manifest.get("kind") != kind:
+        raise ValueError(f"{out_dir} holds a {manifest.get('kind')!r} output, not {kind!r}")
+    for entry in manifest["files"]:
+        fs, path = resolve(join(out_dir, entry["path"]))
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File or info.size != entry["bytes"]:
+            raise ValueError(f"{out_dir}: committed file {entry['path']} is missing or changed")
+    return manifest
