@@ -1,0 +1,151 @@
+"""The AI-Hub-shaped generator: deterministic, shaped like the corpus (DESIGN §2), and learnable from the face only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import unicodedata
+from collections import Counter
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+from kemo.classes import UNKNOWN
+from kemo.data import aihub, synth
+from kemo.data.synth import SynthConfig, generate, read_truth
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tree_digest(root: str) -> dict[str, str]:
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if name != "summary.json":  # holds the wall time
+                out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def upright(root: str, image_id: str) -> np.ndarray:
+    return np.asarray(ImageOps.exif_transpose(Image.open(os.path.join(root, image_id))).convert("RGB"))
+
+
+def test_deterministic_for_a_seed_whatever_the_processes(tmp_path):
+    a = SynthConfig(out=str(tmp_path / "a"), per_class=2, seed=5, size="200x150", orphans=1, missing=1, jobs=1)
+    b = SynthConfig(**{**a.__dict__, "out": str(tmp_path / "b"), "jobs": 2})
+    c = SynthConfig(**{**a.__dict__, "out": str(tmp_path / "c"), "seed": 6})
+    for cfg in (a, b, c):
+        generate(cfg)
+    da, db, dc = tree_digest(a.out), tree_digest(b.out), tree_digest(c.out)
+    assert da == db and len(da) == 2 * 7 - 1 + 7 + 1  # photos less the missing one, 7 label files, truth
+    assert set(da.values()).isdisjoint(v for k, v in dc.items() if k.endswith(".jpg"))
+
+
+def test_photos_show_upright_as_rendered_with_boxes_in_the_upright_frame(corpus):
+    root, cfg = corpus
+    plan = synth._plan(cfg)
+    rows = [t for t in read_truth(root).to_pylist() if t["written"]]
+    seen = Counter()
+    for t in rows:
+        seen[t["orientation"]] += 1
+        look = synth._person(cfg.seed, plan[t["index"]]["person"])
+        drawn = synth.render(cfg.seed, t["index"], t["expression"], look, cfg.wh)
+        shown = upright(root, t["image_id"])
+        assert shown.shape == drawn["image"].shape == (240, 320, 3)
+        assert np.abs(shown.astype(int) - drawn["image"]).mean() < 4, t["image_id"]  # JPEG error only
+        assert drawn["face_box"] == t["face_box"]
+        stored = Image.open(os.path.join(root, t["image_id"]))
+        assert stored.size == ((240, 320) if t["orientation"] in {5, 6, 7, 8} else (320, 240))
+    assert {3, 6, 8} <= set(seen) and set(seen) & {2, 4, 5, 7}
+    assert 0.2 <= 1 - seen[1] / len(rows) <= 0.45  # real corpus: ~32% not upright
+
+
+def test_corpus_has_the_real_corpus_quirks(corpus):
+    root, cfg = corpus
+    rows = read_truth(root).to_pylist()
+    area = [(t["face_box"][2] - t["face_box"][0]) * (t["face_box"][3] - t["face_box"][1]) / (320 * 240) for t in rows]
+    assert 0.09 <= min(area) and max(area) <= 0.40
+    assert 0.1 <= sum(bool(t["distractor_boxes"]) for t in rows) / len(rows) <= 0.5
+    votes = [v for t in rows for v in t["votes"]]
+    assert UNKNOWN in votes
+    assert sum(len(set(t["votes"])) > 1 for t in rows) > 10  # annotators disagree
+    assert sum(t["expression"] != t["folder_label"] for t in rows) > 5  # the folder is not the label
+    boxes = [b for t in rows for b in t["annot_boxes"]]
+    assert any(min(b[0], b[1]) < 0 for b in boxes) and any(b[0] == b[2] for b in boxes)
+    names = [t["filename"] for t in rows]
+    assert any(" " in n for n in names) and any("&" in n for n in names)
+    assert all(len(n.split("_")[0]) == 64 for n in names)
+    assert all(n.split("_")[3] in {"기쁨", "분노", "슬픔", "불안", "당황", "상처", "중립"} for n in names)
+    plan = synth._plan(SynthConfig(out="", per_class=300))
+    assert 0.005 < sum(p["ext"] == "jpeg" for p in plan) / len(plan) < 0.03  # ~1.5% .jpeg
+
+
+def test_label_files_in_every_encoding_and_key_style(corpus):
+    root, _ = corpus
+    seen_enc, seen_keys = set(), set()
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if name.startswith("img_emotion"):
+                data = open(os.path.join(dirpath, name), "rb").read()
+                records, enc = aihub.decode_json(data)
+                seen_enc.add(enc)
+                seen_keys |= {k[:-2] for k in records[0] if k.endswith(("_A", "_B", "_C"))}
+                assert records[0]["filename"].endswith((".jpg", ".jpeg"))
+    assert seen_enc == {"utf-8", "utf-8-sig", "cp949"} and seen_keys == {"annot", "faceBB"}
+
+
+def test_nfd_names_index_cleanly(tmp_path):
+    cfg = SynthConfig(out=str(tmp_path / "nfd"), per_class=2, seed=1, size="160x120", nfd=True, jobs=1)
+    generate(cfg)
+    on_disk = [n for _, _, names in os.walk(cfg.out) for n in names if n.endswith(".jpg")]
+    assert on_disk and all(n != unicodedata.normalize("NFC", n) for n in on_disk)
+    table, report = aihub.index(cfg.out)
+    assert table.num_rows == 14 and not report["missing_images"] and not report["orphan_images"]
+    truth_ids = set(read_truth(cfg.out).column("image_id").to_pylist())
+    assert set(table.column("image_id").to_pylist()) == truth_ids
+
+
+def _features(img: np.ndarray) -> np.ndarray:
+    g = cv2.resize(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), (24, 24), interpolation=cv2.INTER_AREA).astype(np.float32)
+    return np.concatenate([g.ravel(), np.abs(cv2.Laplacian(g, cv2.CV_32F)).ravel()])
+
+
+def _ridge_accuracy(x: np.ndarray, y: np.ndarray, test: np.ndarray) -> float:
+    mu, sd = x[~test].mean(0), x[~test].std(0) + 1e-6
+    x = np.hstack([(x - mu) / sd, np.ones((len(x), 1))])
+    a = x[~test]
+    w = np.linalg.solve(a.T @ a + 100 * np.eye(a.shape[1]), a.T @ np.eye(7)[y[~test]])
+    return float((np.argmax(x[test] @ w, 1) == y[test]).mean())
+
+
+def test_expression_is_learnable_from_the_face_and_hardly_from_the_whole_photo(corpus):
+    """The property the paper's pipeline rests on: a linear classifier on 24×24 pixels, held-out persons."""
+    root, _ = corpus
+    rows = [t for t in read_truth(root).to_pylist() if t["written"]]
+    faces, wholes = [], []
+    for t in rows:
+        img = upright(root, t["image_id"])
+        x1, y1, x2, y2 = (int(v) for v in t["face_box"])
+        faces.append(_features(img[y1:y2, x1:x2]))
+        wholes.append(_features(img))
+    y = np.array([t["expression"] for t in rows])
+    persons = sorted({t["person_id"] for t in rows})
+    test = np.array([persons.index(t["person_id"]) % 4 == 0 for t in rows])
+    face_acc, whole_acc = _ridge_accuracy(np.array(faces), y, test), _ridge_accuracy(np.array(wholes), y, test)
+    assert face_acc >= 0.85 and whole_acc <= 0.4, (face_acc, whole_acc)
+
+
+def test_command_line(tmp_path):
+    out = tmp_path / "cli"
+    res = subprocess.run([sys.executable, "-m", "kemo.data.synth", "--out", str(out), "--per-class", "1",
+                          "--size", "160x120", "--encoding", "cp949", "--annot-keys", "faceBB"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "wrote 7 photos, 7 records in 7 label files" in res.stdout
+    summary = json.load(open(out / "_synth" / "summary.json", encoding="utf-8"))
+    assert summary["config"]["encoding"] == "cp949" and summary["photos"] == 7
