@@ -45,6 +45,11 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
     return pafs.S3FileSystem(**kwargs)
 
 
+@functools.lru_cache(maxsize=None)
+def _bucket_region(bucket: str) -> str:
+    return pafs.resolve_s3_region(bucket)  # one HEAD request per bucket, not per file
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or an ``s3://bucket/key`` URI."""
     if is_s3(uri):
@@ -52,7 +57,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if not endpoint and not region:
-            region = pafs.resolve_s3_region(path.split("/", 1)[0])
+            region = _bucket_region(path.split("/", 1)[0])
         return _s3_filesystem(endpoint, region), path
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
