@@ -6,6 +6,7 @@ and drew their boxes in. ``undo_orientation`` is its inverse (used to write phot
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -15,31 +16,34 @@ SWAPS_AXES = frozenset({5, 6, 7, 8})  # these turn a W×H stored frame into an H
 
 
 def apply_orientation(stored: np.ndarray, orientation: int) -> np.ndarray:
-    """(H, W, ...) stored frame → upright frame, as a viewer honouring EXIF shows it."""
-    a = stored
+    """(H, W[, C]) uint8 stored frame → upright frame, as a viewer honouring EXIF shows it.
+
+    OpenCV's flips and rotations return contiguous arrays (a numpy view would make every later cv2 call copy).
+    Orientation 1 and unknown values return the input itself.
+    """
     if orientation == 2:
-        return a[:, ::-1]
+        return cv2.flip(stored, 1)
     if orientation == 3:
-        return a[::-1, ::-1]
+        return cv2.rotate(stored, cv2.ROTATE_180)
     if orientation == 4:
-        return a[::-1]
+        return cv2.flip(stored, 0)
     if orientation == 5:
-        return a.swapaxes(0, 1)
+        return cv2.transpose(stored)
     if orientation == 6:
-        return np.rot90(a, k=-1)  # 90° clockwise
+        return cv2.rotate(stored, cv2.ROTATE_90_CLOCKWISE)
     if orientation == 7:
-        return a[::-1, ::-1].swapaxes(0, 1)
+        return cv2.flip(cv2.transpose(stored), -1)
     if orientation == 8:
-        return np.rot90(a, k=1)  # 90° counter-clockwise
-    return a
+        return cv2.rotate(stored, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return stored
 
 
 def undo_orientation(upright: np.ndarray, orientation: int) -> np.ndarray:
     """Inverse of ``apply_orientation``: the frame to store so that EXIF ``orientation`` shows ``upright``."""
     if orientation == 6:
-        return np.rot90(upright, k=1)
+        return cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE)
     if orientation == 8:
-        return np.rot90(upright, k=-1)
+        return cv2.rotate(upright, cv2.ROTATE_90_CLOCKWISE)
     return apply_orientation(upright, orientation)  # the other six are their own inverses
 
 

@@ -340,7 +340,7 @@ def make_photo(job: dict[str, Any]) -> dict[str, Any]:
     votes, boxes = _annotate(rng, expr, drawn["face_box"])
     written = item.get("defect") != "missing"
     if written:
-        stored = np.ascontiguousarray(undo_orientation(drawn["image"], orientation))
+        stored = undo_orientation(drawn["image"], orientation)
         ok, enc = cv2.imencode(".jpg", cv2.cvtColor(stored, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, cfg.quality])
         assert ok
         data = enc.tobytes()
