@@ -1,0 +1,165 @@
+"""Photo bytes → upright RGB uint8, the same way at preprocessing, training and labelling. No Ray here.
+
+The format is sniffed from content, never from the name. Sizes are read from the header and decompression bombs
+refused before any pixel is decoded. Baseline/progressive JPEG in YCbCr or gray (nearly every phone photo) decodes
+with OpenCV's libjpeg-turbo, optionally DCT-reduced by 2, 4 or 8; everything else (PNG, WebP, CMYK JPEG, palette,
+16-bit, alpha) through Pillow with explicit conversions. EXIF orientation is then applied as ``kemo.exif`` does.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from kemo.exif import ORIENTATION_TAG, ORIENTATIONS, SWAPS_AXES, apply_orientation
+
+MAX_PIXELS = 100_000_000  # the corpus tops out at 6431×4951 ≈ 32 MP
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"}
+_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+class DecodeError(Exception):
+    """A photo that cannot be decoded; ``status`` is the crop shard's status column."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Decoded:
+    image: np.ndarray  # (H, W, 3) uint8 RGB, upright, reduced by `scale` from the full frame
+    width: int  # full-resolution upright size
+    height: int
+    orientation: int  # EXIF orientation found (1 when absent or invalid)
+    scale: int  # DCT reduction used (1, 2, 4, 8); exact factors per axis below
+    format: str
+
+    @property
+    def factors(self) -> tuple[float, float]:
+        """Full-resolution upright pixels per pixel of ``image``, along x and y."""
+        return self.width / self.image.shape[1], self.height / self.image.shape[0]
+
+
+@dataclass
+class Header:
+    format: str
+    width: int  # upright
+    height: int
+    orientation: int
+    mode: str
+
+
+def sniff(data: bytes) -> str | None:
+    """Image format from the first bytes, or None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return "heif"
+    return None
+
+
+def probe(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[Header, Image.Image]:
+    """Read format, size, mode and orientation from the header only; refuse what must not be decoded."""
+    if not data:
+        raise DecodeError("decode_error", "empty file")
+    fmt = sniff(data)
+    if fmt == "heif":
+        raise DecodeError("unsupported_format", "HEIF/HEIC/AVIF photos are not supported; convert them to JPEG")
+    if fmt is None:
+        raise DecodeError("decode_error", f"not an image (starts with {data[:8]!r})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        w, h = im.size
+    except Image.DecompressionBombError as e:
+        raise DecodeError("too_large", str(e)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DecodeError("decode_error", f"unreadable {fmt} header: {e}") from None
+    if w <= 0 or h <= 0:
+        raise DecodeError("decode_error", f"{fmt} header gives size {w}×{h}")
+    if w * h > max_pixels:
+        raise DecodeError("too_large", f"{w}×{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP limit")
+    try:
+        orientation = int(im.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # a broken EXIF block must not cost the photo
+        orientation = 1
+    if orientation not in ORIENTATIONS:
+        orientation = 1
+    if orientation in SWAPS_AXES:
+        w, h = h, w
+    return Header(fmt, w, h, orientation, im.mode), im
+
+
+def reduction_for(width: int, height: int, min_side: int) -> int:
+    """Largest DCT reduction (1, 2, 4, 8) that keeps the short side at least ``min_side``; 1 when min_side <= 0."""
+    if min_side <= 0:
+        return 1
+    for s in (8, 4, 2):
+        if min(width, height) // s >= min_side:
+            return s
+    return 1
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    # A JPEG ends with EOI (FF D9), perhaps followed by padding or a trailer; a truncated one does not.
+    # libjpeg would otherwise fill the missing rows with gray and report success.
+    return data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) != -1
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Any Pillow mode → (H, W, 3) uint8 RGB: alpha composited on white, 16-bit scaled, CMYK and palettes converted."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        g = np.clip(np.rint(a * (255.0 / hi)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(g[:, :, None], 3, axis=2))
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return np.asarray(im.convert("RGB"))
+
+
+def decode(data: bytes, min_side: int = 0, max_pixels: int = MAX_PIXELS) -> Decoded:
+    """Decode photo bytes into an upright RGB frame, DCT-reduced when the short side can stay >= ``min_side``."""
+    header, im = probe(data, max_pixels)
+    scale = reduction_for(header.width, header.height, min_side) if header.format == "jpeg" else 1
+    if header.format == "jpeg" and not _jpeg_complete(data):
+        raise DecodeError("decode_error", "truncated JPEG (no end-of-image marker)")
+    if header.format == "jpeg" and header.mode in ("RGB", "L"):
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[scale] | cv2.IMREAD_IGNORE_ORIENTATION)
+        if bgr is None:
+            raise DecodeError("decode_error", "corrupt JPEG data")
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    else:
+        try:
+            if header.format == "jpeg" and scale > 1:  # CMYK JPEG: Pillow's DCT scaling
+                full_w = im.size[0]
+                im.draft(im.mode, (im.size[0] // scale, im.size[1] // scale))
+                scale = max(1, round(full_w / im.size[0]))
+            im.load()
+            rgb = _to_rgb(im)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DecodeError("decode_error", f"corrupt {header.format} data: {e}") from None
+    upright = apply_orientation(rgb, header.orientation)
+    return Decoded(upright, header.width, header.height, header.orientation, scale, header.format)

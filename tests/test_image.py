@@ -1,0 +1,78 @@
+"""Decoding: every bad input gets its status, every unusual format the right pixels, every EXIF orientation upright."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from kemo.image import DecodeError, decode, probe, reduction_for, sniff
+from tests.photos import bad_inputs, jpeg, scene, unusual_inputs
+
+
+@pytest.mark.parametrize("name", sorted(bad_inputs()))
+def test_bad_inputs_get_their_status(name):
+    data, status = bad_inputs()[name]
+    with pytest.raises(DecodeError) as e:
+        decode(data)
+    assert e.value.status == status, str(e.value)
+
+
+def test_bombs_are_refused_from_the_header():
+    for data in (bad_inputs()["bomb.jpg"][0], bad_inputs()["bomb.png"][0]):
+        with pytest.raises(DecodeError, match="pixels|MP") as e:
+            probe(data)
+        assert e.value.status == "too_large"
+    with pytest.raises(DecodeError, match="too_large|exceeds"):
+        decode(jpeg(scene(300, 200)), max_pixels=300 * 200 - 1)
+
+
+@pytest.mark.parametrize("name", sorted(unusual_inputs()))
+def test_unusual_formats_decode_to_the_right_rgb(name):
+    data, expected = unusual_inputs()[name]
+    got = decode(data)
+    assert got.image.dtype == np.uint8 and got.image.shape == expected.shape
+    assert np.abs(got.image.astype(int) - expected).mean() < 6, name
+
+
+def test_format_is_sniffed_from_content():
+    assert sniff(jpeg(scene())) == "jpeg"
+    assert sniff(unusual_inputs()["png_named.jpg"][0]) == "png"
+    assert sniff(unusual_inputs()["webp_named.jpg"][0]) == "webp"
+    assert sniff(bad_inputs()["photo.heic.jpg"][0]) == "heif"
+    assert sniff(b"") is None
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_decodes_upright(orientation):
+    upright = scene(240, 160)
+    data = jpeg(upright, orientation)
+    got = decode(data)
+    assert got.orientation == orientation and (got.width, got.height) == (240, 160)
+    assert np.abs(got.image.astype(int) - upright).mean() < 3
+    pil = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert np.abs(got.image.astype(int) - pil).mean() < 3  # as Pillow shows it, as the annotators saw it
+
+
+def test_invalid_orientation_value_is_treated_as_upright():
+    data = jpeg(scene(), 1)
+    data = data.replace(b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x01", b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x09")
+    assert decode(data).orientation == 1
+
+
+@pytest.mark.parametrize("w, h, min_side, scale", [(4000, 3000, 1000, 2), (6431, 4951, 1000, 4), (2000, 1500, 1000, 1),
+                                                   (2000, 1500, 0, 1), (8000, 8000, 500, 8)])
+def test_reduction_for(w, h, min_side, scale):
+    assert reduction_for(w, h, min_side) == scale
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_reduced_decode_keeps_full_resolution_geometry(orientation):
+    upright = scene(480, 320)
+    got = decode(jpeg(upright, orientation), min_side=150)
+    assert got.scale == 2 and got.image.shape == (160, 240, 3) and (got.width, got.height) == (480, 320)
+    assert got.factors == (2.0, 2.0)
+    half = np.asarray(Image.fromarray(upright).resize((240, 160), Image.BILINEAR))
+    assert np.abs(got.image.astype(int) - half).mean() < 6
+    cmyk = decode(unusual_inputs()["cmyk.jpg"][0], min_side=60)  # Pillow's DCT scaling path
+    assert cmyk.scale == 2 and cmyk.image.shape == (80, 120, 3)
