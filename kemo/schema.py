@@ -24,3 +24,24 @@ MANIFEST = pa.schema([
     ("background", pa.string()),
     ("source", pa.string()),  # the release's own folder: Training | Validation
 ])
+
+# The manifest columns every later table carries along, so a crop or a label can be traced to its photo and person.
+IDENTITY = ("image_id", "uri", "person_id", "split", "label", "agree_n", "box")
+
+# One row per input photo, whatever happened to it. `face_box` is the cropped face, xyxy pixels of the full-resolution
+# upright frame; `crop` is a JPEG of crop_size² (null unless status is ok). Statuses: ok, no_face, read_error,
+# decode_error, too_large, unsupported_format, error (an unexpected failure, with its message in `error`).
+CROP = pa.schema([
+    *(MANIFEST.field(name) for name in IDENTITY),
+    ("detector", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("orig_width", pa.int32()),  # upright, full resolution
+    ("orig_height", pa.int32()),
+    ("exif_orientation", pa.int8()),
+    ("n_faces", pa.int16()),  # faces the detector saw; null for `none`
+    ("face_box", pa.list_(pa.float32())),
+    ("face_score", pa.float32()),
+    ("crop", pa.binary()),
+])
+STATUSES = ("ok", "no_face", "read_error", "decode_error", "too_large", "unsupported_format", "error")

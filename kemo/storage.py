@@ -45,7 +45,7 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
     return pafs.S3FileSystem(**kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bucket_region(bucket: str) -> str:
     return pafs.resolve_s3_region(bucket)  # one HEAD request per bucket, not per file
 
@@ -131,6 +131,18 @@ def write_parquet(table: pa.Table, uri: str) -> None:
 
 def read_parquet(uri: str) -> pa.Table:
     return pq.read_table(io.BytesIO(read_bytes(uri)))
+
+
+def read_parquet_columns(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Only the named columns: a random-access read of the footer and those column chunks, local or S3."""
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).read(columns=columns)
+
+
+def delete(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.delete_file(path)
 
 
 def uncommit(out_dir: str) -> None:
