@@ -1,0 +1,342 @@
+"""Stream a manifest's photos through face-detection actor pools into Parquet crop shards (DESIGN §3, §4).
+
+    python jobs/preprocess.py --input ROOT_OR_MANIFEST --output DIR_OR_S3 --detector yolo --weights face.pt
+
+One actor boundary per photo: read bytes → decode (EXIF-upright, DCT-reduced when large) → detector input, in a pool
+of decoder threads; the detector runs batched on the actor's device; the primary face is cropped square with a margin
+and JPEG-encoded. Only crops and boxes leave the actor. A downstream task writes ``rows_per_shard`` rows per shard
+file, each written whole or not at all and named after its rows, so a killed run resumes from the shards it left and
+a rerun adds nothing. ``_commit.json`` is written last, after checking that every input has exactly one row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kemo import storage
+from kemo.crop import clip_box, crop_region, crop_square, encode_jpeg, primary_face, resize_whole
+from kemo.detect import create_detector
+from kemo.image import MAX_PIXELS, Decoded, DecodeError, decode
+from kemo.schema import CROP, IDENTITY
+
+log = logging.getLogger(__name__)
+KIND = "crops"
+RUN = "_run.json"  # fingerprint of the run that owns the shards; a resume must match it
+SMOKE_ROWS = 16
+
+
+@dataclass
+class PreprocessConfig:
+    """Detect and crop the face of every photo into Parquet crop shards."""
+
+    input: str = field(metadata={"help": "AI-Hub root, index output directory or manifest .parquet (local or s3://)"})
+    output: str = field(metadata={"help": "output directory (local or s3://)"})
+    detector: str = field(default="yolo", metadata={"help": "yolo, haar, none (whole photo) or annotations"})
+    weights: str | None = field(default=None, metadata={"help": "YOLO face weights: path or s3:// URI"})
+    weights_sha256: str | None = field(default=None, metadata={"help": "refuse weights with another SHA-256"})
+    per_class: int = field(default=0, metadata={"help": "when indexing a root: balanced sample per class (0 = all)"})
+    seed: int = field(default=0, metadata={"help": "when indexing a root: split and sample seed"})
+    crop_size: int = field(default=500, metadata={"help": "crop side in pixels"})
+    margin: float = field(default=0.25, metadata={"help": "background kept on each side, as a share of the face"})
+    imgsz: int = field(default=640, metadata={"help": "detector input side"})
+    batch_size: int = field(default=0, metadata={"help": "photos per actor call = detector batch; 0 = 8 CPU, 64 GPU"})
+    actors: int = field(default=0, metadata={"help": "actor pool size; 0 = one per GPU, else CPUs / decoders"})
+    decoders: int = field(default=0, metadata={"help": "CPU decoder threads (and CPUs) per actor; 0 = 1 CPU, 8 GPU"})
+    gpus_per_actor: float = field(default=-1, metadata={"help": "GPUs per actor; -1 = 1 when the cluster has GPUs"})
+    device: str = field(default="auto", metadata={"help": "detector device: auto, cpu, cuda:0"})
+    decode_min_side: int = field(default=1000, metadata={"help": "DCT-reduce JPEGs while the short side stays >= this"})
+    jpeg_quality: int = field(default=95, metadata={"help": "crop JPEG quality"})
+    rows_per_shard: int = field(default=1000, metadata={"help": "rows per Parquet shard (~75 MB at 500² crops)"})
+    max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "refuse larger photos as too_large"})
+    smoke_test: bool = field(default=False, metadata={"help": f"only the first {SMOKE_ROWS} photos"})
+
+
+def resolve_resources(cfg: PreprocessConfig, cluster: dict[str, float]) -> PreprocessConfig:
+    """Fill the automatic resource knobs from the cluster's resources."""
+    gpus = int(cluster.get("GPU", 0))
+    gpa = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if gpus else 0.0)
+    decoders = cfg.decoders or (8 if gpa else 1)
+    if cfg.actors:
+        actors = cfg.actors
+    elif gpa:
+        actors = max(1, int(gpus / gpa))
+    else:
+        actors = max(1, int(cluster.get("CPU", 1)) // decoders)
+    batch = cfg.batch_size or (64 if gpa else 8)
+    return dataclasses.replace(cfg, gpus_per_actor=gpa, decoders=decoders, actors=actors, batch_size=batch)
+
+
+# --------------------------------------------------------------------------------------------------- the actor
+
+
+@dataclass
+class _Prepared:
+    status: str | None = None
+    error: str | None = None
+    decoded: Decoded | None = None
+    det_input: Any = None
+    det_factors: tuple[float, float] = (1.0, 1.0)
+    header: tuple[int | None, int | None, int | None] = (None, None, None)
+
+
+class CropPhotos:
+    """Ray Data class UDF: a batch of manifest rows → the same rows as crop-shard rows (``CROP``), one each."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = PreprocessConfig(**cfg)
+        if self.cfg.decoders:
+            import torch
+
+            torch.set_num_threads(max(1, self.cfg.decoders))
+        self.detector = create_detector(self.cfg.detector, weights=self.cfg.weights,
+                                        weights_sha256=self.cfg.weights_sha256, imgsz=self.cfg.imgsz,
+                                        device=self.cfg.device)
+        self.pool = ThreadPoolExecutor(max(1, self.cfg.decoders), thread_name_prefix="decode")
+        # `none` crops the whole photo: decode just large enough for the crop
+        self.min_side = self.cfg.crop_size if self.detector.whole_photo else self.cfg.decode_min_side
+
+    def _load(self, row: dict[str, Any]) -> _Prepared:
+        try:
+            data = storage.read_bytes(row["uri"])
+        except Exception as e:  # missing object, permissions, network: the photo still gets its row
+            return _Prepared("read_error", f"{type(e).__name__}: {e}")
+        try:
+            dec = decode(data, min_side=self.min_side, max_pixels=self.cfg.max_pixels)
+        except DecodeError as e:
+            return _Prepared(e.status, str(e))
+        except Exception as e:
+            return _Prepared("decode_error", f"{type(e).__name__}: {e}")
+        det_input, det_factors = self.detector.prepare(dec.image, dec.factors)
+        return _Prepared(decoded=dec, det_input=det_input, det_factors=det_factors,
+                         header=(dec.width, dec.height, dec.orientation))
+
+    def _finish(self, row: dict[str, Any], prep: _Prepared, faces) -> dict[str, Any]:
+        out = {k: row.get(k) for k in IDENTITY}
+        out.update(detector=self.detector.name, status=prep.status or "ok", error=prep.error, crop=None,
+                   face_box=None, face_score=None, n_faces=None)
+        out["orig_width"], out["orig_height"], out["exif_orientation"] = prep.header
+        dec = prep.decoded
+        if dec is None:
+            return out
+        try:
+            if self.detector.whole_photo:
+                crop = resize_whole(dec.image, self.cfg.crop_size)
+                out["face_box"] = [0.0, 0.0, float(dec.width), float(dec.height)]
+            else:
+                fx, fy = prep.det_factors
+                boxes, scores = [], []
+                for b, s in zip(faces.boxes, faces.scores):
+                    clipped = clip_box([b[0] * fx, b[1] * fy, b[2] * fx, b[3] * fy], dec.width, dec.height)
+                    if clipped is not None:
+                        boxes.append(clipped)
+                        scores.append(float(s))
+                out["n_faces"] = len(boxes)
+                best = primary_face(np.asarray(boxes).reshape(-1, 4), np.asarray(scores))
+                if best is None:
+                    out.update(status="no_face", error=f"{self.detector.name} found no face")
+                    return out
+                region = crop_region(boxes[best], self.cfg.margin)
+                crop = crop_square(dec.image, region, self.cfg.crop_size, dec.factors)
+                out["face_box"], out["face_score"] = boxes[best], scores[best]
+            out["crop"] = encode_jpeg(crop, self.cfg.jpeg_quality)
+        except Exception as e:
+            log.exception("cropping %s failed", row.get("image_id"))
+            out.update(status="error", error=f"{type(e).__name__}: {e}", crop=None)
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        # decoders run ahead on the whole batch while the detector works through it in order
+        prepared = list(self.pool.map(self._load, rows))
+        faces: list[Any] = [None] * len(rows)
+        good = [i for i, p in enumerate(prepared) if p.decoded is not None]
+        if good:
+            try:
+                found = self.detector.detect([prepared[i].det_input for i in good], [rows[i] for i in good])
+                for i, f in zip(good, found):
+                    faces[i] = f
+            except Exception as e:
+                log.exception("detector failed on a batch of %d", len(good))
+                for i in good:
+                    prepared[i] = _Prepared("error", f"detector: {type(e).__name__}: {e}", header=prepared[i].header)
+        out = list(self.pool.map(self._finish, rows, prepared, faces))
+        return pa.Table.from_pylist(out, schema=CROP)
+
+
+# --------------------------------------------------------------------------------------------------- shards
+
+
+def shard_name(image_ids: list[str]) -> str:
+    """Named after its rows: a retried batch overwrites its own file instead of adding a copy."""
+    return f"part-{hashlib.sha1(chr(0).join(sorted(image_ids)).encode()).hexdigest()[:20]}.parquet"
+
+
+def write_shard(batch: pa.Table, shards_dir: str) -> pa.Table:
+    """Ray Data task: write one shard file whole; return a one-row receipt."""
+    ids = batch.column("image_id").to_pylist()
+    name = shard_name(ids)
+    storage.write_parquet(batch, storage.join(shards_dir, name))
+    counts = Counter(batch.column("status").to_pylist())
+    return pa.table({"file": [name], "rows": [len(ids)], "ok": [counts.get("ok", 0)]})
+
+
+def shard_ids(shards_dir: str) -> dict[str, list[str]]:
+    """image_ids of every shard file present (a file is only ever present whole)."""
+    try:
+        entries = storage.list_files(shards_dir)
+    except FileNotFoundError:
+        return {}
+    return {e.rel: storage.read_parquet_columns(e.uri, ["image_id"]).column("image_id").to_pylist()
+            for e in entries if e.rel.endswith(".parquet") and "/" not in e.rel}
+
+
+# --------------------------------------------------------------------------------------------------- the job
+
+
+def load_input(cfg: PreprocessConfig) -> pa.Table:
+    """The manifest to preprocess: from a manifest file, an index output, or by indexing an AI-Hub root."""
+    from kemo.data import aihub
+
+    if cfg.input.endswith(".parquet"):
+        return aihub.load_manifest(cfg.input)
+    try:
+        return aihub.load_manifest(cfg.input)  # an index output directory
+    except FileNotFoundError:
+        pass
+    index_dir = storage.join(cfg.output, "index")
+    wanted = aihub.IndexConfig(root=cfg.input, output=index_dir, per_class=cfg.per_class, seed=cfg.seed)
+    try:  # a resumed run reuses its own index; a different one would silently change the inputs
+        storage.committed(index_dir, aihub.KIND)
+        previous = storage.read_json(storage.join(index_dir, storage.CONFIG))["config"]
+    except FileNotFoundError:
+        previous = None
+    if previous is None:
+        log.info("indexing %s into %s", cfg.input, index_dir)
+        aihub.run(wanted)
+    elif previous != dataclasses.asdict(wanted):
+        raise ValueError(f"{index_dir} indexes {previous['root']} with per_class={previous['per_class']}, "
+                         f"seed={previous['seed']}; use a new --output for other inputs")
+    return aihub.load_manifest(index_dir)
+
+
+def _fingerprint(cfg: PreprocessConfig, manifest: pa.Table) -> dict[str, Any]:
+    ids = sorted(manifest.column("image_id").to_pylist())
+    weights_sha = None
+    if cfg.detector == "yolo" and cfg.weights:
+        from kemo.detect import fetch_weights
+
+        weights_sha = fetch_weights(cfg.weights, cfg.weights_sha256)[1]
+    return {"detector": cfg.detector, "weights_sha256": weights_sha, "crop_size": cfg.crop_size,
+            "margin": cfg.margin, "imgsz": cfg.imgsz, "jpeg_quality": cfg.jpeg_quality,
+            "inputs": len(ids), "inputs_sha256": hashlib.sha256("\0".join(ids).encode()).hexdigest()}
+
+
+def _claim(cfg: PreprocessConfig, fingerprint: dict[str, Any]) -> None:
+    """Refuse to mix shards of a different run into this output; otherwise record this run's fingerprint."""
+    path = storage.join(cfg.output, RUN)
+    try:
+        previous = storage.read_json(path)
+    except FileNotFoundError:
+        previous = None
+    if previous is not None and previous != fingerprint:
+        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+        raise ValueError(f"{cfg.output} holds crops of another run (differs in {', '.join(changed)}); "
+                         "use a new --output")
+    storage.write_json(path, fingerprint)
+
+
+def _finalize(cfg: PreprocessConfig, manifest: pa.Table, shards_dir: str) -> tuple[list[str], Counter]:
+    """Check exactly one row per input across the shards (dropping a retried batch's duplicate file)."""
+    expected = set(manifest.column("image_id").to_pylist())
+    seen: set[str] = set()
+    files = []
+    for name, ids in sorted(shard_ids(shards_dir).items()):
+        if seen.intersection(ids):
+            # Only a retried batch regrouped differently can overlap; its rows are already committed elsewhere.
+            overlap = seen.intersection(ids)
+            rest = storage.read_parquet(storage.join(shards_dir, name))
+            rest = rest.filter(pc.invert(pc.is_in(rest.column("image_id"), pa.array(sorted(overlap)))))
+            storage.delete(storage.join(shards_dir, name))
+            if rest.num_rows == 0:
+                continue
+            name = shard_name(rest.column("image_id").to_pylist())
+            storage.write_parquet(rest, storage.join(shards_dir, name))
+            ids = rest.column("image_id").to_pylist()
+        unknown = set(ids) - expected
+        if unknown:
+            raise ValueError(f"shard {name} holds {len(unknown)} photos not in this run's input")
+        seen.update(ids)
+        files.append(name)
+    missing = expected - seen
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {len(expected)} photos have no row yet (e.g. {sorted(missing)[0]}); "
+                           "run the same command again to finish them")
+    statuses: Counter = Counter()
+    for name in files:
+        statuses.update(storage.read_parquet_columns(storage.join(shards_dir, name), ["status"])
+                        .column("status").to_pylist())
+    return files, statuses
+
+
+def run(cfg: PreprocessConfig) -> dict[str, Any]:
+    """Preprocess ``cfg.input`` into committed crop shards under ``cfg.output``; returns the summary."""
+    import ray
+
+    t0 = time.perf_counter()
+    manifest = load_input(cfg)
+    if cfg.smoke_test:
+        manifest = manifest.slice(0, SMOKE_ROWS)
+    cfg = resolve_resources(cfg, ray.cluster_resources())
+    shards_dir = storage.join(cfg.output, "shards")
+    _claim(cfg, _fingerprint(cfg, manifest))
+    storage.uncommit(cfg.output)
+
+    done = {i for ids in shard_ids(shards_dir).values() for i in ids}
+    pending = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"), pa.array(sorted(done), pa.string()))))
+    log.info("%d photos: %d already in shards, %d to process with %s (%d actors × %d decoders, %g GPU each, "
+             "batch %d)", manifest.num_rows, manifest.num_rows - pending.num_rows, pending.num_rows, cfg.detector,
+             cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size)
+    processed = 0
+    if pending.num_rows:
+        blocks = [pending.slice(i, cfg.batch_size) for i in range(0, pending.num_rows, cfg.batch_size)]
+        ds = ray.data.from_arrow(blocks)
+        ds = ds.map_batches(
+            CropPhotos, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg)}, batch_size=cfg.batch_size,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+            num_cpus=cfg.decoders, num_gpus=cfg.gpus_per_actor or None)
+        ds = ds.map_batches(write_shard, fn_kwargs={"shards_dir": shards_dir}, batch_size=cfg.rows_per_shard,
+                            batch_format="pyarrow", num_cpus=0.25)
+        for receipt in ds.iter_rows():
+            processed += receipt["rows"]
+            log.info("shard %s: %d rows (%d ok) — %d/%d", receipt["file"], receipt["rows"], receipt["ok"],
+                     processed, pending.num_rows)
+    files, statuses = _finalize(cfg, manifest, shards_dir)
+    seconds = time.perf_counter() - t0
+    summary = {"inputs": manifest.num_rows, "processed": processed, "skipped": manifest.num_rows - pending.num_rows,
+               "statuses": dict(sorted(statuses.items())), "shards": len(files), "seconds": round(seconds, 2),
+               "photos_per_s": round(processed / seconds, 2) if seconds else None}
+    storage.write_json(storage.join(cfg.output, "summary.json"), summary)
+    storage.commit(cfg.output, [f"shards/{f}" for f in files] + ["summary.json", RUN], dataclasses.asdict(cfg), KIND)
+    log.info("committed %d rows in %d shards to %s: %s", manifest.num_rows, len(files), cfg.output,
+             summary["statuses"])
+    return summary
+
+
+def read_crops(output: str, columns: list[str] | None = None) -> pa.Table:
+    """Every row of a committed crop output, from the files its commit manifest names."""
+    manifest = storage.committed(output, KIND)
+    parts = [storage.read_parquet_columns(storage.join(output, f["path"]), columns)
+             for f in manifest["files"] if f["path"].startswith("shards/")]
+    return pa.concat_tables(parts) if parts else CROP.empty_table()
+

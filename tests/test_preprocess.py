@@ -1,0 +1,201 @@
+"""The preprocess job on Ray Data: one row per input whatever it is, upright crops, resume, S3, and each detector."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+
+from kemo import storage
+from kemo.data import aihub, synth
+from kemo.preprocess import CropPhotos, PreprocessConfig, read_crops, run
+from kemo.schema import CROP, MANIFEST
+from tests.photos import bad_inputs, jpeg, scene, unusual_inputs
+from tests.test_aihub import iou
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ray_local(moto_endpoint):
+    """A local Ray instance for this module; its workers inherit the moto endpoint and test credentials."""
+    env = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ctx
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def manifest_of(paths: dict[str, str], boxes: dict[str, list[float]] | None = None) -> pa.Table:
+    rows = [{"image_id": name, "uri": uri, "person_id": name, "split": "train", "label": 0, "agree_n": 3,
+             "votes": [0, 0, 0], "box": (boxes or {}).get(name)} for name, uri in paths.items()]
+    return pa.Table.from_pylist(rows, schema=MANIFEST)
+
+
+def write_manifest(table: pa.Table, path: str) -> str:
+    storage.write_parquet(table, path)
+    return path
+
+
+def decode_crop(data: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Every bad input kind, every unusual format, a photo in each EXIF orientation and a missing file."""
+    d = tmp_path_factory.mktemp("zoo")
+    paths, boxes, expected = {}, {}, {}
+    for name, (data, status) in bad_inputs().items():
+        (d / name).write_bytes(data)
+        paths[name], expected[name] = str(d / name), status
+    for name, (data, _) in unusual_inputs().items():
+        (d / name).write_bytes(data)
+        paths[name], expected[name] = str(d / name), "ok"
+    upright = scene(240, 160)
+    for o in range(1, 9):
+        name = f"exif{o}.jpg"
+        (d / name).write_bytes(jpeg(upright, o))
+        paths[name], expected[name] = str(d / name), "ok"
+    paths["missing.jpg"], expected["missing.jpg"] = str(d / "missing.jpg"), "read_error"
+    for name in paths:
+        boxes[name] = [60.0, 30.0, 180.0, 130.0]
+    return manifest_of(paths, boxes), expected, upright
+
+
+def test_every_input_gets_one_row_with_its_status(ray_local, zoo, tmp_path):
+    manifest, expected, upright = zoo
+    out = str(tmp_path / "out")
+    summary = run(PreprocessConfig(input=write_manifest(manifest, str(tmp_path / "m.parquet")), output=out,
+                                   detector="annotations", crop_size=64, rows_per_shard=10))
+    rows = read_crops(out).to_pylist()
+    assert sorted(r["image_id"] for r in rows) == sorted(expected)
+    for r in rows:
+        assert r["status"] == expected[r["image_id"]], (r["image_id"], r["status"], r["error"])
+        assert (r["crop"] is not None) == (r["status"] == "ok")
+        assert (r["error"] is None) == (r["status"] == "ok")
+    assert summary["shards"] == 3 and summary["statuses"]["ok"] == sum(s == "ok" for s in expected.values())
+    # EXIF 1–8: the same upright crop whatever the stored orientation
+    reference = decode_crop(next(r["crop"] for r in rows if r["image_id"] == "exif1.jpg")).astype(int)
+    for o in range(2, 9):
+        r = next(r for r in rows if r["image_id"] == f"exif{o}.jpg")
+        assert r["exif_orientation"] == o and (r["orig_width"], r["orig_height"]) == (240, 160)
+        assert np.abs(decode_crop(r["crop"]) - reference).mean() < 4, o
+
+
+def test_udf_alone_equals_udf_inside_ray_data(ray_local, zoo):
+    manifest, _, _ = zoo
+    cfg = dataclasses.asdict(PreprocessConfig(input="-", output="-", detector="none", crop_size=48, decoders=2))
+    alone = CropPhotos(cfg)(manifest)
+    inside = pa.concat_tables(ray.data.from_arrow(manifest).map_batches(
+        CropPhotos, fn_constructor_kwargs={"cfg": cfg}, batch_size=5, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2)).iter_batches(batch_format="pyarrow",
+                                                                                batch_size=None))
+    assert alone.schema.equals(CROP) and inside.schema.equals(CROP)
+    assert inside.sort_by("image_id").equals(alone.sort_by("image_id"))
+
+
+def test_annotations_crops_match_the_ground_truth_and_rerun_adds_nothing(ray_local, corpus, tmp_path):
+    root, _ = corpus
+    out = str(tmp_path / "ann")
+    cfg = PreprocessConfig(input=root, output=out, detector="annotations", crop_size=96, rows_per_shard=64)
+    first = run(cfg)
+    truth = {t["image_id"]: t for t in synth.read_truth(root).to_pylist()}
+    rows = read_crops(out).to_pylist()
+    assert len(rows) == first["inputs"] == len({r["image_id"] for r in rows})
+    assert {r["status"] for r in rows} == {"ok"}
+    for r in rows:
+        assert iou(r["face_box"], truth[r["image_id"]]["face_box"]) >= 0.9, r["image_id"]
+        assert decode_crop(r["crop"]).shape == (96, 96, 3)
+    shards = sorted(f["path"] for f in storage.committed(out, "crops")["files"])
+    again = run(cfg)
+    assert again["processed"] == 0 and again["skipped"] == first["inputs"]
+    assert sorted(f["path"] for f in storage.committed(out, "crops")["files"]) == shards
+    assert read_crops(out).num_rows == len(rows)
+    with pytest.raises(ValueError, match="another run"):
+        run(dataclasses.replace(cfg, detector="none"))
+
+
+def test_yolo_and_haar_run_end_to_end(ray_local, corpus, yolo_weights, tmp_path):
+    root, _ = corpus
+    index_dir = str(tmp_path / "index")
+    aihub.run(aihub.IndexConfig(root=root, output=index_dir, per_class=4))
+    for detector in ("yolo", "haar"):
+        out = str(tmp_path / detector)
+        summary = run(PreprocessConfig(input=index_dir, output=out, detector=detector, weights=yolo_weights,
+                                       imgsz=224, crop_size=64))
+        rows = read_crops(out).to_pylist()
+        assert len(rows) == summary["inputs"] == 28
+        assert {r["detector"] for r in rows} == {detector}
+        assert {r["status"] for r in rows} <= {"ok", "no_face"}
+        for r in rows:
+            assert (r["n_faces"] > 0) == (r["status"] == "ok")
+    cfg = storage.read_json(os.path.join(str(tmp_path / "yolo"), "_run.json"))
+    assert cfg["weights_sha256"] == __import__("hashlib").sha256(open(yolo_weights, "rb").read()).hexdigest()
+
+
+def test_s3_in_and_out(ray_local, corpus, s3_bucket, upload_tree):
+    root, _ = corpus
+    upload_tree(root, "aihub")
+    out = f"s3://{s3_bucket}/crops/none"
+    summary = run(PreprocessConfig(input=f"s3://{s3_bucket}/aihub", output=out, detector="none", crop_size=32,
+                                   per_class=3))
+    rows = read_crops(out).to_pylist()
+    assert len(rows) == summary["inputs"] == 21 and {r["status"] for r in rows} == {"ok"}
+    assert all(r["uri"].startswith(f"s3://{s3_bucket}/aihub/") for r in rows)
+    assert storage.committed(f"s3://{s3_bucket}/crops/none/index", "index")
+    assert decode_crop(rows[0]["crop"]).shape == (32, 32, 3)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_exactly_one_row_per_input(ray_local, tmp_path):
+    # 60 photos, tiny shards: the job is killed once a few shards exist, then run again
+    d = tmp_path / "photos"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    paths = {}
+    for i in range(60):
+        (d / f"{i}.jpg").write_bytes(jpeg(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)))
+        paths[f"{i:02d}.jpg"] = str(d / f"{i}.jpg")
+    manifest = write_manifest(manifest_of(paths), str(tmp_path / "m.parquet"))
+    out = tmp_path / "out"
+    args = [sys.executable, "jobs/preprocess.py", "--input", manifest, "--output", str(out), "--detector", "none",
+            "--crop-size", "32", "--rows-per-shard", "4", "--batch-size", "2", "--actors", "1"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            shards = list((out / "shards").glob("*.parquet")) if (out / "shards").exists() else []
+            if len(shards) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job finished before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the job and the Ray processes it started, nothing else
+        proc.wait()
+    assert not (out / "_commit.json").exists()
+    done = len(list((out / "shards").glob("*.parquet")))
+    assert 3 <= done < 15
+    summary = run(PreprocessConfig(input=manifest, output=str(out), detector="none", crop_size=32,
+                                   rows_per_shard=4, batch_size=2))
+    rows = read_crops(str(out)).to_pylist()
+    assert sorted(r["image_id"] for r in rows) == sorted(paths)
+    assert summary["skipped"] >= 4 * done - 4 and summary["processed"] + summary["skipped"] == 60
