@@ -78,24 +78,35 @@ class FileEntry:
 
 
 def list_files(root: str) -> list[FileEntry]:
-    """Every file under ``root`` (recursive), sorted by key. S3 "folder" marker keys are not files."""
-    fs, base = resolve(root)
-    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=False))
+    """Every file under ``root`` (recursive), sorted by key. S3 "folder" marker keys are not files.
+
+    Local names that are not UTF-8 (cp949 from some unzip tools) come back surrogate-escaped instead of failing.
+    """
     out = []
-    for info in infos:
-        if info.type != pafs.FileType.File or info.path.endswith("/"):
-            continue
-        if is_s3(root):
-            rel = posixpath.relpath(info.path, base)
-        else:
-            rel = os.path.relpath(info.path, base).replace(os.sep, "/")
-        uri = f"s3://{info.path}" if is_s3(root) else info.path
-        out.append(FileEntry(rel, uri, int(info.size or 0), info.mtime_ns))
+    if is_s3(root):
+        fs, base = resolve(root)
+        for info in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=False)):
+            if info.type == pafs.FileType.File and not info.path.endswith("/"):
+                out.append(FileEntry(posixpath.relpath(info.path, base), f"s3://{info.path}", int(info.size or 0),
+                                     info.mtime_ns))
+    else:
+        base = os.path.abspath(root)
+        if not os.path.isdir(base):
+            raise FileNotFoundError(f"no such directory: {root}")
+        for dirpath, _, names in os.walk(base):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                st = os.stat(path)
+                out.append(FileEntry(os.path.relpath(path, base).replace(os.sep, "/"), path, st.st_size,
+                                     st.st_mtime_ns))
     out.sort(key=lambda e: e.rel)
     return out
 
 
 def read_bytes(uri: str) -> bytes:
+    if not is_s3(uri):
+        with open(uri, "rb") as f:
+            return f.read()
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read()

@@ -8,12 +8,14 @@ import unicodedata
 from collections import Counter
 
 import boto3
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kemo import storage
 from kemo.classes import UNKNOWN
+from kemo.crop import iou
 from kemo.data import aihub, synth
 from kemo.data.aihub import IndexConfig, assign_splits, index, load_manifest, majority, parse_box, run
 
@@ -55,7 +57,7 @@ def rows_by_name(table):
 # --------------------------------------------------------------------------------------------------- encodings
 
 
-@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "cp949"])
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "cp949", "utf-16"])
 def test_label_file_encodings_give_the_same_rows(tmp_path, encoding):
     records = [rec(fname(n=i), votes=("슬픔", "슬픔", "기쁨")) for i in range(3)]
     table, report = index(make_root(tmp_path, records, encoding=encoding))
@@ -205,6 +207,52 @@ def test_metadata_fields(tmp_path):
     assert row["source"] == "Training"
 
 
+def test_keys_are_matched_whatever_their_case(tmp_path):
+    r = {"FileName": fname(), "Gender": "남", "isprof": "전문인", "FaceExp_Uploader": "분노",
+         "Annot_A": {"Boxes": {"minx": 1, "MINY": 2, "maxX": 30, "MaxY": 40}, "FaceExp": "분노"},
+         "FACEBB_B": {"boxes": {"minX": 3, "minY": 4, "maxX": 32, "maxY": 42}, "faceexp": "분노"},
+         "annot_C": {"boxes": {"minX": 3, "minY": 4, "maxX": 32, "maxY": 42}, "faceExp": "슬픔"}}
+    table, report = index(make_root(tmp_path, [r, {"filename": fname(n=1)}], images=[fname(), fname(n=1)]))
+    rows = rows_by_name(table)
+    row = rows[fname()]
+    assert (row["label"], row["agree_n"], row["votes"], row["gender"], row["is_prof"], row["uploader_label"]) == (
+        1, 2, [1, 1, 2], "M", True, 1)
+    assert row["box"] == pytest.approx([2, 3, 31, 41])
+    assert rows[fname(n=1)]["label"] == UNKNOWN and report["boxes"]["no_annotators"] == 1
+
+
+def test_absurd_values_do_not_stop_the_index(tmp_path):
+    boxes = [(10, 10, 1e300, 50), (10, 10, 60, 50), (10, 10, 60, 50)]
+    table, report = index(make_root(tmp_path, [rec(fname(), boxes=boxes, age=40000), rec(fname(n=1), age="19900101")]))
+    rows = rows_by_name(table)
+    assert rows[fname()]["box"] == pytest.approx([10, 10, 60, 50]) and rows[fname()]["age"] is None
+    assert rows[fname(n=1)]["age"] is None and report["boxes"]["malformed"] == 1
+
+
+def test_non_utf8_file_names_are_reported_not_fatal(tmp_path):
+    root = make_root(tmp_path, [rec(fname())])
+    raw = fname(n=5).encode("cp949")  # as some unzip tools write Korean zips on Linux
+    part = os.path.join(root.encode(), b"Training", "[원천]EMOIMG_기쁨_TRAIN_01".encode())
+    with open(os.path.join(part, raw), "wb") as f:
+        f.write(b"x")
+    table, report = index(root)
+    assert table.num_rows == 1
+    assert report["undecodable_names"] == [f"Training/[원천]EMOIMG_기쁨_TRAIN_01/{fname(n=5)}"]
+
+
+def test_root_above_the_release_folders(tmp_path):
+    name = fname()
+    for source in ("Training", "Validation"):
+        make_root(tmp_path / "aihub", [rec(name, votes=("분노",) * 3 if source == "Training" else ("슬픔",) * 3)],
+                  source=source)
+    table, report = index(str(tmp_path))
+    rows = {r["source"]: r for r in table.to_pylist()}
+    assert set(rows) == {"Training", "Validation"}
+    assert rows["Training"]["image_id"].startswith("aihub/Training/") and rows["Training"]["label"] == 1
+    assert rows["Validation"]["image_id"].startswith("aihub/Validation/") and rows["Validation"]["label"] == 2
+    assert not report["duplicate_records"] and not report["orphan_images"]
+
+
 def test_person_id_missing_falls_back_to_the_file(tmp_path):
     table, report = index(make_root(tmp_path, [rec("IMG_0001 & 2.jpg")]))
     assert table.to_pylist()[0]["person_id"] == "file:IMG_0001 & 2" and report["no_person_id"] == 1
@@ -334,13 +382,6 @@ def test_index_job_command_line(tmp_path):
 # --------------------------------------------------------------------------------------------------- generated
 
 
-def iou(a, b):
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def test_index_reproduces_the_generators_ground_truth(corpus):
     root, cfg = corpus
     truth = {t["image_id"]: t for t in synth.read_truth(root).to_pylist()}
@@ -361,6 +402,10 @@ def test_index_reproduces_the_generators_ground_truth(corpus):
         assert r["uploader_label"] == t["folder_label"]
         agree += r["label"] == t["expression"]
         assert r["box"] is not None and iou(r["box"], t["face_box"]) >= 0.9, (r["image_id"], r["box"], t)
+        # exactly the mean of the agreeing annotators' usable boxes, negatives clipped to 0
+        usable = [[max(v, 0.0) for v in b] for v, b in zip(t["votes"], t["annot_boxes"])
+                  if (v == r["label"] or r["label"] == UNKNOWN) and b[2] > b[0] and b[3] > b[1]]
+        assert r["box"] == pytest.approx(np.mean(usable, axis=0), abs=1e-3)
     assert agree / len(rows) >= 0.9  # the majority recovers the drawn expression; the folder does not always
     assert report["boxes"].get("empty", 0) > 0 and report["boxes"].get("clipped", 0) > 0
 

@@ -77,6 +77,7 @@ def test_corpus_has_the_real_corpus_quirks(corpus):
     assert sum(t["expression"] != t["folder_label"] for t in rows) > 5  # the folder is not the label
     boxes = [b for t in rows for b in t["annot_boxes"]]
     assert any(min(b[0], b[1]) < 0 for b in boxes) and any(b[0] == b[2] for b in boxes)
+    assert any(b[2] > 320 or b[3] > 240 for b in boxes)  # beyond the right or bottom edge too
     names = [t["filename"] for t in rows]
     assert any(" " in n for n in names) and any("&" in n for n in names)
     assert all(len(n.split("_")[0]) == 64 for n in names)
@@ -97,6 +98,14 @@ def test_label_files_in_every_encoding_and_key_style(corpus):
                 seen_keys |= {k[:-2] for k in records[0] if k.endswith(("_A", "_B", "_C"))}
                 assert records[0]["filename"].endswith((".jpg", ".jpeg"))
     assert seen_enc == {"utf-8", "utf-8-sig", "cp949"} and seen_keys == {"annot", "faceBB"}
+
+
+def test_refuses_a_non_empty_output(tmp_path):
+    (tmp_path / "old.jpg").write_bytes(b"x")
+    import pytest
+
+    with pytest.raises(FileExistsError):
+        generate(SynthConfig(out=str(tmp_path), per_class=1, size="64x48"))
 
 
 def test_nfd_names_index_cleanly(tmp_path):

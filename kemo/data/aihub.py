@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif"})
 ANNOTATORS = ("A", "B", "C")
-ANNOTATOR_KEYS = ("annot_", "faceBB_")  # releases differ
+ANNOTATOR_KEYS = ("annot_", "facebb_")  # releases differ (faceBB_A …); keys are compared lower-cased
+MAX_COORD = 65535  # no JPEG is larger: a coordinate beyond it is a broken box, not a big face
+AGE_RANGE = (0, 120)
 _PERSON = re.compile(r"^([0-9a-fA-F]{64})(?:_|$)")
 _EMOTION_IN_NAME = re.compile(r"EMOIMG_([^_\]/]+)_|\(([^)]+)\)\.json$")
 KIND = "index"
@@ -50,7 +52,7 @@ class IndexConfig:
 
 
 def nfc(value: Any) -> Any:
-    """NFC-normalise every string (and dict key) in a JSON value."""
+    """NFC-normalise every string (and dict key) in a JSON value. Keys are matched case-insensitively later."""
     if isinstance(value, str):
         return unicodedata.normalize("NFC", value)
     if isinstance(value, list):
@@ -88,11 +90,12 @@ def parse_box(raw: Any) -> tuple[list[float] | None, str]:
         raw = raw[0] if raw else None
     if not isinstance(raw, dict):
         return None, "missing"
+    raw = _lower_keys(raw)
     try:
-        x1, y1, x2, y2 = (float(raw[k]) for k in ("minX", "minY", "maxX", "maxY"))
+        x1, y1, x2, y2 = (float(raw[k]) for k in ("minx", "miny", "maxx", "maxy"))
     except (KeyError, TypeError, ValueError):
         return None, "malformed"
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+    if not all(math.isfinite(v) and abs(v) <= MAX_COORD for v in (x1, y1, x2, y2)):
         return None, "malformed"
     x1, x2 = sorted((x1, x2))
     y1, y2 = sorted((y1, y2))
@@ -117,13 +120,19 @@ def mean_box(boxes: list[list[float]]) -> list[float] | None:
     return [sum(b[i] for b in boxes) / len(boxes) for i in range(4)]
 
 
+def _lower_keys(d: dict) -> dict:
+    return {k.lower() if isinstance(k, str) else k: v for k, v in d.items()}
+
+
 def _age(raw: Any) -> int | None:
     if isinstance(raw, bool):
         return None
     if isinstance(raw, (int, float)) and math.isfinite(raw):
-        return int(raw)
-    m = re.search(r"\d+", raw) if isinstance(raw, str) else None
-    return int(m.group()) if m else None
+        age = int(raw)
+    else:
+        m = re.search(r"\d+", raw) if isinstance(raw, str) else None
+        age = int(m.group()) if m else None
+    return age if age is not None and AGE_RANGE[0] <= age <= AGE_RANGE[1] else None
 
 
 def _gender(raw: Any) -> str | None:
@@ -146,22 +155,27 @@ def parse_record(rec: Any) -> dict[str, Any]:
     """
     if not isinstance(rec, dict):
         raise ValueError("record is not an object")
+    rec = _lower_keys(rec)
     filename = rec.get("filename")
     if not isinstance(filename, str) or not filename.strip():
         raise ValueError("record has no filename")
     filename = posixpath.basename(filename.strip().replace("\\", "/"))
     votes, boxes, notes = [], [], []
     for letter in ANNOTATORS:
-        ann = next((rec[k + letter] for k in ANNOTATOR_KEYS if isinstance(rec.get(k + letter), dict)), None)
+        ann = next((rec[k + letter.lower()] for k in ANNOTATOR_KEYS if isinstance(rec.get(k + letter.lower()), dict)),
+                   None)
         if ann is None:
             votes.append(UNKNOWN)
             boxes.append(None)
             notes.append("missing")
             continue
-        votes.append(class_index(ann.get("faceExp")))
+        ann = _lower_keys(ann)
+        votes.append(class_index(ann.get("faceexp")))
         box, note = parse_box(ann.get("boxes"))
         boxes.append(box)
         notes.append(note)
+    if notes == ["missing"] * len(ANNOTATORS):
+        notes = ["no_annotators"]
     label, agree_n = majority(votes)
     agreeing = [b for v, b in zip(votes, boxes) if b is not None and v == label != UNKNOWN]
     # The face location is known even where the emotion is not: fall back to every annotator's box.
@@ -173,16 +187,24 @@ def parse_record(rec: Any) -> dict[str, Any]:
         "agree_n": agree_n,
         "votes": votes,
         "box": box,
-        "uploader_label": class_index(rec.get("faceExp_uploader")),
+        "uploader_label": class_index(rec.get("faceexp_uploader")),
         "gender": _gender(rec.get("gender")),
         "age": _age(rec.get("age")),
-        "is_prof": _is_prof(rec.get("isProf")),
+        "is_prof": _is_prof(rec.get("isprof")),
         "background": rec.get("bg_uploader") if isinstance(rec.get("bg_uploader"), str) else None,
         "_boxes": notes,
     }
 
 
 # --------------------------------------------------------------------------------------------------- the corpus
+
+
+def _valid_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _is_junk(rel: str) -> bool:
@@ -201,6 +223,15 @@ def _folder_emotion(rel_nfc: str) -> int:
         if c != UNKNOWN:
             return c
     return UNKNOWN
+
+
+def _release(rel_nfc: str) -> str:
+    """The path up to and including the release's own Training/Validation folder ('' when there is none)."""
+    parts = rel_nfc.split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part.lower() in ("training", "validation"):
+            return "/".join(parts[: i + 1])
+    return ""
 
 
 def _unit(seed: int, key: str) -> bytes:
@@ -245,8 +276,13 @@ def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
     """(manifest table, report) for an AI-Hub root. Nothing is written."""
     entries = [e for e in storage.list_files(root) if not _is_junk(e.rel)]
     images: dict[str, list[storage.FileEntry]] = defaultdict(list)
-    label_files = []
+    label_files, undecodable = [], []
     for e in entries:
+        if not _valid_utf8(e.rel):  # e.g. cp949 bytes from `unzip` of a Korean zip: rename with convmv first
+            undecodable.append("/".join(part if _valid_utf8(part) else
+                                        part.encode("utf-8", "surrogateescape").decode("cp949", "replace")
+                                        for part in e.rel.split("/")))
+            continue
         rel = unicodedata.normalize("NFC", e.rel)
         ext = posixpath.splitext(rel)[1].lower()
         if ext in IMAGE_EXTS:
@@ -263,7 +299,8 @@ def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
     for lf in label_files:
         lf_rel = unicodedata.normalize("NFC", lf.rel)
         folder = _folder_emotion(lf_rel)
-        source = lf_rel.split("/", 1)[0] if "/" in lf_rel else ""
+        release = _release(lf_rel)
+        source = release.rsplit("/", 1)[-1]
         try:
             records, encoding = decode_json(storage.read_bytes(lf.uri))
             if not isinstance(records, list):
@@ -272,7 +309,8 @@ def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
             report["label_files"].append({"path": lf_rel, "error": str(e)})
             log.warning("unreadable label file %s: %s", lf_rel, e)
             continue
-        keys = sorted({k[:-1] for r in records if isinstance(r, dict) for k in r if k[:-1] in ANNOTATOR_KEYS})
+        keys = sorted({k[:-1] for r in records if isinstance(r, dict) for k in r
+                       if isinstance(k, str) and k[:-1].lower() in ANNOTATOR_KEYS})
         report["label_files"].append({"path": lf_rel, "encoding": encoding, "records": len(records),
                                       "annotator_keys": keys, "folder_label": folder})
         for i, rec in enumerate(records):
@@ -290,7 +328,7 @@ def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
             if len(candidates) > 1:  # prefer the same release folder and emotion; report the ambiguity
                 korean = KOREAN_NAMES[folder] if folder != UNKNOWN else "\0"
                 candidates = sorted(candidates, key=lambda e: (
-                    not unicodedata.normalize("NFC", e.rel).startswith(source + "/"),
+                    _release(unicodedata.normalize("NFC", e.rel)) != release,
                     korean not in unicodedata.normalize("NFC", e.rel), e.rel))
                 report["ambiguous_images"].append({"filename": name, "chosen": candidates[0].rel,
                                                    "candidates": len(candidates)})
@@ -308,6 +346,7 @@ def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
             rows.append({"image_id": unicodedata.normalize("NFC", entry.rel), "uri": entry.uri,
                          "source": source, **fields})
 
+    report["undecodable_names"] = undecodable
     report["orphan_images"] = sorted(unicodedata.normalize("NFC", e.rel) for v in images.values() for e in v
                                      if e.uri not in claimed)
     report["boxes"] = dict(report["boxes"])
@@ -345,7 +384,8 @@ def summarize(report: dict[str, Any]) -> str:
                                     for s, v in report["splits"].items()),
              f"records without image: {len(report['missing_images'])}, images without record: "
              f"{len(report['orphan_images'])}, bad records: {len(report['bad_records'])}, "
-             f"duplicate records: {len(report['duplicate_records'])}, boxes: {report['boxes']}"]
+             f"duplicate records: {len(report['duplicate_records'])}, undecodable names: "
+             f"{len(report['undecodable_names'])}, boxes: {report['boxes']}"]
     if "sample" in report:
         s = report["sample"]
         for name, c in s["classes"].items():

@@ -47,7 +47,7 @@ ORIENTATION_P = {1: 0.68, 3: 0.18, 6: 0.05, 8: 0.04, 2: 0.015, 4: 0.015, 5: 0.01
 P_ANNOT_UNKNOWN = 0.03  # an annotator answers 알수없음
 P_ANNOT_WRONG = 0.12  # an annotator picks a confusable class
 P_EMPTY_BOX = 0.015  # an annotator's box has zero area
-P_EDGE = 0.06  # the face touches the left or top edge, so annotators' boxes go slightly negative
+P_EDGE = 0.06  # the face touches an edge: annotators' boxes go slightly negative or beyond the frame
 P_DISTRACTOR = 0.3
 P_JPEG_EXT = 0.015
 ENCODINGS = ("utf-8", "utf-8-sig", "cp949")
@@ -223,9 +223,17 @@ def _add_noise(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _place(rng: np.random.Generator, w: int, h: int, aspect: float, frac: float) -> list[float]:
     fh = min(math.sqrt(frac * w * h / aspect), 0.95 * h, 0.95 * w / aspect)
     fw = fh * aspect
-    if rng.random() < P_EDGE:  # face touching (and slightly beyond) the left or top edge
-        x1 = -rng.uniform(0, 0.05) * fw if rng.random() < 0.5 else rng.uniform(0, w - fw)
-        y1 = -rng.uniform(0, 0.05) * fh if x1 >= 0 else rng.uniform(0, h - fh)
+    if rng.random() < P_EDGE:  # face touching (and slightly beyond) one edge of the frame
+        x1, y1 = rng.uniform(0, w - fw), rng.uniform(0, h - fh)
+        edge, over = int(rng.integers(0, 4)), rng.uniform(0, 0.05)
+        if edge == 0:
+            x1 = -over * fw
+        elif edge == 1:
+            y1 = -over * fh
+        elif edge == 2:
+            x1 = w - fw + over * fw
+        else:
+            y1 = h - fh + over * fh
     else:
         x1 = rng.uniform(0.1, 0.9) * (w - fw)
         y1 = rng.uniform(0.05, 0.7) * (h - fh)
@@ -384,6 +392,8 @@ def generate(cfg: SynthConfig) -> dict[str, Any]:
     """Write the corpus under ``cfg.out``; returns a summary. The same config always writes the same bytes."""
     if cfg.encoding not in (*ENCODINGS, "mixed") or cfg.annot_keys not in ("annot", "faceBB", "mixed"):
         raise ValueError(f"unknown encoding {cfg.encoding!r} or annotator keys {cfg.annot_keys!r}")
+    if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+        raise FileExistsError(f"{cfg.out} is not empty: generate into a new directory")
     t0 = time.perf_counter()
     plan = _plan(cfg)
     jobs = [{"cfg": dataclasses.asdict(cfg), "item": item} for item in plan]
