@@ -66,6 +66,15 @@ def clip_box(box: list[float] | np.ndarray, width: int, height: int) -> list[flo
     return [x1, y1, x2, y2]
 
 
+def iou(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> float:
+    """Intersection over union of two xyxy boxes (0 when either is empty)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
 def primary_face(boxes: np.ndarray, scores: np.ndarray) -> int | None:
     """Index of the selfie subject among detected faces: the best score × sqrt(area).
 

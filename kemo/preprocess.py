@@ -20,14 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from kemo import storage
-from kemo.crop import clip_box, crop_region, crop_square, encode_jpeg, primary_face, resize_whole
+from kemo.crop import clip_box, crop_region, crop_square, encode_jpeg, iou, primary_face, resize_whole
 from kemo.detect import create_detector
-from kemo.image import MAX_PIXELS, Decoded, DecodeError, decode
+from kemo.image import MAX_PIXELS, Decoded, DecodeError, decode, largest_reduction
 from kemo.schema import CROP, IDENTITY
 
 log = logging.getLogger(__name__)
@@ -95,24 +96,30 @@ class CropPhotos:
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = PreprocessConfig(**cfg)
-        if self.cfg.decoders:
+        cv2.setNumThreads(max(1, self.cfg.decoders))  # the actor's CPU share, not every core of the node
+        if self.cfg.detector == "yolo":
             import torch
 
-            torch.set_num_threads(max(1, self.cfg.decoders))
+            torch.set_num_threads(max(1, self.cfg.decoders))  # the actor's CPU share, not the whole node
         self.detector = create_detector(self.cfg.detector, weights=self.cfg.weights,
                                         weights_sha256=self.cfg.weights_sha256, imgsz=self.cfg.imgsz,
                                         device=self.cfg.device)
         self.pool = ThreadPoolExecutor(max(1, self.cfg.decoders), thread_name_prefix="decode")
-        # `none` crops the whole photo: decode just large enough for the crop
-        self.min_side = self.cfg.crop_size if self.detector.whole_photo else self.cfg.decode_min_side
+        # `none` crops the whole photo and `annotations` knows the face: decode just large enough for the crop
+        # (1 = no short-side limit: the box caps the reduction per photo)
+        self.min_side = {"none": self.cfg.crop_size, "annotations": 1}.get(self.cfg.detector, self.cfg.decode_min_side)
 
     def _load(self, row: dict[str, Any]) -> _Prepared:
         try:
             data = storage.read_bytes(row["uri"])
         except Exception as e:  # missing object, permissions, network: the photo still gets its row
             return _Prepared("read_error", f"{type(e).__name__}: {e}")
+        max_scale = 8
+        if self.detector.name == "annotations" and row.get("box") is not None:
+            # the face is known before decoding: reduce only as far as the crop keeps crop_size pixels
+            max_scale = largest_reduction(crop_region(row["box"], self.cfg.margin)[2], self.cfg.crop_size)
         try:
-            dec = decode(data, min_side=self.min_side, max_pixels=self.cfg.max_pixels)
+            dec = decode(data, min_side=self.min_side, max_pixels=self.cfg.max_pixels, max_scale=max_scale)
         except DecodeError as e:
             return _Prepared(e.status, str(e))
         except Exception as e:
@@ -256,7 +263,7 @@ def _claim(cfg: PreprocessConfig, fingerprint: dict[str, Any]) -> None:
     storage.write_json(path, fingerprint)
 
 
-def _finalize(cfg: PreprocessConfig, manifest: pa.Table, shards_dir: str) -> tuple[list[str], Counter]:
+def _finalize(cfg: PreprocessConfig, manifest: pa.Table, shards_dir: str) -> tuple[list[str], Counter, float | None]:
     """Check exactly one row per input across the shards (dropping a retried batch's duplicate file)."""
     expected = set(manifest.column("image_id").to_pylist())
     seen: set[str] = set()
@@ -283,10 +290,14 @@ def _finalize(cfg: PreprocessConfig, manifest: pa.Table, shards_dir: str) -> tup
         raise RuntimeError(f"{len(missing)} of {len(expected)} photos have no row yet (e.g. {sorted(missing)[0]}); "
                            "run the same command again to finish them")
     statuses: Counter = Counter()
+    hits = []  # does the crop hold the annotated face? (IoU >= 0.5), where the manifest has a box
     for name in files:
-        statuses.update(storage.read_parquet_columns(storage.join(shards_dir, name), ["status"])
-                        .column("status").to_pylist())
-    return files, statuses
+        t = storage.read_parquet_columns(storage.join(shards_dir, name), ["status", "box", "face_box"])
+        statuses.update(t.column("status").to_pylist())
+        for box, face in zip(t.column("box").to_pylist(), t.column("face_box").to_pylist()):
+            if box is not None:
+                hits.append(face is not None and iou(box, face) >= 0.5)
+    return files, statuses, (round(sum(hits) / len(hits), 4) if hits else None)
 
 
 def run(cfg: PreprocessConfig) -> dict[str, Any]:
@@ -313,7 +324,7 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
             CropPhotos, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg)}, batch_size=cfg.batch_size,
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
             num_cpus=cfg.decoders, num_gpus=cfg.gpus_per_actor or None)
         ds = ds.map_batches(write_shard, fn_kwargs={"shards_dir": shards_dir}, batch_size=cfg.rows_per_shard,
                             batch_format="pyarrow", num_cpus=0.25)
@@ -321,10 +332,11 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
             processed += receipt["rows"]
             log.info("shard %s: %d rows (%d ok) — %d/%d", receipt["file"], receipt["rows"], receipt["ok"],
                      processed, pending.num_rows)
-    files, statuses = _finalize(cfg, manifest, shards_dir)
+    files, statuses, on_face = _finalize(cfg, manifest, shards_dir)
     seconds = time.perf_counter() - t0
     summary = {"inputs": manifest.num_rows, "processed": processed, "skipped": manifest.num_rows - pending.num_rows,
                "statuses": dict(sorted(statuses.items())), "shards": len(files), "seconds": round(seconds, 2),
+               "crop_on_annotated_face": on_face,
                "photos_per_s": round(processed / seconds, 2) if seconds else None}
     storage.write_json(storage.join(cfg.output, "summary.json"), summary)
     storage.commit(cfg.output, [f"shards/{f}" for f in files] + ["summary.json", RUN], dataclasses.asdict(cfg), KIND)

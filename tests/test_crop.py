@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kemo.crop import clip_box, crop_region, crop_square, primary_face, resize_whole
+from kemo.crop import clip_box, crop_region, crop_square, iou, primary_face, resize_whole
 
 boxes = st.tuples(st.floats(-50, 900), st.floats(-50, 700), st.floats(4, 600), st.floats(4, 600)).map(
     lambda t: [t[0], t[1], t[0] + t[2], t[1] + t[3]])
@@ -73,6 +73,12 @@ def test_resize_whole_is_the_plain_baseline():
 ])
 def test_primary_face(boxes, scores, expected):
     assert primary_face(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores)) == expected
+
+
+def test_iou():
+    assert iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)
+    assert iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0 and iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0
 
 
 def test_clip_box():

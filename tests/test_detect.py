@@ -10,8 +10,8 @@ import pytest
 from matplotlib import cbook
 
 from kemo import storage
+from kemo.crop import iou
 from kemo.detect import AnnotationBoxes, HaarDetector, WholePhoto, create_detector, fetch_weights
-from tests.test_aihub import iou
 
 
 def grace_hopper() -> np.ndarray:

@@ -16,11 +16,11 @@ import pytest
 import ray
 
 from kemo import storage
+from kemo.crop import iou
 from kemo.data import aihub, synth
 from kemo.preprocess import CropPhotos, PreprocessConfig, read_crops, run
 from kemo.schema import CROP, MANIFEST
 from tests.photos import bad_inputs, jpeg, scene, unusual_inputs
-from tests.test_aihub import iou
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,7 +120,7 @@ def test_annotations_crops_match_the_ground_truth_and_rerun_adds_nothing(ray_loc
     truth = {t["image_id"]: t for t in synth.read_truth(root).to_pylist()}
     rows = read_crops(out).to_pylist()
     assert len(rows) == first["inputs"] == len({r["image_id"] for r in rows})
-    assert {r["status"] for r in rows} == {"ok"}
+    assert {r["status"] for r in rows} == {"ok"} and first["crop_on_annotated_face"] == 1.0
     for r in rows:
         assert iou(r["face_box"], truth[r["image_id"]]["face_box"]) >= 0.9, r["image_id"]
         assert decode_crop(r["crop"]).shape == (96, 96, 3)
