@@ -99,8 +99,10 @@ class YoloDetector:
         return cv2.cvtColor(small, cv2.COLOR_RGB2BGR), _factors(image, small, factors)  # ultralytics takes BGR
 
     def detect(self, inputs: list[np.ndarray], rows: list[dict]) -> list[Faces]:
-        results = self.model.predict(inputs, imgsz=self.imgsz, conf=self.conf, iou=self.iou, half=self.half,
-                                     device=self.device, verbose=False, max_det=30)
+        # quantize=16 is fp16 in ultralytics 8.4 (its `half` flag is deprecated); None keeps fp32
+        results = self.model.predict(inputs, imgsz=self.imgsz, conf=self.conf, iou=self.iou,
+                                     quantize=16 if self.half else None, device=self.device, verbose=False,
+                                     max_det=30)
         return [Faces(r.boxes.xyxy.cpu().numpy().astype(np.float32), r.boxes.conf.cpu().numpy().astype(np.float32))
                 for r in results]
 

@@ -108,14 +108,14 @@ def probe(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[Header, Image.Imag
     return Header(fmt, w, h, orientation, im.mode), im
 
 
+def largest_reduction(size: float, needed: float) -> int:
+    """Largest DCT reduction (1, 2, 4, 8) that keeps ``size`` pixels at least ``needed``."""
+    return next((s for s in (8, 4, 2) if size / s >= needed), 1)
+
+
 def reduction_for(width: int, height: int, min_side: int) -> int:
     """Largest DCT reduction (1, 2, 4, 8) that keeps the short side at least ``min_side``; 1 when min_side <= 0."""
-    if min_side <= 0:
-        return 1
-    for s in (8, 4, 2):
-        if min(width, height) // s >= min_side:
-            return s
-    return 1
+    return largest_reduction(min(width, height), min_side) if min_side > 0 else 1
 
 
 def _jpeg_complete(data: bytes) -> bool:
@@ -140,10 +140,11 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def decode(data: bytes, min_side: int = 0, max_pixels: int = MAX_PIXELS) -> Decoded:
-    """Decode photo bytes into an upright RGB frame, DCT-reduced when the short side can stay >= ``min_side``."""
+def decode(data: bytes, min_side: int = 0, max_pixels: int = MAX_PIXELS, max_scale: int = 8) -> Decoded:
+    """Decode photo bytes into an upright RGB frame, DCT-reduced by up to ``max_scale`` while the short side stays
+    >= ``min_side``."""
     header, im = probe(data, max_pixels)
-    scale = reduction_for(header.width, header.height, min_side) if header.format == "jpeg" else 1
+    scale = min(reduction_for(header.width, header.height, min_side), max_scale) if header.format == "jpeg" else 1
     if header.format == "jpeg" and not _jpeg_complete(data):
         raise DecodeError("decode_error", "truncated JPEG (no end-of-image marker)")
     if header.format == "jpeg" and header.mode in ("RGB", "L"):

@@ -51,7 +51,7 @@ class PreprocessConfig:
     crop_size: int = field(default=500, metadata={"help": "crop side in pixels"})
     margin: float = field(default=0.25, metadata={"help": "background kept on each side, as a share of the face"})
     imgsz: int = field(default=640, metadata={"help": "detector input side"})
-    batch_size: int = field(default=0, metadata={"help": "photos per actor call = detector batch; 0 = 8 CPU, 64 GPU"})
+    batch_size: int = field(default=0, metadata={"help": "photos per actor call = detector batch; 0 = 16 CPU, 64 GPU"})
     actors: int = field(default=0, metadata={"help": "actor pool size; 0 = one per GPU, else CPUs / decoders"})
     decoders: int = field(default=0, metadata={"help": "CPU decoder threads (and CPUs) per actor; 0 = 1 CPU, 8 GPU"})
     gpus_per_actor: float = field(default=-1, metadata={"help": "GPUs per actor; -1 = 1 when the cluster has GPUs"})
@@ -74,7 +74,7 @@ def resolve_resources(cfg: PreprocessConfig, cluster: dict[str, float]) -> Prepr
         actors = max(1, int(gpus / gpa))
     else:
         actors = max(1, int(cluster.get("CPU", 1)) // decoders)
-    batch = cfg.batch_size or (64 if gpa else 8)
+    batch = cfg.batch_size or (64 if gpa else 16)
     return dataclasses.replace(cfg, gpus_per_actor=gpa, decoders=decoders, actors=actors, batch_size=batch)
 
 

@@ -50,6 +50,27 @@ def moto_endpoint():
             proc.wait()
 
 
+@pytest.fixture(scope="module")
+def ray_local(moto_endpoint):
+    """A local Ray instance per test module (ray.init → ray.shutdown); its workers inherit the moto endpoint and
+    test credentials, because Ray workers take the environment of the process that started Ray."""
+    import ray
+
+    env = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ctx
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def s3_bucket(moto_endpoint, monkeypatch):
     """A fresh bucket on the moto server, with the environment pointing kemo's S3 code at it."""

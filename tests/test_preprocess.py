@@ -25,24 +25,6 @@ from tests.photos import bad_inputs, jpeg, scene, unusual_inputs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def ray_local(moto_endpoint):
-    """A local Ray instance for this module; its workers inherit the moto endpoint and test credentials."""
-    env = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ctx
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def manifest_of(paths: dict[str, str], boxes: dict[str, list[float]] | None = None) -> pa.Table:
     rows = [{"image_id": name, "uri": uri, "person_id": name, "split": "train", "label": 0, "agree_n": 3,
              "votes": [0, 0, 0], "box": (boxes or {}).get(name)} for name, uri in paths.items()]

@@ -1,0 +1,31 @@
+"""The benchmark job at a tiny size: its report's fields and their consistency, not its speed."""
+
+import json
+import os
+
+from kemo.benchmark import BenchmarkConfig, decode_methods, run
+from tests.photos import jpeg, scene
+
+
+def test_decode_methods_cover_cv2_pil_and_reduced():
+    ms = decode_methods([jpeg(scene(640, 480))] * 3, min_side=200)
+    assert {"cv2 full", "cv2 reduced 1/2", "PIL full", "PIL draft 1/2", "kemo.decode(min_side=200)"} <= set(ms)
+    assert all(v > 0 for v in ms.values())
+
+
+def test_benchmark_report(ray_local, tmp_path):
+    cfg = BenchmarkConfig(images=21, size="320x240", detectors="none,annotations", output=str(tmp_path / "b"),
+                          crop_size=64, decode_min_side=100)
+    report = run(cfg)
+    assert report["photos"] == 21 and report["machine"]["cores"] == 2
+    for name in ("none", "annotations"):
+        d = report["detectors"][name]
+        assert d["statuses"] == {"ok": 21}
+        assert d["ratio_vs_plain"] == round(d["kemo_photos_per_s"] / d["plain_loop_photos_per_s"], 2)
+        c = d["stage_ceilings_photos_per_s"]
+        assert {"read bytes", "decode", "crop + encode", "all stages on all cores"} <= set(c)
+        assert d["slowest_stage"] in c and c["all stages on all cores"] <= c[d["slowest_stage"]]
+    saved = json.load(open(os.path.join(cfg.output, "benchmark.json")))
+    assert saved["detectors"].keys() == report["detectors"].keys()
+    md = open(os.path.join(cfg.output, "benchmark.md")).read()
+    assert "| none |" in md and "| annotations |" in md and "cv2 reduced 1/2" in md
