@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,8 @@ class PreprocessConfig:
     actors: int = field(default=0, metadata={"help": "actor pool size; 0 = one per GPU, else CPUs / decoders"})
     decoders: int = field(default=0, metadata={"help": "CPU decoder threads (and CPUs) per actor; 0 = 1 CPU, 8 GPU"})
     gpus_per_actor: float = field(default=-1, metadata={"help": "GPUs per actor; -1 = 1 when the cluster has GPUs"})
+    calls_per_actor: int = field(default=0, metadata={
+        "help": "batches in flight per actor, so decoding overlaps the detector; 0 = 2 with GPUs, else 1"})
     device: str = field(default="auto", metadata={"help": "detector device: auto, cpu, cuda:0"})
     decode_min_side: int = field(default=1000, metadata={"help": "DCT-reduce JPEGs while the short side stays >= this"})
     jpeg_quality: int = field(default=95, metadata={"help": "crop JPEG quality"})
@@ -75,7 +78,9 @@ def resolve_resources(cfg: PreprocessConfig, cluster: dict[str, float]) -> Prepr
     else:
         actors = max(1, int(cluster.get("CPU", 1)) // decoders)
     batch = cfg.batch_size or (64 if gpa else 16)
-    return dataclasses.replace(cfg, gpus_per_actor=gpa, decoders=decoders, actors=actors, batch_size=batch)
+    calls = cfg.calls_per_actor or (2 if gpa else 1)
+    return dataclasses.replace(cfg, gpus_per_actor=gpa, decoders=decoders, actors=actors, batch_size=batch,
+                               calls_per_actor=calls)
 
 
 # --------------------------------------------------------------------------------------------------- the actor
@@ -105,6 +110,7 @@ class CropPhotos:
                                         weights_sha256=self.cfg.weights_sha256, imgsz=self.cfg.imgsz,
                                         device=self.cfg.device)
         self.pool = ThreadPoolExecutor(max(1, self.cfg.decoders), thread_name_prefix="decode")
+        self.detect_lock = threading.Lock()  # with calls_per_actor > 1, batches share one (not thread-safe) model
         # `none` crops the whole photo and `annotations` knows the face: decode just large enough for the crop
         # (1 = no short-side limit: the box caps the reduction per photo)
         self.min_side = {"none": self.cfg.crop_size, "annotations": 1}.get(self.cfg.detector, self.cfg.decode_min_side)
@@ -164,13 +170,14 @@ class CropPhotos:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        # decoders run ahead on the whole batch while the detector works through it in order
+        # With calls_per_actor > 1 another batch decodes in the shared thread pool while this one holds the detector.
         prepared = list(self.pool.map(self._load, rows))
         faces: list[Any] = [None] * len(rows)
         good = [i for i, p in enumerate(prepared) if p.decoded is not None]
         if good:
             try:
-                found = self.detector.detect([prepared[i].det_input for i in good], [rows[i] for i in good])
+                with self.detect_lock:
+                    found = self.detector.detect([prepared[i].det_input for i in good], [rows[i] for i in good])
                 for i, f in zip(good, found):
                     faces[i] = f
             except Exception as e:
@@ -220,7 +227,9 @@ def load_input(cfg: PreprocessConfig) -> pa.Table:
     try:
         return aihub.load_manifest(cfg.input)  # an index output directory
     except FileNotFoundError:
-        pass
+        if storage.exists(storage.join(cfg.input, "manifest.parquet")):
+            raise ValueError(f"{cfg.input} holds an index that was never committed (crashed?): "
+                             "run jobs/index.py again") from None
     index_dir = storage.join(cfg.output, "index")
     wanted = aihub.IndexConfig(root=cfg.input, output=index_dir, per_class=cfg.per_class, seed=cfg.seed)
     try:  # a resumed run reuses its own index; a different one would silently change the inputs
@@ -316,15 +325,18 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     done = {i for ids in shard_ids(shards_dir).values() for i in ids}
     pending = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"), pa.array(sorted(done), pa.string()))))
     log.info("%d photos: %d already in shards, %d to process with %s (%d actors × %d decoders, %g GPU each, "
-             "batch %d)", manifest.num_rows, manifest.num_rows - pending.num_rows, pending.num_rows, cfg.detector,
-             cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size)
+             "batch %d, %d in flight per actor)", manifest.num_rows, manifest.num_rows - pending.num_rows,
+             pending.num_rows, cfg.detector, cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size,
+             cfg.calls_per_actor)
     processed = 0
     if pending.num_rows:
         blocks = [pending.slice(i, cfg.batch_size) for i in range(0, pending.num_rows, cfg.batch_size)]
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
             CropPhotos, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg)}, batch_size=cfg.batch_size,
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_concurrent_calls_per_actor=cfg.calls_per_actor,
+                                               enable_true_multi_threading=cfg.calls_per_actor > 1),
             num_cpus=cfg.decoders, num_gpus=cfg.gpus_per_actor or None)
         ds = ds.map_batches(write_shard, fn_kwargs={"shards_dir": shards_dir}, batch_size=cfg.rows_per_shard,
                             batch_format="pyarrow", num_cpus=0.25)

@@ -151,6 +151,11 @@ def read_parquet_columns(uri: str, columns: list[str] | None = None) -> pa.Table
         return pq.ParquetFile(f).read(columns=columns)
 
 
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
 def delete(uri: str) -> None:
     fs, path = resolve(uri)
     fs.delete_file(path)
@@ -158,9 +163,8 @@ def delete(uri: str) -> None:
 
 def uncommit(out_dir: str) -> None:
     """Remove the commit marker before rewriting an output, so a crash mid-rewrite leaves no valid-looking output."""
-    fs, path = resolve(join(out_dir, COMMIT))
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_file(path)
+    if exists(join(out_dir, COMMIT)):
+        delete(join(out_dir, COMMIT))
 
 
 def commit(out_dir: str, files: list[str], config: dict[str, Any], kind: str) -> dict[str, Any]:

@@ -65,15 +65,20 @@ def zoo(tmp_path_factory):
 def test_every_input_gets_one_row_with_its_status(ray_local, zoo, tmp_path):
     manifest, expected, upright = zoo
     out = str(tmp_path / "out")
+    # two batches in flight per actor: the threaded path GPU nodes use, checked for exactly one row each
     summary = run(PreprocessConfig(input=write_manifest(manifest, str(tmp_path / "m.parquet")), output=out,
-                                   detector="annotations", crop_size=64, rows_per_shard=10))
+                                   detector="annotations", crop_size=64, rows_per_shard=10, batch_size=4,
+                                   calls_per_actor=2, actors=1))
     rows = read_crops(out).to_pylist()
     assert sorted(r["image_id"] for r in rows) == sorted(expected)
     for r in rows:
         assert r["status"] == expected[r["image_id"]], (r["image_id"], r["status"], r["error"])
         assert (r["crop"] is not None) == (r["status"] == "ok")
         assert (r["error"] is None) == (r["status"] == "ok")
-    assert summary["shards"] == 3 and summary["statuses"]["ok"] == sum(s == "ok" for s in expected.values())
+    assert summary["statuses"]["ok"] == sum(s == "ok" for s in expected.values())
+    shards = [f["path"] for f in storage.committed(out, "crops")["files"] if f["path"].startswith("shards/")]
+    sizes = [storage.read_parquet(os.path.join(out, s)).num_rows for s in shards]
+    assert len(shards) == summary["shards"] >= 3 and max(sizes) <= 10 and sum(sizes) == len(expected)
     # EXIF 1–8: the same upright crop whatever the stored orientation
     reference = decode_crop(next(r["crop"] for r in rows if r["image_id"] == "exif1.jpg")).astype(int)
     for o in range(2, 9):
@@ -113,6 +118,9 @@ def test_annotations_crops_match_the_ground_truth_and_rerun_adds_nothing(ray_loc
     assert read_crops(out).num_rows == len(rows)
     with pytest.raises(ValueError, match="another run"):
         run(dataclasses.replace(cfg, detector="none"))
+    storage.uncommit(os.path.join(out, "index"))  # as if indexing had crashed before its commit
+    with pytest.raises(ValueError, match="never committed"):
+        run(dataclasses.replace(cfg, input=os.path.join(out, "index"), output=str(tmp_path / "other")))
 
 
 def test_yolo_and_haar_run_end_to_end(ray_local, corpus, yolo_weights, tmp_path):
