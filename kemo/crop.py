@@ -56,6 +56,15 @@ def resize_whole(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=interp)
 
 
+def valid_box(box: object) -> bool:
+    """Four finite numbers with positive width and height."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return False
+    return all(math.isfinite(v) for v in (x1, y1, x2, y2)) and x2 > x1 and y2 > y1
+
+
 def clip_box(box: list[float] | np.ndarray, width: int, height: int) -> list[float] | None:
     """Box clipped to the frame; None if nothing is left."""
     x1, y1, x2, y2 = (float(v) for v in box)

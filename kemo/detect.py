@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from kemo import storage
+from kemo.crop import valid_box
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,13 @@ def sha256_file(path: str) -> str:
 def fetch_weights(uri: str, sha256: str | None = None, cache_dir: str | None = None) -> tuple[str, str]:
     """(local path, SHA-256) of a weights file given as a path or an ``s3://`` URI; checked against ``sha256``.
 
-    S3 weights are cached by content hash, so every actor on a node downloads them at most once.
+    S3 weights are cached under their content hash; given ``sha256``, a cached copy is used without downloading.
     """
     if storage.is_s3(uri):
         cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "kemo", "weights")
+        cached = os.path.join(cache_dir, f"{(sha256 or '').lower()[:16]}-{os.path.basename(uri)}")
+        if sha256 and os.path.isfile(cached) and sha256_file(cached) == sha256.lower():
+            return cached, sha256.lower()  # known by hash: no download
         data = storage.read_bytes(uri)
         digest = hashlib.sha256(data).hexdigest()
         path = os.path.join(cache_dir, f"{digest[:16]}-{os.path.basename(uri)}")
@@ -176,7 +180,7 @@ class AnnotationBoxes:
         out = []
         for row in rows:
             box = row.get("box")
-            if box is None or len(box) != 4:
+            if not valid_box(box):
                 out.append(NO_FACES)
             else:
                 out.append(Faces(np.asarray([box], np.float32), np.ones(1, np.float32)))

@@ -119,9 +119,25 @@ def reduction_for(width: int, height: int, min_side: int) -> int:
 
 
 def _jpeg_complete(data: bytes) -> bool:
-    # A JPEG ends with EOI (FF D9), perhaps followed by padding or a trailer; a truncated one does not.
-    # libjpeg would otherwise fill the missing rows with gray and report success.
-    return data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) != -1
+    """Whether the main image's scan data reaches its end-of-image marker.
+
+    libjpeg fills the rows of a truncated file with gray and reports success, so we look ourselves: walk the
+    length-prefixed segments from SOI to the main start-of-scan (skipping APP segments, whose EXIF thumbnail has
+    its own EOI), then find EOI after it. Entropy-coded data cannot contain FF D9, and trailers after EOI (motion
+    photos append an MP4) are fine.
+    """
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:  # start of scan
+            return data.find(b"\xff\xd9", pos) != -1
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return False
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

@@ -27,13 +27,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kemo import storage
-from kemo.crop import clip_box, crop_region, crop_square, encode_jpeg, iou, primary_face, resize_whole
-from kemo.detect import create_detector
+from kemo.crop import clip_box, crop_region, crop_square, encode_jpeg, iou, primary_face, resize_whole, valid_box
+from kemo.detect import DETECTORS, create_detector
 from kemo.image import MAX_PIXELS, Decoded, DecodeError, decode, largest_reduction
 from kemo.schema import CROP, IDENTITY
 
 log = logging.getLogger(__name__)
 KIND = "crops"
+RETRY = ("read_error", "error")  # transient (throttling, a network blip, a GPU out of memory): redone on a rerun
 RUN = "_run.json"  # fingerprint of the run that owns the shards; a resume must match it
 SMOKE_ROWS = 16
 
@@ -52,6 +53,7 @@ class PreprocessConfig:
     crop_size: int = field(default=500, metadata={"help": "crop side in pixels"})
     margin: float = field(default=0.25, metadata={"help": "background kept on each side, as a share of the face"})
     imgsz: int = field(default=640, metadata={"help": "detector input side"})
+    conf: float = field(default=0.25, metadata={"help": "yolo: minimum face confidence"})
     batch_size: int = field(default=0, metadata={"help": "photos per actor call = detector batch; 0 = 16 CPU, 64 GPU"})
     actors: int = field(default=0, metadata={"help": "actor pool size; 0 = one per GPU, else CPUs / decoders"})
     decoders: int = field(default=0, metadata={"help": "CPU decoder threads (and CPUs) per actor; 0 = 1 CPU, 8 GPU"})
@@ -67,10 +69,13 @@ class PreprocessConfig:
 
 
 def resolve_resources(cfg: PreprocessConfig, cluster: dict[str, float]) -> PreprocessConfig:
-    """Fill the automatic resource knobs from the cluster's resources."""
+    """Fill the automatic resource knobs from the cluster's resources (the nodes up now: on an autoscaling cluster
+    that has not scaled up yet, give --gpus-per-actor and --decoders explicitly)."""
     gpus = int(cluster.get("GPU", 0))
+    cpus = int(cluster.get("CPU", 1))
     gpa = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if gpus else 0.0)
-    decoders = cfg.decoders or (8 if gpa else 1)
+    # up to 8 decoders per GPU, but never more CPUs than a GPU's share of the node (g5.xlarge: 4 vCPUs, 1 GPU)
+    decoders = cfg.decoders or (max(1, min(8, cpus // max(gpus, 1) - 1)) if gpa else 1)
     if cfg.actors:
         actors = cfg.actors
     elif gpa:
@@ -108,7 +113,7 @@ class CropPhotos:
             torch.set_num_threads(max(1, self.cfg.decoders))  # the actor's CPU share, not the whole node
         self.detector = create_detector(self.cfg.detector, weights=self.cfg.weights,
                                         weights_sha256=self.cfg.weights_sha256, imgsz=self.cfg.imgsz,
-                                        device=self.cfg.device)
+                                        device=self.cfg.device, conf=self.cfg.conf)
         self.pool = ThreadPoolExecutor(max(1, self.cfg.decoders), thread_name_prefix="decode")
         self.detect_lock = threading.Lock()  # with calls_per_actor > 1, batches share one (not thread-safe) model
         # `none` crops the whole photo and `annotations` knows the face: decode just large enough for the crop
@@ -121,9 +126,10 @@ class CropPhotos:
         except Exception as e:  # missing object, permissions, network: the photo still gets its row
             return _Prepared("read_error", f"{type(e).__name__}: {e}")
         max_scale = 8
-        if self.detector.name == "annotations" and row.get("box") is not None:
+        box = row.get("box")
+        if self.detector.name == "annotations" and valid_box(box):
             # the face is known before decoding: reduce only as far as the crop keeps crop_size pixels
-            max_scale = largest_reduction(crop_region(row["box"], self.cfg.margin)[2], self.cfg.crop_size)
+            max_scale = largest_reduction(crop_region(box, self.cfg.margin)[2], self.cfg.crop_size)
         try:
             dec = decode(data, min_side=self.min_side, max_pixels=self.cfg.max_pixels, max_scale=max_scale)
         except DecodeError as e:
@@ -205,6 +211,40 @@ def write_shard(batch: pa.Table, shards_dir: str) -> pa.Table:
     return pa.table({"file": [name], "rows": [len(ids)], "ok": [counts.get("ok", 0)]})
 
 
+def drop_retryable(shards_dir: str) -> int:
+    """Rewrite shards without their transient-failure rows, so a rerun processes those photos again.
+
+    The new file is written before the old one is deleted: a crash in between leaves duplicates, which
+    ``_finalize`` removes, never a loss.
+    """
+    dropped = 0
+    try:
+        entries = storage.list_files(shards_dir)
+    except FileNotFoundError:
+        return 0
+    for e in entries:
+        if not e.rel.endswith(".parquet") or "/" in e.rel:
+            continue
+        status = storage.read_parquet_columns(e.uri, ["status"]).column("status")
+        retry = pc.is_in(status, pa.array(RETRY))
+        n = pc.sum(retry).as_py() or 0
+        if not n:
+            continue
+        keep = storage.read_parquet(e.uri).filter(pc.invert(retry))
+        if keep.num_rows:
+            storage.write_parquet(keep, storage.join(shards_dir, shard_name(keep.column("image_id").to_pylist())))
+        storage.delete(e.uri)
+        dropped += n
+    return dropped
+
+
+def check_output_reachable(output: str, alive_nodes: int) -> None:
+    """Every shard must land where the driver commits it: a local path is one machine's disk."""
+    if not storage.is_s3(output) and alive_nodes > 1:
+        raise ValueError(f"--output {output} is a local path but the cluster has {alive_nodes} nodes: shards would "
+                         "land on whichever node wrote them; give an s3:// output")
+
+
 def shard_ids(shards_dir: str) -> dict[str, list[str]]:
     """image_ids of every shard file present (a file is only ever present whole)."""
     try:
@@ -253,8 +293,10 @@ def _fingerprint(cfg: PreprocessConfig, manifest: pa.Table) -> dict[str, Any]:
         from kemo.detect import fetch_weights
 
         weights_sha = fetch_weights(cfg.weights, cfg.weights_sha256)[1]
+    # everything that changes a row; resource knobs and the code version do not (a bug-fix release may resume)
     return {"detector": cfg.detector, "weights_sha256": weights_sha, "crop_size": cfg.crop_size,
-            "margin": cfg.margin, "imgsz": cfg.imgsz, "jpeg_quality": cfg.jpeg_quality,
+            "margin": cfg.margin, "imgsz": cfg.imgsz, "conf": cfg.conf, "jpeg_quality": cfg.jpeg_quality,
+            "decode_min_side": cfg.decode_min_side, "max_pixels": cfg.max_pixels,
             "inputs": len(ids), "inputs_sha256": hashlib.sha256("\0".join(ids).encode()).hexdigest()}
 
 
@@ -314,13 +356,21 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     import ray
 
     t0 = time.perf_counter()
+    if cfg.detector not in DETECTORS:  # fail here, not later inside every actor's constructor
+        raise ValueError(f"unknown detector {cfg.detector!r}; choose from {', '.join(DETECTORS)}")
+    if cfg.detector == "yolo" and not cfg.weights:
+        raise ValueError("--detector yolo needs --weights PATH_OR_URI (kemo downloads no weights)")
     manifest = load_input(cfg)
     if cfg.smoke_test:
         manifest = manifest.slice(0, SMOKE_ROWS)
     cfg = resolve_resources(cfg, ray.cluster_resources())
+    check_output_reachable(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))
     shards_dir = storage.join(cfg.output, "shards")
     _claim(cfg, _fingerprint(cfg, manifest))
     storage.uncommit(cfg.output)
+    retried = drop_retryable(shards_dir)
+    if retried:
+        log.info("%d photos failed transiently (%s) last time: processing them again", retried, ", ".join(RETRY))
 
     done = {i for ids in shard_ids(shards_dir).values() for i in ids}
     pending = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"), pa.array(sorted(done), pa.string()))))
@@ -338,8 +388,10 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
             compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_concurrent_calls_per_actor=cfg.calls_per_actor,
                                                enable_true_multi_threading=cfg.calls_per_actor > 1),
             num_cpus=cfg.decoders, num_gpus=cfg.gpus_per_actor or None)
+        # The writer is light I/O and must never wait for a CPU that the actors hold: shards are what a killed run
+        # resumes from.
         ds = ds.map_batches(write_shard, fn_kwargs={"shards_dir": shards_dir}, batch_size=cfg.rows_per_shard,
-                            batch_format="pyarrow", num_cpus=0.25)
+                            batch_format="pyarrow", num_cpus=0)
         for receipt in ds.iter_rows():
             processed += receipt["rows"]
             log.info("shard %s: %d rows (%d ok) — %d/%d", receipt["file"], receipt["rows"], receipt["ok"],

@@ -35,6 +35,26 @@ def test_unusual_formats_decode_to_the_right_rgb(name):
     assert np.abs(got.image.astype(int) - expected).mean() < 6, name
 
 
+def test_jpeg_completeness_looks_past_trailers_and_thumbnails():
+    good = jpeg(scene(), 6)
+    assert decode(good + b"\0" * 5000 + b"ftypmp42" * 200).orientation == 6  # motion-photo style trailer
+    # an EXIF thumbnail carries its own end-of-image marker, before the main scan: truncation is still caught
+    from PIL import Image as PILImage
+
+    im = PILImage.fromarray(scene(480, 320))
+    exif = im.getexif()
+    exif[0x0112] = 1
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    data = buf.getvalue()
+    thumb = jpeg(scene(60, 40))
+    app1 = b"\xff\xe1" + (len(thumb) + 2).to_bytes(2, "big") + thumb  # a segment that holds FF D8 ... FF D9
+    with_thumb = data[:2] + app1 + data[2:]
+    assert decode(with_thumb).image.shape == (320, 480, 3)
+    with pytest.raises(DecodeError, match="truncated"):
+        decode(with_thumb[: len(with_thumb) * 3 // 4])
+
+
 def test_format_is_sniffed_from_content():
     assert sniff(jpeg(scene())) == "jpeg"
     assert sniff(unusual_inputs()["png_named.jpg"][0]) == "png"

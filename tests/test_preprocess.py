@@ -87,6 +87,16 @@ def test_every_input_gets_one_row_with_its_status(ray_local, zoo, tmp_path):
         assert np.abs(decode_crop(r["crop"]) - reference).mean() < 4, o
 
 
+def test_malformed_manifest_boxes_cost_only_their_face(zoo):
+    manifest, _, _ = zoo
+    rows = manifest.slice(manifest.num_rows - 9, 4).to_pylist()  # EXIF photos: all decodable
+    for row, box in zip(rows, ([1.0, 2.0, 3.0], [float("nan"), 0.0, 10.0, 10.0], [50.0, 50.0, 10.0, 10.0], None)):
+        row["box"] = box
+    udf = CropPhotos(dataclasses.asdict(PreprocessConfig(input="-", output="-", detector="annotations")))
+    out = udf(pa.Table.from_pylist(rows, schema=MANIFEST)).to_pylist()
+    assert [r["status"] for r in out] == ["no_face"] * 4
+
+
 def test_udf_alone_equals_udf_inside_ray_data(ray_local, zoo):
     manifest, _, _ = zoo
     cfg = dataclasses.asdict(PreprocessConfig(input="-", output="-", detector="none", crop_size=48, decoders=2))
@@ -118,6 +128,8 @@ def test_annotations_crops_match_the_ground_truth_and_rerun_adds_nothing(ray_loc
     assert read_crops(out).num_rows == len(rows)
     with pytest.raises(ValueError, match="another run"):
         run(dataclasses.replace(cfg, detector="none"))
+    with pytest.raises(ValueError, match="needs --weights"):
+        run(dataclasses.replace(cfg, detector="yolo", output=str(tmp_path / "y")))
     storage.uncommit(os.path.join(out, "index"))  # as if indexing had crashed before its commit
     with pytest.raises(ValueError, match="never committed"):
         run(dataclasses.replace(cfg, input=os.path.join(out, "index"), output=str(tmp_path / "other")))
@@ -129,14 +141,24 @@ def test_yolo_and_haar_run_end_to_end(ray_local, corpus, yolo_weights, tmp_path)
     aihub.run(aihub.IndexConfig(root=root, output=index_dir, per_class=4))
     for detector in ("yolo", "haar"):
         out = str(tmp_path / detector)
+        # conf 0.001: the briefly trained model still proposes boxes, so the crop path runs on real detections;
+        # decode_min_side 100: 320×240 photos decode DCT-reduced by 2, so boxes must be scaled back to full size
         summary = run(PreprocessConfig(input=index_dir, output=out, detector=detector, weights=yolo_weights,
-                                       imgsz=224, crop_size=64))
+                                       imgsz=224, crop_size=64, conf=0.001, decode_min_side=100))
         rows = read_crops(out).to_pylist()
         assert len(rows) == summary["inputs"] == 28
         assert {r["detector"] for r in rows} == {detector}
         assert {r["status"] for r in rows} <= {"ok", "no_face"}
+        ok = [r for r in rows if r["status"] == "ok"]
+        assert len(ok) >= 10, summary
         for r in rows:
             assert (r["n_faces"] > 0) == (r["status"] == "ok")
+        for r in ok:
+            x1, y1, x2, y2 = r["face_box"]
+            assert 0 <= x1 < x2 <= r["orig_width"] and 0 <= y1 < y2 <= r["orig_height"]
+            assert decode_crop(r["crop"]).shape == (64, 64, 3)
+    haar = read_crops(str(tmp_path / "haar")).to_pylist()
+    assert max(r["face_box"][2] for r in haar if r["face_box"]) > 160  # full-resolution frame, not the 1/2 decode
     cfg = storage.read_json(os.path.join(str(tmp_path / "yolo"), "_run.json"))
     assert cfg["weights_sha256"] == __import__("hashlib").sha256(open(yolo_weights, "rb").read()).hexdigest()
 
@@ -154,6 +176,29 @@ def test_s3_in_and_out(ray_local, corpus, s3_bucket, upload_tree):
     assert decode_crop(rows[0]["crop"]).shape == (32, 32, 3)
 
 
+def test_transient_failures_are_retried_on_rerun(ray_local, tmp_path):
+    good = tmp_path / "a.jpg"
+    good.write_bytes(jpeg(scene()))
+    late = tmp_path / "late.jpg"  # not there on the first run: read_error; there on the second
+    paths = {"a.jpg": str(good), "late.jpg": str(late)}
+    manifest = write_manifest(manifest_of(paths), str(tmp_path / "m.parquet"))
+    cfg = PreprocessConfig(input=manifest, output=str(tmp_path / "out"), detector="none", crop_size=32)
+    assert run(cfg)["statuses"] == {"ok": 1, "read_error": 1}
+    late.write_bytes(jpeg(scene()))
+    again = run(cfg)
+    assert again["statuses"] == {"ok": 2} and again["processed"] == 1 and again["skipped"] == 1
+    assert sorted(read_crops(cfg.output).column("image_id").to_pylist()) == ["a.jpg", "late.jpg"]
+
+
+def test_local_output_is_refused_on_a_multi_node_cluster():
+    from kemo.preprocess import check_output_reachable
+
+    check_output_reachable("/data/out", 1)
+    check_output_reachable("s3://b/out", 3)
+    with pytest.raises(ValueError, match="local path"):
+        check_output_reachable("/data/out", 2)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_exactly_one_row_per_input(ray_local, tmp_path):
     # 60 photos, tiny shards: the job is killed once a few shards exist, then run again
@@ -166,8 +211,9 @@ def test_killed_run_resumes_to_exactly_one_row_per_input(ray_local, tmp_path):
         paths[f"{i:02d}.jpg"] = str(d / f"{i}.jpg")
     manifest = write_manifest(manifest_of(paths), str(tmp_path / "m.parquet"))
     out = tmp_path / "out"
+    # default actor pool (both CPUs): shards must still be written mid-run, since the writer needs no CPU
     args = [sys.executable, "jobs/preprocess.py", "--input", manifest, "--output", str(out), "--detector", "none",
-            "--crop-size", "32", "--rows-per-shard", "4", "--batch-size", "2", "--actors", "1"]
+            "--crop-size", "32", "--rows-per-shard", "4", "--batch-size", "2"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
