@@ -7,6 +7,13 @@ from kemo.benchmark import BenchmarkConfig, decode_methods, run
 from tests.photos import jpeg, scene
 
 
+def test_steady_rate_excludes_start_up():
+    from kemo.preprocess import _steady
+
+    assert _steady([(10.0, 16), (11.0, 32), (12.0, 48)]) == 16.0  # start-up before the first shard is not counted
+    assert _steady([(1.0, 16), (2.0, 32)]) is None  # too few shards to say
+
+
 def test_decode_methods_cover_cv2_pil_and_reduced():
     ms = decode_methods([jpeg(scene(640, 480))] * 3, min_side=200)
     assert {"cv2 full", "cv2 reduced 1/2", "PIL full", "PIL draft 1/2", "kemo.decode(min_side=200)"} <= set(ms)
@@ -22,6 +29,9 @@ def test_benchmark_report(ray_local, tmp_path):
         d = report["detectors"][name]
         assert d["statuses"] == {"ok": 21}
         assert d["ratio_vs_plain"] == round(d["kemo_photos_per_s"] / d["plain_loop_photos_per_s"], 2)
+        steady = d["kemo_steady_photos_per_s"] / d["plain_loop_steady_photos_per_s"]
+        assert d["steady_ratio_vs_plain"] == round(steady, 2)
+        assert d["kemo_fixed_cost_s"] >= 0
         c = d["stage_ceilings_photos_per_s"]
         assert {"read bytes", "decode", "crop + encode", "all stages on all cores"} <= set(c)
         assert d["slowest_stage"] in c and c["all stages on all cores"] <= c[d["slowest_stage"]]
