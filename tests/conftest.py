@@ -111,39 +111,20 @@ def corpus(tmp_path_factory):
     return cfg.out, cfg
 
 
-def export_yolo(corpus_root: str, out: str, n_train: int, n_val: int) -> str:
-    """A YOLO-format face dataset from a generated corpus's ground truth (upright photos, one box each)."""
-    import cv2
-    import numpy as np
-
-    from kemo.data.synth import read_truth
-    from kemo.image import decode
-
-    rows = [t for t in read_truth(corpus_root).to_pylist() if t["written"]][: n_train + n_val]
-    for i, t in enumerate(rows):
-        split = "train" if i < n_train else "val"
-        os.makedirs(os.path.join(out, "images", split), exist_ok=True)
-        os.makedirs(os.path.join(out, "labels", split), exist_ok=True)
-        img = decode(open(os.path.join(corpus_root, t["image_id"]), "rb").read()).image
-        h, w = img.shape[:2]
-        cv2.imwrite(os.path.join(out, "images", split, f"{i}.jpg"), np.ascontiguousarray(img[:, :, ::-1]))
-        x1, y1, x2, y2 = t["face_box"]
-        with open(os.path.join(out, "labels", split, f"{i}.txt"), "w") as f:
-            f.write(f"0 {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}\n")
-    yaml_path = os.path.join(out, "data.yaml")
-    with open(yaml_path, "w") as f:
-        f.write(f"path: {out}\ntrain: images/train\nval: images/val\nnames:\n  0: face\n")
-    return yaml_path
-
-
 @pytest.fixture(scope="session")
 def yolo_weights(corpus, tmp_path_factory):
     """Face weights from a real ultralytics YOLO built from its YAML, trained briefly on generated photos (CPU)."""
     from ultralytics import YOLO
 
+    from kemo.data import aihub
+    from kemo.detector.export import ExportConfig
+    from kemo.detector.export import run as export
+
     root, _ = corpus
     work = tmp_path_factory.mktemp("yolo")
-    data = export_yolo(root, str(work / "data"), n_train=48, n_val=16)
+    aihub.run(aihub.IndexConfig(root=root, output=str(work / "index")))
+    export(ExportConfig(input=str(work / "index"), output=str(work / "data"), counts="48,16,0", max_side=320))
+    data = str(work / "data" / "data.yaml")
     model = YOLO("yolo11n.yaml")
     model.train(data=data, epochs=2, imgsz=224, batch=16, device="cpu", workers=0, plots=False, amp=False,
                 project=str(work / "runs"), name="face", exist_ok=True, verbose=False, seed=0)
