@@ -221,31 +221,39 @@ class ShardWriter:
         return write_shard(batch, self.shards_dir)
 
 
-def drop_retryable(shards_dir: str) -> int:
-    """Rewrite shards without their transient-failure rows, so a rerun processes those photos again.
-
-    The new file is written before the old one is deleted: a crash in between leaves duplicates, which
-    ``_finalize`` removes, never a loss.
-    """
-    dropped = 0
+def read_shards(shards_dir: str, columns: list[str]) -> dict[str, pa.Table]:
+    """The named columns of every shard file present, one read each (a file is only ever present whole)."""
     try:
         entries = storage.list_files(shards_dir)
     except FileNotFoundError:
-        return 0
-    for e in entries:
-        if not e.rel.endswith(".parquet") or "/" in e.rel:
-            continue
-        status = storage.read_parquet_columns(e.uri, ["status"]).column("status")
-        retry = pc.is_in(status, pa.array(RETRY))
+        return {}
+    return {e.rel: storage.read_parquet_columns(e.uri, columns)
+            for e in entries if e.rel.endswith(".parquet") and "/" not in e.rel}
+
+
+def _rewrite_without(shards_dir: str, name: str, drop: pa.Array) -> pa.Table:
+    """Replace a shard by one without the rows ``drop`` marks; the new file is written before the old one goes,
+    so a crash in between leaves duplicates (which ``_finalize`` removes), never a loss."""
+    uri = storage.join(shards_dir, name)
+    keep = storage.read_parquet(uri).filter(pc.invert(drop))
+    if keep.num_rows:
+        storage.write_parquet(keep, storage.join(shards_dir, shard_name(keep.column("image_id").to_pylist())))
+    storage.delete(uri)
+    return keep
+
+
+def resume(shards_dir: str) -> tuple[set[str], int]:
+    """(photos already done, photos to do again): shards lose their transient-failure rows, so a rerun processes
+    those photos again."""
+    done, dropped = set(), 0
+    for name, t in read_shards(shards_dir, ["image_id", "status"]).items():
+        retry = pc.is_in(t.column("status"), pa.array(RETRY))
         n = pc.sum(retry).as_py() or 0
-        if not n:
-            continue
-        keep = storage.read_parquet(e.uri).filter(pc.invert(retry))
-        if keep.num_rows:
-            storage.write_parquet(keep, storage.join(shards_dir, shard_name(keep.column("image_id").to_pylist())))
-        storage.delete(e.uri)
-        dropped += n
-    return dropped
+        if n:
+            _rewrite_without(shards_dir, name, retry)
+            dropped += n
+        done.update(t.filter(pc.invert(retry)).column("image_id").to_pylist())
+    return done, dropped
 
 
 def check_output_reachable(output: str, alive_nodes: int) -> None:
@@ -253,16 +261,6 @@ def check_output_reachable(output: str, alive_nodes: int) -> None:
     if not storage.is_s3(output) and alive_nodes > 1:
         raise ValueError(f"--output {output} is a local path but the cluster has {alive_nodes} nodes: shards would "
                          "land on whichever node wrote them; give an s3:// output")
-
-
-def shard_ids(shards_dir: str) -> dict[str, list[str]]:
-    """image_ids of every shard file present (a file is only ever present whole)."""
-    try:
-        entries = storage.list_files(shards_dir)
-    except FileNotFoundError:
-        return {}
-    return {e.rel: storage.read_parquet_columns(e.uri, ["image_id"]).column("image_id").to_pylist()
-            for e in entries if e.rel.endswith(".parquet") and "/" not in e.rel}
 
 
 # --------------------------------------------------------------------------------------------------- the job
@@ -327,33 +325,32 @@ def _claim(cfg: PreprocessConfig, fingerprint: dict[str, Any]) -> None:
 def _finalize(cfg: PreprocessConfig, manifest: pa.Table, shards_dir: str) -> tuple[list[str], Counter, float | None]:
     """Check exactly one row per input across the shards (dropping a retried batch's duplicate file)."""
     expected = set(manifest.column("image_id").to_pylist())
+    columns = ["image_id", "status", "box", "face_box"]
     seen: set[str] = set()
-    files = []
-    for name, ids in sorted(shard_ids(shards_dir).items()):
-        if seen.intersection(ids):
+    files, tables = [], []
+    for name, t in sorted(read_shards(shards_dir, columns).items()):
+        ids = t.column("image_id").to_pylist()
+        overlap = seen.intersection(ids)
+        if overlap:
             # Only a retried batch regrouped differently can overlap; its rows are already committed elsewhere.
-            overlap = seen.intersection(ids)
-            rest = storage.read_parquet(storage.join(shards_dir, name))
-            rest = rest.filter(pc.invert(pc.is_in(rest.column("image_id"), pa.array(sorted(overlap)))))
-            storage.delete(storage.join(shards_dir, name))
+            rest = _rewrite_without(shards_dir, name, pc.is_in(t.column("image_id"), pa.array(sorted(overlap))))
             if rest.num_rows == 0:
                 continue
-            name = shard_name(rest.column("image_id").to_pylist())
-            storage.write_parquet(rest, storage.join(shards_dir, name))
-            ids = rest.column("image_id").to_pylist()
+            name, t = shard_name(rest.column("image_id").to_pylist()), rest.select(columns)
+            ids = t.column("image_id").to_pylist()
         unknown = set(ids) - expected
         if unknown:
             raise ValueError(f"shard {name} holds {len(unknown)} photos not in this run's input")
         seen.update(ids)
         files.append(name)
+        tables.append(t)
     missing = expected - seen
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(expected)} photos have no row yet (e.g. {sorted(missing)[0]}); "
                            "run the same command again to finish them")
     statuses: Counter = Counter()
     hits = []  # does the crop hold the annotated face? (IoU >= 0.5), where the manifest has a box
-    for name in files:
-        t = storage.read_parquet_columns(storage.join(shards_dir, name), ["status", "box", "face_box"])
+    for t in tables:
         statuses.update(t.column("status").to_pylist())
         for box, face in zip(t.column("box").to_pylist(), t.column("face_box").to_pylist()):
             if box is not None:
@@ -385,11 +382,10 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     shards_dir = storage.join(cfg.output, "shards")
     _claim(cfg, _fingerprint(cfg, manifest))
     storage.uncommit(cfg.output)
-    retried = drop_retryable(shards_dir)
+    done, retried = resume(shards_dir)
     if retried:
         log.info("%d photos failed transiently (%s) last time: processing them again", retried, ", ".join(RETRY))
 
-    done = {i for ids in shard_ids(shards_dir).values() for i in ids}
     pending = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"), pa.array(sorted(done), pa.string()))))
     log.info("%d photos: %d already in shards, %d to process with %s (%d actors × %d decoders, %g GPU each, "
              "batch %d, %d in flight per actor)", manifest.num_rows, manifest.num_rows - pending.num_rows,

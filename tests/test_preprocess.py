@@ -190,6 +190,29 @@ def test_transient_failures_are_retried_on_rerun(ray_local, tmp_path):
     assert sorted(read_crops(cfg.output).column("image_id").to_pylist()) == ["a.jpg", "late.jpg"]
 
 
+def test_duplicate_rows_left_by_a_retried_batch_are_dropped_at_commit(ray_local, tmp_path):
+    from kemo.preprocess import shard_name
+
+    paths = {}
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (tmp_path / name).write_bytes(jpeg(scene()))
+        paths[name] = str(tmp_path / name)
+    cfg = PreprocessConfig(input=write_manifest(manifest_of(paths), str(tmp_path / "m.parquet")),
+                           output=str(tmp_path / "out"), detector="none", crop_size=32)
+    run(cfg)
+    rows = read_crops(cfg.output)
+    # a retried batch regrouped differently: a second shard holding a.jpg and b.jpg again
+    extra = rows.filter(pa.compute.is_in(rows.column("image_id"), pa.array(["a.jpg", "b.jpg"])))
+    storage.write_parquet(extra, os.path.join(cfg.output, "shards", shard_name(["x"])))
+    again = run(cfg)
+    assert again["processed"] == 0 and again["statuses"] == {"ok": 3}
+    assert sorted(read_crops(cfg.output).column("image_id").to_pylist()) == ["a.jpg", "b.jpg", "c.jpg"]
+    # whichever file keeps a row, no file is left behind that the commit does not name
+    committed = {f["path"] for f in storage.committed(cfg.output, "crops")["files"] if f["path"].startswith("shards/")}
+    assert {f"shards/{n}" for n in os.listdir(os.path.join(cfg.output, "shards"))} == committed
+    assert len(committed) == again["shards"] in (1, 2)
+
+
 def test_local_output_is_refused_on_a_multi_node_cluster():
     from kemo.preprocess import check_output_reachable
 
