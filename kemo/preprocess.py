@@ -270,28 +270,7 @@ def load_input(cfg: PreprocessConfig) -> pa.Table:
     """The manifest to preprocess: from a manifest file, an index output, or by indexing an AI-Hub root."""
     from kemo.data import aihub
 
-    if cfg.input.endswith(".parquet"):
-        return aihub.load_manifest(cfg.input)
-    try:
-        return aihub.load_manifest(cfg.input)  # an index output directory
-    except FileNotFoundError:
-        if storage.exists(storage.join(cfg.input, "manifest.parquet")):
-            raise ValueError(f"{cfg.input} holds an index that was never committed (crashed?): "
-                             "run jobs/index.py again") from None
-    index_dir = storage.join(cfg.output, "index")
-    wanted = aihub.IndexConfig(root=cfg.input, output=index_dir, per_class=cfg.per_class, seed=cfg.seed)
-    try:  # a resumed run reuses its own index; a different one would silently change the inputs
-        storage.committed(index_dir, aihub.KIND)
-        previous = storage.read_json(storage.join(index_dir, storage.CONFIG))["config"]
-    except FileNotFoundError:
-        previous = None
-    if previous is None:
-        log.info("indexing %s into %s", cfg.input, index_dir)
-        aihub.run(wanted)
-    elif previous != dataclasses.asdict(wanted):
-        raise ValueError(f"{index_dir} indexes {previous['root']} with per_class={previous['per_class']}, "
-                         f"seed={previous['seed']}; use a new --output for other inputs")
-    return aihub.load_manifest(index_dir)
+    return aihub.load_or_index(cfg.input, storage.join(cfg.output, "index"), per_class=cfg.per_class, seed=cfg.seed)
 
 
 def _fingerprint(cfg: PreprocessConfig, manifest: pa.Table) -> dict[str, Any]:

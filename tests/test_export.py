@@ -89,3 +89,14 @@ def test_export_resumes_and_skips_what_is_done(index_dir, tmp_path):
     os.remove(os.path.join(out, "labels", "train", victim))  # as if killed before this label was written
     again = run(cfg)
     assert again["statuses"] == {"exported": 1, "skipped": 29} and again["counts"] == {"train": 20, "val": 5, "test": 5}
+
+
+def test_export_with_other_settings_leaves_only_the_new_selection(index_dir, tmp_path):
+    out = str(tmp_path / "faces")
+    run(ExportConfig(input=index_dir, output=out, counts="20,5,5", max_side=128, seed=0, jobs=2))
+    again = run(ExportConfig(input=index_dir, output=out, counts="12,4,4", max_side=128, seed=1, jobs=2))
+    assert again["statuses"]["removed_stale"] > 0
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        images = {f[:-4] for f in os.listdir(os.path.join(out, "images", split))}
+        labels = {f[:-4] for f in os.listdir(os.path.join(out, "labels", split))}
+        assert len(images) == n and images == labels  # ultralytics trains on whatever a folder holds

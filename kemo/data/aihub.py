@@ -417,3 +417,29 @@ def load_manifest(uri: str) -> pa.Table:
     storage.committed(uri, KIND)
     return storage.read_parquet(storage.join(uri, "manifest.parquet"))
 
+
+
+def load_or_index(input: str, index_dir: str, per_class: int = 0, seed: int = 0) -> pa.Table:
+    """The manifest a job works on: ``input`` is a manifest .parquet, an index output, or an AI-Hub root, which is
+    then indexed into ``index_dir`` (once: a resumed job reuses its own index and refuses one of other settings)."""
+    if input.endswith(".parquet"):
+        return load_manifest(input)
+    try:
+        return load_manifest(input)  # an index output directory
+    except FileNotFoundError:
+        if storage.exists(storage.join(input, "manifest.parquet")):
+            raise ValueError(f"{input} holds an index that was never committed (crashed?): "
+                             "run jobs/index.py again") from None
+    wanted = IndexConfig(root=input, output=index_dir, per_class=per_class, seed=seed)
+    try:  # a different index would silently change the inputs
+        storage.committed(index_dir, KIND)
+        previous = storage.read_json(storage.join(index_dir, storage.CONFIG))["config"]
+    except FileNotFoundError:
+        previous = None
+    if previous is None:
+        log.info("indexing %s into %s", input, index_dir)
+        run(wanted)
+    elif previous != dataclasses.asdict(wanted):
+        raise ValueError(f"{index_dir} indexes {previous['root']} with per_class={previous['per_class']}, "
+                         f"seed={previous['seed']}; use a new --output for other inputs")
+    return load_manifest(index_dir)

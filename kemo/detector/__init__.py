@@ -1,1 +1,1 @@
-"""The face detector stage (issue 4): dataset export for ultralytics; training and evaluation follow."""
+"""The face detector stage (issue 4): dataset export, YOLO-Face-v2 modules, metrics, training and evaluation."""

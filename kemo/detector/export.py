@@ -5,7 +5,8 @@
 Photos are sampled by person (no person in two splits), decoded upright (EXIF applied, as the annotators drew their
 boxes), downsized so the longer side is at most ``max_side``, and written as ``images/<split>/<id>.jpg`` with
 ``labels/<split>/<id>.txt`` holding one YOLO line from the consensus box. File names are hashes of the image ids, never
-the input names. Photos already exported are skipped, so an interrupted export resumes; ``data.yaml`` comes last.
+the input names. Photos already exported are skipped, so an interrupted export resumes; files of another selection
+(other counts or seed) are removed, so the folders hold exactly this one; ``data.yaml`` comes last.
 """
 
 from __future__ import annotations
@@ -117,8 +118,26 @@ def export_one(row: dict[str, Any], split: str, out: str, max_side: int) -> str:
     return "exported"
 
 
-def run(cfg: ExportConfig) -> dict[str, Any]:
-    """Export the dataset under ``cfg.output`` (local) and return a summary; ``data.yaml`` is written last."""
+def _remove_unselected(out: str, wanted: dict[str, set[str]]) -> int:
+    """Delete photos and labels a previous export with other settings left: ultralytics trains on whatever files a
+    split's folder holds, so a resumed export must hold exactly this selection. Returns how many photos went."""
+    removed = 0
+    for split in SPLITS:
+        for kind, ext in (("labels", ".txt"), ("images", ".jpg")):
+            folder = os.path.join(out, kind, split)
+            if not os.path.isdir(folder):
+                continue
+            for name in os.listdir(folder):
+                stem, dot, suffix = name.rpartition(".")
+                if "." + suffix == ext and stem not in wanted[split]:
+                    os.remove(os.path.join(folder, name))
+                    removed += kind == "images"
+    return removed
+
+
+def run(cfg: ExportConfig, manifest: pa.Table | None = None) -> dict[str, Any]:
+    """Export the dataset under ``cfg.output`` (local) and return a summary; ``data.yaml`` is written last.
+    ``manifest`` saves reading ``cfg.input`` again when the caller already holds it."""
     from kemo.data.aihub import load_manifest
 
     if storage.is_s3(cfg.output):
@@ -126,12 +145,16 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     counts = tuple(int(c) for c in cfg.counts.split(","))
     if len(counts) != len(SPLITS) or min(counts) < 0:
         raise ValueError(f"--counts needs three non-negative numbers, got {cfg.counts!r}")
-    manifest: pa.Table = load_manifest(cfg.input)
+    if manifest is None:
+        manifest = load_manifest(cfg.input)
     chosen = select(manifest.to_pylist(), counts, cfg.seed)
     jobs = [(row, split) for split in SPLITS for row in chosen[split]]
+    stale = _remove_unselected(cfg.output, {s: {file_id(r["image_id"]) for r in chosen[s]} for s in SPLITS})
     with ThreadPoolExecutor(cfg.jobs or os.cpu_count() or 1) as pool:  # cv2 decode/encode release the GIL
         results = list(pool.map(lambda j: export_one(j[0], j[1], cfg.output, cfg.max_side), jobs))
     statuses = Counter(results)
+    if stale:
+        statuses["removed_stale"] = stale
     kept = {s: [r for (r, sp), st in zip(jobs, results) if sp == s and st in ("exported", "skipped")] for s in SPLITS}
     index = pa.Table.from_pylist([{"split": s, "file": file_id(r["image_id"]), "image_id": r["image_id"],
                                    "person_id": r["person_id"], "box": r["box"]} for s in SPLITS for r in kept[s]])
