@@ -84,17 +84,19 @@ class YoloDetector:
     whole_photo = False
 
     def __init__(self, weights: str | None = None, weights_sha256: str | None = None, imgsz: int = 640,
-                 device: str = "auto", conf: float = 0.25, iou: float = 0.5, **_: Any):
+                 device: str = "auto", conf: float = 0.25, iou: float = 0.5, max_det: int = 30, **_: Any):
         if not weights:
             raise ValueError("--detector yolo needs --weights PATH_OR_URI (no weights are downloaded)")
         import torch
         from ultralytics import YOLO
 
+        import kemo.detector.modules  # noqa: F401  (registers MultiSEAM/C3RFEM: YOLO-Face-v2-style checkpoints load)
+
         path, self.sha256 = fetch_weights(weights, weights_sha256)
         self.device = ("cuda:0" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.half = self.device.startswith("cuda")
         self.model = YOLO(path, task="detect")
-        self.imgsz, self.conf, self.iou = imgsz, conf, iou
+        self.imgsz, self.conf, self.iou, self.max_det = imgsz, conf, iou, max_det
         log.info("yolo weights %s (sha256 %s) on %s%s", weights, self.sha256[:12], self.device,
                  " fp16" if self.half else "")
 
@@ -106,7 +108,7 @@ class YoloDetector:
         # quantize=16 is fp16 in ultralytics 8.4 (its `half` flag is deprecated); None keeps fp32
         results = self.model.predict(inputs, imgsz=self.imgsz, conf=self.conf, iou=self.iou,
                                      quantize=16 if self.half else None, device=self.device, verbose=False,
-                                     max_det=30)
+                                     max_det=self.max_det)
         return [Faces(r.boxes.xyxy.cpu().numpy().astype(np.float32), r.boxes.conf.cpu().numpy().astype(np.float32))
                 for r in results]
 

@@ -1,0 +1,36 @@
+"""Fine-tune and evaluate the face detector: the paper's Table 4 (issue 4).
+
+    python jobs/train_detector.py --input ROOT_OR_MANIFEST --output DIR_OR_S3 [--weights PATH_OR_URI | --model YAML] \\
+        [--images 3500] [--epochs 50] [--imgsz 640] [--batch 16] [--device auto] [--smoke-test]
+    ray job submit --working-dir . -- python jobs/train_detector.py --input s3://BUCKET/kemo/index \\
+        --output s3://BUCKET/kemo/detector --weights s3://BUCKET/weights/face.pt --gpus 1
+
+Output: best.pt, best.pt.sha256, meta.json (source, data, config, metrics), table4.md, config.json and, last,
+_commit.json; use it with `jobs/preprocess.py --detector yolo --weights OUTPUT/best.pt --weights-sha256 SHA`.
+With --gpus N the whole job runs as one Ray task holding N GPUs of one node (ultralytics' DDP across them);
+otherwise it runs in this process on --device. A rerun resumes: the export skips what it wrote and ultralytics
+continues from the last epoch it saved.
+"""
+
+import logging
+
+import ray
+
+from kemo.config import parse
+from kemo.detector.train import TrainDetectorConfig, run
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = parse(TrainDetectorConfig)
+    if cfg.gpus > 0:
+        ray.init()
+        meta = ray.get(ray.remote(num_gpus=cfg.gpus, num_cpus=cfg.cpus)(run).remote(cfg))
+    else:
+        meta = run(cfg)
+    m = meta["metrics"]
+    for when in ("before", "after"):
+        if m[when]:
+            print(f"{when:>6}: mAP@0.5 {m[when]['map50']:.4f}  mAP@0.5:0.95 {m[when]['map50_95']:.4f}  "
+                  f"primary-face recall {m[when]['primary_face_recall']:.4f}  ({m[when]['photos']} test photos)")
+    print(f"best.pt sha256 {meta['weights']['sha256']}; trained in {meta['train']['seconds']} s, "
+          f"job {meta['seconds']} s")

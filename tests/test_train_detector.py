@@ -1,0 +1,130 @@
+"""jobs/train_detector.py's library: real ultralytics models from YAML trained on generated photos (CPU)."""
+
+import dataclasses
+import hashlib
+import os
+import subprocess
+import sys
+
+import cv2
+import pytest
+
+from kemo import storage
+from kemo.data import aihub
+from kemo.detector.train import KIND, TrainDetectorConfig, resolve_source, run, split_counts
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def index_dir(corpus, tmp_path_factory):
+    root, _ = corpus
+    out = str(tmp_path_factory.mktemp("idx"))
+    aihub.run(aihub.IndexConfig(root=root, output=out))
+    return out
+
+
+def small(**kw) -> TrainDetectorConfig:
+    base = {"images": 40, "epochs": 1, "imgsz": 160, "batch": 8, "workers": 0, "device": "cpu"}
+    return TrainDetectorConfig(**{**base, **kw})
+
+
+def test_split_counts_are_the_papers_8_1_1():
+    assert split_counts(3500) == (2800, 350, 350)
+    assert split_counts(300) == (240, 30, 30)
+
+
+def test_the_source_is_weights_or_a_yaml_never_both_nor_neither(tmp_path):
+    with pytest.raises(ValueError, match="exactly one"):
+        resolve_source(small(input="x", output="y"))
+    with pytest.raises(ValueError, match="exactly one"):
+        resolve_source(small(input="x", output="y", model="yolo11n.yaml", weights="w.pt"))
+    with pytest.raises(ValueError, match="neither a file"):
+        resolve_source(small(input="x", output="y", model="no-such-model.yaml"))
+    with pytest.raises(FileNotFoundError):
+        resolve_source(small(input="x", output="y", weights=str(tmp_path / "missing.pt")))
+    ours = resolve_source(small(input="x", output="y", model="yolo-face-v2.yaml"))
+    theirs = resolve_source(small(input="x", output="y", model="yolo11n.yaml"))
+    assert ours["kind"] == theirs["kind"] == "model" and ours["sha256"] != theirs["sha256"]
+    assert resolve_source(small(input="x", output="y", model="yolo11s.yaml"))["sha256"] != theirs["sha256"]  # scale
+
+
+def test_trains_from_a_yaml_resumes_after_a_crash_and_commits(corpus, tmp_path):
+    root, _ = corpus
+    out = str(tmp_path / "detector")
+    cfg = small(input=root, output=out, model="yolo11n.yaml", epochs=2)  # an AI-Hub root: indexed on the way
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(trainer):
+        raise Killed
+
+    with pytest.raises(Killed):
+        run(cfg, callbacks={"on_fit_epoch_end": kill_after_first_epoch})
+    assert not storage.exists(os.path.join(out, "_commit.json"))
+
+    meta = run(cfg)
+    assert meta["train"]["resumed_at_epoch"] == 1  # continued from last.pt, not from scratch
+    epochs = open(os.path.join(out, "work", "runs", "train", "results.csv")).read().strip().splitlines()[1:]
+    assert [int(line.split(",")[0]) for line in epochs] == [1, 2]
+    manifest = storage.committed(out, KIND)
+    assert {f["path"] for f in manifest["files"]} == {"best.pt", "best.pt.sha256", "meta.json", "table4.md",
+                                                      "config.json"}
+    best = open(os.path.join(out, "best.pt"), "rb").read()
+    sha = hashlib.sha256(best).hexdigest()
+    assert open(os.path.join(out, "best.pt.sha256")).read() == f"{sha}  best.pt\n" and meta["weights"]["sha256"] == sha
+    assert meta["data"]["counts"] == {"train": 32, "val": 4, "test": 4}
+    after = meta["metrics"]["after"]
+    assert meta["metrics"]["before"] is None and after["photos"] == 4 and after["faces"] == 4
+    assert after["max_abs_diff"] < 1e-9 and 0 <= after["map50_95"] <= after["map50"] <= 1
+    assert set(after["ultralytics_val"]) == {"map50", "map50_95"}
+    table = open(os.path.join(out, "table4.md")).read().splitlines()
+    assert table[0] == "| Model | mAP@0.5:0.95 | mAP@0.5 | primary-face recall |"
+    assert table[2].startswith("| yolo11n.yaml (untrained") and table[3].startswith("| yolo11n.yaml (trained) | ")
+
+    assert run(cfg) == meta  # committed: nothing is redone
+    with pytest.raises(ValueError, match="new --output"):
+        run(dataclasses.replace(cfg, epochs=3))
+
+
+def test_fine_tunes_face_weights_into_s3_and_the_pipeline_loads_the_result(index_dir, yolo_weights, s3_bucket,
+                                                                              tmp_path):
+    from kemo.detect import YoloDetector
+
+    out = f"s3://{s3_bucket}/detector"
+    meta = run(small(input=index_dir, output=out, weights=yolo_weights, work=str(tmp_path / "work")))
+    storage.committed(out, KIND)
+    before, after = meta["metrics"]["before"], meta["metrics"]["after"]
+    assert before["photos"] == after["photos"] == 4 and before["max_abs_diff"] < 1e-9
+    sha = storage.read_bytes(f"{out}/best.pt.sha256").decode().split()[0]
+    assert sha == hashlib.sha256(storage.read_bytes(f"{out}/best.pt")).hexdigest() != meta["source"]["sha256"]
+    assert meta["source"]["sha256"] == hashlib.sha256(open(yolo_weights, "rb").read()).hexdigest()
+    assert meta["use"] == f"jobs/preprocess.py --detector yolo --weights {out}/best.pt --weights-sha256 {sha}"
+    table = storage.read_bytes(f"{out}/table4.md").decode().splitlines()
+    assert "(before fine-tuning) | " in table[2] and "(fine-tuned) | " in table[3]
+    detector = YoloDetector(weights=f"{out}/best.pt", weights_sha256=sha, imgsz=160, device="cpu")
+    assert detector.sha256 == sha
+
+
+def test_yolo_face_v2_yaml_trains_an_epoch_and_its_checkpoint_loads_elsewhere(index_dir, tmp_path):
+    from kemo.detect import YoloDetector
+
+    out = str(tmp_path / "face-v2")
+    meta = run(small(input=index_dir, output=out, model="yolo-face-v2.yaml"))
+    assert meta["metrics"]["after"]["photos"] == 4 and meta["source"]["name"] == "yolo-face-v2.yaml"
+    best = os.path.join(out, "best.pt")
+    detector = YoloDetector(weights=best, imgsz=160, device="cpu")
+    frame = cv2.imread(os.path.join(out, "work", "dataset", "images", "test",
+                                    sorted(os.listdir(os.path.join(out, "work", "dataset", "images", "test")))[0]),
+                       cv2.IMREAD_COLOR_RGB)
+    inputs, _ = detector.prepare(frame, (1.0, 1.0))
+    faces = detector.detect([inputs], [{}])[0]
+    assert faces.boxes.shape[1] == 4 and len(faces.boxes) == len(faces.scores)
+    # a fresh interpreter that never imported kemo: the checkpoint names kemo.detector.modules, which registers itself
+    code = ("from ultralytics import YOLO; import sys; m = YOLO(sys.argv[1]); "
+            "print(sorted({type(x).__name__ for x in m.model.model} & {'MultiSEAM', 'C3RFEM'}))")
+    got = subprocess.run([sys.executable, "-c", code, best], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "YOLO_OFFLINE": "1"})
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.strip().splitlines()[-1] == "['C3RFEM', 'MultiSEAM']"
