@@ -9,7 +9,7 @@ Output: best.pt, best.pt.sha256, meta.json (source, data, config, metrics), tabl
 _commit.json; use it with `jobs/preprocess.py --detector yolo --weights OUTPUT/best.pt --weights-sha256 SHA`.
 With --gpus N the whole job runs as one Ray task holding N GPUs of one node (ultralytics' DDP across them);
 otherwise it runs in this process on --device. A rerun resumes: the export skips what it wrote and ultralytics
-continues from the last epoch it saved.
+continues from the last epoch it saved (both live in the work directory, on the disk of the node that ran the job).
 """
 
 import logging
@@ -18,12 +18,14 @@ import ray
 
 from kemo.config import parse
 from kemo.detector.train import TrainDetectorConfig, run
+from kemo.preprocess import check_output_reachable
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse(TrainDetectorConfig)
     if cfg.gpus > 0:
         ray.init()
+        check_output_reachable(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))  # the task runs anywhere
         meta = ray.get(ray.remote(num_gpus=cfg.gpus, num_cpus=cfg.cpus)(run).remote(cfg))
     else:
         meta = run(cfg)

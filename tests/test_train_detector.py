@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 
@@ -49,7 +50,7 @@ def test_the_source_is_weights_or_a_yaml_never_both_nor_neither(tmp_path):
     assert resolve_source(small(input="x", output="y", model="yolo11s.yaml"))["sha256"] != theirs["sha256"]  # scale
 
 
-def test_trains_from_a_yaml_resumes_after_a_crash_and_commits(corpus, tmp_path):
+def test_trains_from_a_yaml_resumes_after_a_crash_and_commits(corpus, tmp_path, monkeypatch):
     root, _ = corpus
     out = str(tmp_path / "detector")
     cfg = small(input=root, output=out, model="yolo11n.yaml", epochs=2)  # an AI-Hub root: indexed on the way
@@ -87,6 +88,21 @@ def test_trains_from_a_yaml_resumes_after_a_crash_and_commits(corpus, tmp_path):
     with pytest.raises(ValueError, match="new --output"):
         run(dataclasses.replace(cfg, epochs=3))
 
+    # killed after training but before the commit: the finished training is reused, not redone
+    work = os.path.join(out, "work")
+    os.remove(os.path.join(out, "_commit.json"))
+    assert run(cfg)["train"] == meta["train"]
+    # killed after ultralytics' last epoch but before trained.json: its stripped last.pt says it finished
+    os.remove(os.path.join(out, "_commit.json"))
+    os.remove(os.path.join(work, "trained.json"))
+    monkeypatch.chdir(tmp_path)  # a fresh ultralytics run would write ./runs
+    again = run(cfg)
+    assert again["train"]["resumed_at_epoch"] is None and again["weights"] == meta["weights"]
+    assert open(os.path.join(work, "runs", "train", "results.csv")).read().strip().splitlines()[1:] == epochs
+    assert not os.path.exists(tmp_path / "runs")
+    with pytest.raises(ValueError, match="may not set"):
+        run(dataclasses.replace(cfg, train_args='{"project": "/elsewhere"}'))
+
 
 def test_fine_tunes_face_weights_into_s3_and_the_pipeline_loads_the_result(index_dir, yolo_weights, s3_bucket,
                                                                               tmp_path):
@@ -107,11 +123,24 @@ def test_fine_tunes_face_weights_into_s3_and_the_pipeline_loads_the_result(index
     assert detector.sha256 == sha
 
 
-def test_yolo_face_v2_yaml_trains_an_epoch_and_its_checkpoint_loads_elsewhere(index_dir, tmp_path):
+def test_yolo_face_v2_yaml_trains_an_epoch_offline_and_its_checkpoint_loads_elsewhere(index_dir, tmp_path,
+                                                                                      monkeypatch):
+    import requests
+
     from kemo.detect import YoloDetector
 
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args[:3])
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(requests.sessions.Session, "request", no_network)  # ultralytics' font and asset downloads
+    monkeypatch.setattr(socket, "create_connection", no_network)
     out = str(tmp_path / "face-v2")
     meta = run(small(input=index_dir, output=out, model="yolo-face-v2.yaml"))
+    assert attempts == []  # nothing tried to download (fonts, AMP-check weights)
+    monkeypatch.undo()
     assert meta["metrics"]["after"]["photos"] == 4 and meta["source"]["name"] == "yolo-face-v2.yaml"
     best = os.path.join(out, "best.pt")
     detector = YoloDetector(weights=best, imgsz=160, device="cpu")

@@ -10,7 +10,7 @@
 
 Where we differ from the reference code on purpose: feature maps whose side is not a multiple of the patch are padded
 (right/bottom) so no border pixel is dropped; each dilation has its own BatchNorm (the branches share conv weights but
-see different statistics); activations are SiLU, as in the rest of an ultralytics model.
+see different statistics); RFEM's activations are SiLU, as in the rest of an ultralytics model (SEAM keeps GELU).
 
 ultralytics' ``parse_model`` looks modules up by name in ``ultralytics.nn.tasks`` and passes unknown modules only
 their YAML arguments, without input channels, and records their output channels as their input's. So both modules

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 KIND = "detector"
 SMOKE = {"images": 40, "epochs": 1, "imgsz": 160}
 FILES = ("best.pt", "best.pt.sha256", "meta.json", "table4.md")
+# ultralytics arguments that kemo sets itself (flags, or where its output goes)
+RESERVED = ("data", "epochs", "imgsz", "batch", "device", "workers", "seed", "project", "name", "exist_ok", "resume",
+            "model", "mode")
 
 
 @dataclass
@@ -82,8 +85,9 @@ def split_counts(images: int) -> tuple[int, int, int]:
 
 
 def resolve_device(device: str) -> str:
-    """ultralytics' device string: ``auto`` is every visible GPU (DDP when several), else the CPU."""
-    if device != "auto":
+    """ultralytics' device string: ``auto`` (or empty) is every visible GPU (DDP when several), else the CPU."""
+    device = device.strip().lower()
+    if device not in ("auto", ""):
         return device
     import torch
 
@@ -91,8 +95,12 @@ def resolve_device(device: str) -> str:
     return ",".join(str(i) for i in range(n)) if n else "cpu"
 
 
-def _eval_device(device: str) -> str:
-    return "cpu" if device in ("cpu", "mps") else f"cuda:{device.split(',')[0]}"
+def eval_device(device: str) -> str:
+    """One torch device for evaluation from a resolved training device: ``0,1`` → ``cuda:0``, ``cuda:1`` stays."""
+    first = device.split(",")[0].strip()
+    if first in ("cpu", "mps") or first.startswith("cuda"):
+        return first
+    return f"cuda:{first}"
 
 
 def work_dir(cfg: TrainDetectorConfig) -> str:
@@ -174,12 +182,18 @@ def train(cfg: TrainDetectorConfig, source: dict[str, Any], data_yaml: str, work
     if state == wanted and os.path.isfile(last):
         import torch
 
-        resumed = int(torch.load(last, map_location="cpu", weights_only=False).get("epoch", -1)) + 1
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        if ckpt.get("epoch", -1) == -1 or ckpt.get("optimizer") is None:
+            # ultralytics strips last.pt when training ends: it finished, and was killed before trained.json
+            log.info("training in %s had finished; keeping its best.pt", run_dir)
+            return _finish(done_path, wanted, run_dir, t0, None, device)
+        resumed = int(ckpt["epoch"]) + 1
         log.info("resuming the interrupted training from %s (epoch %d of %d)", last, resumed + 1, cfg.epochs)
         model = YOLO(last)
         for event, fn in (callbacks or {}).items():
             model.add_callback(event, fn)
-        model.train(resume=True, trainer=_trainer_class())
+        # device and workers may differ on this machine; every other setting comes from the checkpoint
+        model.train(resume=True, device=device, workers=cfg.workers, trainer=_trainer_class())
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
         os.makedirs(work, exist_ok=True)
@@ -193,6 +207,11 @@ def train(cfg: TrainDetectorConfig, source: dict[str, Any], data_yaml: str, work
                 "workers": cfg.workers, "seed": cfg.seed, "project": os.path.join(work, "runs"), "name": "train",
                 "exist_ok": True, "plots": False, "verbose": False}
         model.train(**{**args, **extra}, trainer=_trainer_class())
+    return _finish(done_path, wanted, run_dir, t0, resumed, device)
+
+
+def _finish(done_path: str, wanted: dict[str, Any], run_dir: str, t0: float, resumed: int | None,
+            device: str) -> dict[str, Any]:
     best = os.path.join(run_dir, "weights", "best.pt")
     if not os.path.isfile(best):
         raise RuntimeError(f"ultralytics finished without {best}")
@@ -212,26 +231,36 @@ def _labels(path: str, width: int, height: int) -> np.ndarray:
     return np.asarray(boxes, np.float64).reshape(-1, 4)
 
 
-def predict(weights: str, dataset: str, split: str, imgsz: int, device: str, batch: int = 16) -> list[Predictions]:
-    """Detections (score ≥ 0.001, up to 300, as ultralytics validates) on a split's photos, by the pipeline's
-    detector class, in each exported photo's pixels, with the annotated faces."""
+def predict(weights: str, dataset: str, split: str, imgsz: int, device: str, conf: float,
+            batch: int = 16) -> tuple[list[Predictions], list[Predictions]]:
+    """Two sets of detections on a split's photos, with the annotated faces, in each exported photo's pixels, by the
+    pipeline's detector class in fp32: as ultralytics validates (score ≥ 0.001, NMS IoU 0.7, up to 300) for mAP, and
+    as ``jobs/preprocess.py`` detects (score ≥ ``conf``, NMS IoU 0.5, up to 30) for primary-face recall."""
     from kemo.detect import YoloDetector
 
     index = storage.read_parquet(os.path.join(dataset, "index.parquet")).to_pylist()
     files = [r["file"] for r in index if r["split"] == split]
-    detector = YoloDetector(weights=weights, imgsz=imgsz, device=device, conf=0.001, iou=0.7, max_det=300)
-    photos = []
+    detector = YoloDetector(weights=weights, imgsz=imgsz, device=device)
+    pipeline = {"conf": conf, "iou": detector.iou, "max_det": detector.max_det}
+    detector.half = False  # fp16 scores tie, and ultralytics' AP orders tied scores arbitrarily
+    for_map, for_pipeline = [], []
     for start in range(0, len(files), batch):
         chunk = files[start:start + batch]
         images = [cv2.imread(os.path.join(dataset, "images", split, f"{name}.jpg"), cv2.IMREAD_COLOR_RGB)
                   for name in chunk]
         prepared = [detector.prepare(image, (1.0, 1.0)) for image in images]
-        faces = detector.detect([p[0] for p in prepared], [])
-        for name, image, (_, (fx, fy)), found in zip(chunk, images, prepared, faces):
+        inputs = [p[0] for p in prepared]
+        runs = []
+        for settings, out in (({"conf": 0.001, "iou": 0.7, "max_det": 300}, for_map), (pipeline, for_pipeline)):
+            detector.conf, detector.iou, detector.max_det = settings["conf"], settings["iou"], settings["max_det"]
+            runs.append((detector.detect(inputs, []), out))
+        for i, (name, image) in enumerate(zip(chunk, images)):
             truth = _labels(os.path.join(dataset, "labels", split, f"{name}.txt"), image.shape[1], image.shape[0])
-            photos.append(Predictions(found.boxes.astype(np.float64) * [fx, fy, fx, fy],
-                                      found.scores.astype(np.float64), truth))
-    return photos
+            fx, fy = prepared[i][1]
+            for faces, out in runs:
+                out.append(Predictions(faces[i].boxes.astype(np.float64) * [fx, fy, fx, fy],
+                                       faces[i].scores.astype(np.float64), truth))
+    return for_map, for_pipeline
 
 
 def evaluate(weights: str, dataset: str, split: str, imgsz: int, device: str, conf: float, work: str,
@@ -239,15 +268,18 @@ def evaluate(weights: str, dataset: str, split: str, imgsz: int, device: str, co
     """mAP, its check against ultralytics on the same predictions, ultralytics' own ``val``, primary-face recall."""
     from ultralytics import YOLO
 
+    from kemo.detector.trainer import offline
+
+    offline()
     t0 = time.perf_counter()
-    photos = predict(weights, dataset, split, imgsz, _eval_device(device))
+    photos, pipeline = predict(weights, dataset, split, imgsz, eval_device(device), conf)
     ours = detection_map(photos)
     check = ultralytics_map(photos)
     val = YOLO(weights, task="detect").val(
-        data=os.path.join(dataset, "data.yaml"), split=split, imgsz=imgsz, batch=16, device=_eval_device(device),
-        conf=0.001, iou=0.7, plots=False, verbose=False, workers=0, project=os.path.join(work, "val"), name=tag,
-        exist_ok=True)
-    out = {**ours, "photos": len(photos), "primary_face_recall": primary_face_recall(photos, conf),
+        data=os.path.join(dataset, "data.yaml"), split=split, imgsz=imgsz, batch=16, device=eval_device(device),
+        conf=0.001, iou=0.7, quantize=None, plots=False, verbose=False, workers=0, project=os.path.join(work, "val"),
+        name=tag, exist_ok=True)
+    out = {**ours, "photos": len(photos), "primary_face_recall": primary_face_recall(pipeline, conf),
            "ultralytics_same_predictions": check,
            "max_abs_diff": max(abs(ours[k] - check[k]) for k in ("map50", "map50_95")),
            "ultralytics_val": {"map50": float(val.box.map50), "map50_95": float(val.box.map)},
@@ -281,8 +313,9 @@ def table4(source: dict[str, Any], before: dict[str, Any] | None, after: dict[st
 
 
 def _fingerprint(cfg: TrainDetectorConfig, source: dict[str, Any], manifest_ids: list[str]) -> dict[str, Any]:
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("input", "output", "weights", "model", "work", "gpus", "cpus", "workers", "device")}
+    ignored = ("input", "output", "weights", "weights_sha256", "model", "work", "gpus", "cpus", "workers", "device")
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
+    settings["train_args"] = json.loads(cfg.train_args) if cfg.train_args else {}
     return {"settings": settings, "source_sha256": source["sha256"],
             "manifest_sha256": _sha256("\n".join(sorted(manifest_ids)).encode())}
 
@@ -296,8 +329,9 @@ def run(cfg: TrainDetectorConfig, callbacks: dict[str, Any] | None = None) -> di
     if cfg.smoke_test:
         cfg = dataclasses.replace(cfg, images=min(cfg.images, SMOKE["images"]), epochs=SMOKE["epochs"],
                                   imgsz=min(cfg.imgsz, SMOKE["imgsz"]))
-    if cfg.train_args:
-        json.loads(cfg.train_args)  # fail now, not after the export
+    reserved = set(RESERVED) & set(json.loads(cfg.train_args) if cfg.train_args else {})  # fail now, not later
+    if reserved:
+        raise ValueError(f"--train-args may not set {sorted(reserved)}: they have their own flags or belong to kemo")
     source = resolve_source(cfg)
     manifest = aihub.load_or_index(cfg.input, storage.join(cfg.output, "index"), seed=cfg.seed)
     fingerprint = _fingerprint(cfg, source, manifest.column("image_id").to_pylist())
