@@ -4,6 +4,7 @@ import os
 from collections import Counter
 
 import cv2
+import pyarrow as pa
 import pytest
 
 from kemo.data import aihub, synth
@@ -100,3 +101,23 @@ def test_export_with_other_settings_leaves_only_the_new_selection(index_dir, tmp
         images = {f[:-4] for f in os.listdir(os.path.join(out, "images", split))}
         labels = {f[:-4] for f in os.listdir(os.path.join(out, "labels", split))}
         assert len(images) == n and images == labels  # ultralytics trains on whatever a folder holds
+
+
+def test_export_redoes_pairs_whose_size_or_box_changed(index_dir, tmp_path):
+    out = str(tmp_path / "faces")
+    manifest = aihub.load_manifest(index_dir)
+    run(ExportConfig(input=index_dir, output=out, counts="8,2,2", max_side=96, jobs=2), manifest=manifest)
+    again = run(ExportConfig(input=index_dir, output=out, counts="8,2,2", max_side=128, jobs=2), manifest=manifest)
+    assert again["statuses"] == {"exported": 12, "removed_stale": 12}  # a crashed run at another size: all redone
+    for name in os.listdir(os.path.join(out, "images", "train")):
+        assert max(cv2.imread(os.path.join(out, "images", "train", name)).shape[:2]) == 128
+    rows = manifest.to_pylist()
+    moved = sorted(os.listdir(os.path.join(out, "labels", "train")))[0][:-4]
+    for r in rows:
+        if file_id(r["image_id"]) == moved:
+            r["box"] = [r["box"][0] + 10, r["box"][1], r["box"][2] + 10, r["box"][3]]  # re-indexed, corrected box
+    before = open(os.path.join(out, "labels", "train", moved + ".txt")).read()
+    third = run(ExportConfig(input=index_dir, output=out, counts="8,2,2", max_side=128, jobs=2),
+                manifest=pa.Table.from_pylist(rows, schema=manifest.schema))
+    assert third["statuses"] == {"exported": 1, "skipped": 11, "removed_stale": 1}
+    assert open(os.path.join(out, "labels", "train", moved + ".txt")).read() != before

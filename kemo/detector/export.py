@@ -6,13 +6,14 @@ Photos are sampled by person (no person in two splits), decoded upright (EXIF ap
 boxes), downsized so the longer side is at most ``max_side``, and written as ``images/<split>/<id>.jpg`` with
 ``labels/<split>/<id>.txt`` holding one YOLO line from the consensus box. File names are hashes of the image ids, never
 the input names. Photos already exported are skipped, so an interrupted export resumes; files of another selection
-(other counts or seed) are removed, so the folders hold exactly this one; ``data.yaml`` comes last.
+(other counts, seed, boxes or size) are removed, so the folders hold exactly this one; ``data.yaml`` comes last.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 from collections import Counter
@@ -118,9 +119,26 @@ def export_one(row: dict[str, Any], split: str, out: str, max_side: int) -> str:
     return "exported"
 
 
-def _remove_unselected(out: str, wanted: dict[str, set[str]]) -> int:
-    """Delete photos and labels a previous export with other settings left: ultralytics trains on whatever files a
-    split's folder holds, so a resumed export must hold exactly this selection. Returns how many photos went."""
+STAMP = "_export.json"
+
+
+def file_key(row: dict[str, Any], max_side: int) -> str:
+    """What an exported pair depends on besides its image id: the box (its label) and the photo's size."""
+    return hashlib.sha1(json.dumps([[round(float(v), 3) for v in row["box"]], max_side]).encode()).hexdigest()[:16]
+
+
+def _reconcile(out: str, wanted: dict[str, dict[str, str]]) -> int:
+    """Keep only exported pairs of this selection made with this box and size; returns how many photos went.
+
+    ultralytics trains on whatever a split's folder holds, so a resumed export must hold exactly this selection.
+    ``_export.json`` (written before any photo of the selection) records the key of every pair; pairs of another
+    selection, another box or another ``max_side``, and pairs no stamp vouches for, are deleted and re-exported.
+    """
+    try:
+        with open(os.path.join(out, STAMP)) as f:
+            previous = json.load(f)
+    except FileNotFoundError:
+        previous = {}
     removed = 0
     for split in SPLITS:
         for kind, ext in (("labels", ".txt"), ("images", ".jpg")):
@@ -128,10 +146,15 @@ def _remove_unselected(out: str, wanted: dict[str, set[str]]) -> int:
             if not os.path.isdir(folder):
                 continue
             for name in os.listdir(folder):
-                stem, dot, suffix = name.rpartition(".")
-                if "." + suffix == ext and stem not in wanted[split]:
+                stem, _, suffix = name.rpartition(".")
+                if "." + suffix != ext:
+                    continue
+                key = wanted[split].get(stem)
+                if key is None or previous.get(split, {}).get(stem) != key:
                     os.remove(os.path.join(folder, name))
                     removed += kind == "images"
+    os.makedirs(out, exist_ok=True)
+    storage.write_json(os.path.join(out, STAMP), wanted)
     return removed
 
 
@@ -149,7 +172,8 @@ def run(cfg: ExportConfig, manifest: pa.Table | None = None) -> dict[str, Any]:
         manifest = load_manifest(cfg.input)
     chosen = select(manifest.to_pylist(), counts, cfg.seed)
     jobs = [(row, split) for split in SPLITS for row in chosen[split]]
-    stale = _remove_unselected(cfg.output, {s: {file_id(r["image_id"]) for r in chosen[s]} for s in SPLITS})
+    stale = _reconcile(cfg.output, {s: {file_id(r["image_id"]): file_key(r, cfg.max_side) for r in chosen[s]}
+                                    for s in SPLITS})
     with ThreadPoolExecutor(cfg.jobs or os.cpu_count() or 1) as pool:  # cv2 decode/encode release the GIL
         results = list(pool.map(lambda j: export_one(j[0], j[1], cfg.output, cfg.max_side), jobs))
     statuses = Counter(results)
