@@ -1,0 +1,62 @@
+"""The classifier checkpoint contract (DESIGN §4): a directory with ``model.pt`` and ``meta.json``, local or s3://.
+
+``model.pt`` is a plain state dict (loaded with ``weights_only=True``); ``meta.json`` names the architecture and its
+arguments, the class names in index order, the input size and normalisation, and whatever training config, metrics
+and code version the trainer adds. :func:`load_checkpoint` rebuilds model and preprocessing from these alone.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kemo import storage
+from kemo.classes import CLASS_NAMES
+from kemo.config import code_version
+from kemo.models import create_model
+
+MODEL, META = "model.pt", "meta.json"
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def save_checkpoint(path: str, model: nn.Module, architecture: str, arguments: dict[str, Any] | None = None,
+                    image_size: int = 224, normalize: dict[str, list[float]] | None = None,
+                    classes: list[str] | tuple[str, ...] = CLASS_NAMES, **extra: Any) -> dict[str, Any]:
+    """Write ``model.pt`` then ``meta.json`` (the file a reader checks first) under ``path``; returns the meta."""
+    model = getattr(model, "module", model)  # DDP-wrapped under Ray Train with several workers
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    meta = {"architecture": architecture, "arguments": dict(arguments or {}), "classes": list(classes),
+            "image_size": image_size, "normalize": normalize or IMAGENET, "code_version": code_version(), **extra}
+    storage.write_bytes(storage.join(path, MODEL), buffer.getvalue())
+    storage.write_json(storage.join(path, META), meta)
+    return meta
+
+
+def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode on ``device``, meta) from a checkpoint directory."""
+    meta = storage.read_json(storage.join(path, META))
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, MODEL))), map_location="cpu",
+                       weights_only=True)
+    model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arguments"])
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
+
+
+def preprocess(images: np.ndarray | torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """uint8 RGB (N, H, W, 3) at any size → the normalised float (N, 3, S, S) batch the checkpoint expects."""
+    x = torch.as_tensor(images)
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (N, H, W, 3) RGB, got {tuple(x.shape)} {x.dtype}")
+    x = x.permute(0, 3, 1, 2).float().div_(255)
+    size = meta["image_size"]
+    if x.shape[-2:] != (size, size):
+        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(meta["normalize"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(meta["normalize"]["std"]).view(1, 3, 1, 1)
+    return (x - mean) / std

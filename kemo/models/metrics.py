@@ -1,0 +1,38 @@
+"""Classification metrics the paper reports (accuracy, confusion matrix) and what a careful user also needs
+(per-class precision, recall, F1 and support; macro-F1). Pure numpy; rows of the matrix are true classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray | list[int], y_pred: np.ndarray | list[int], num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) counts: ``cm[t, p]`` photos of true class t predicted as p."""
+    t, p = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    if t.shape != p.shape:
+        raise ValueError(f"{t.shape[0]} labels against {p.shape[0]} predictions")
+    if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= num_classes):
+        raise ValueError(f"class indices must lie in [0, {num_classes})")
+    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def classification_report(cm: np.ndarray, names: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-class precision/recall/F1/support from a confusion matrix (0 where undefined)."""
+    cm = np.asarray(cm, np.float64)
+    tp = np.diag(cm)
+    predicted, actual = cm.sum(0), cm.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    total = cm.sum()
+    present = actual > 0  # macro-F1 over the classes the evaluation set holds
+    return {
+        "accuracy": float(tp.sum() / total) if total else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(actual[i])} for i, name in enumerate(names)},
+        "confusion_matrix": cm.astype(np.int64).tolist(),
+    }
