@@ -1,0 +1,48 @@
+"""Crop shards → in-memory training arrays: what is kept, what is left out and why, pixels and labels."""
+
+import cv2
+import numpy as np
+import pytest
+
+from kemo import preprocess
+from kemo.data import aihub
+from kemo.models.data import decode_crop, load_splits
+
+
+@pytest.fixture(scope="module")
+def crops(corpus, ray_local, tmp_path_factory):
+    root, _ = corpus
+    work = tmp_path_factory.mktemp("cls")
+    aihub.run(aihub.IndexConfig(root=root, output=str(work / "index")))
+    out = str(work / "crops")
+    preprocess.run(preprocess.PreprocessConfig(input=str(work / "index"), output=out, detector="annotations",
+                                               crop_size=96))
+    return str(work / "index"), out
+
+
+def test_load_splits_keeps_labelled_agreed_crops_and_counts_the_rest(crops):
+    index, out = crops
+    manifest = {r["image_id"]: r for r in aihub.load_manifest(index).to_pylist()}
+    splits, report = load_splits(out, image_size=32, min_agree=3, jobs=2)
+    kept = sum(len(s.labels) for s in splits.values())
+    assert kept + sum(report["left_out"].values()) == report["rows"] == len(manifest)
+    unknown = sum(1 for r in manifest.values() if r["label"] < 0)
+    two_only = sum(1 for r in manifest.values() if r["label"] >= 0 and r["agree_n"] < 3)
+    assert report["left_out"] == {"unknown label": unknown, "fewer than 3 annotators agree": two_only}
+    assert unknown > 0 and two_only > 0
+    for name, s in splits.items():
+        assert s.images.shape == (len(s.labels), 32, 32, 3) and s.images.dtype == np.uint8
+        assert all(manifest[i]["split"] == name and manifest[i]["label"] == y for i, y in zip(s.image_ids, s.labels))
+        assert report["splits"][name]["photos"] == len(s.labels)
+    assert len(splits["train"].labels) > len(splits["val"].labels) > 0
+    loose, _ = load_splits(out, image_size=32, min_agree=2, jobs=2)
+    assert sum(len(s.labels) for s in loose.values()) == kept + two_only
+
+
+def test_decode_crop_resizes_to_the_training_size_and_refuses_garbage():
+    rgb = np.zeros((96, 96, 3), np.uint8)
+    rgb[:, :48] = (255, 0, 0)  # left half red
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    small = decode_crop(jpeg.tobytes(), 32)
+    assert small.shape == (32, 32, 3) and small[16, 4, 0] > 200 and small[16, 4, 2] < 50 and small[16, 28, 0] < 50
+    assert decode_crop(b"not a jpeg", 32) is None
