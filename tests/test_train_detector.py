@@ -157,3 +157,16 @@ def test_yolo_face_v2_yaml_trains_an_epoch_offline_and_its_checkpoint_loads_else
                          env={**os.environ, "YOLO_OFFLINE": "1"})
     assert got.returncode == 0, got.stderr[-2000:]
     assert got.stdout.strip().splitlines()[-1] == "['C3RFEM', 'MultiSEAM']"
+
+
+def test_the_job_script_runs_a_smoke_test(index_dir, tmp_path):
+    out = tmp_path / "job"
+    got = subprocess.run([sys.executable, "jobs/train_detector.py", "--input", index_dir, "--output", str(out),
+                          "--model", "yolo11n.yaml", "--smoke-test", "--workers", "0", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "YOLO_OFFLINE": "1"})
+    assert got.returncode == 0, got.stderr[-3000:]
+    lines = got.stdout.strip().splitlines()
+    assert lines[-2].startswith(" after: mAP@0.5 ") and "(4 test photos)" in lines[-2]
+    sha = hashlib.sha256((out / "best.pt").read_bytes()).hexdigest()
+    assert lines[-1].startswith(f"best.pt sha256 {sha}; trained in ")
+    storage.committed(str(out), KIND)
