@@ -101,7 +101,23 @@ def test_trains_from_a_yaml_resumes_after_a_crash_and_commits(corpus, tmp_path, 
     assert open(os.path.join(work, "runs", "train", "results.csv")).read().strip().splitlines()[1:] == epochs
     assert not os.path.exists(tmp_path / "runs")
     with pytest.raises(ValueError, match="may not set"):
-        run(dataclasses.replace(cfg, train_args='{"project": "/elsewhere"}'))
+        run(dataclasses.replace(cfg, train_args='{"save_dir": "/elsewhere"}'))
+    with pytest.raises(ValueError, match="JSON object"):
+        run(dataclasses.replace(cfg, train_args="[1]"))
+
+
+def test_killed_after_the_last_epoch_but_before_ultralytics_finished(index_dir, tmp_path):
+    out = str(tmp_path / "detector")
+    cfg = small(input=index_dir, output=out, model="yolo11n.yaml")
+
+    def kill(trainer):  # last.pt of the final epoch is written, not yet stripped
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, callbacks={"on_fit_epoch_end": kill})
+    meta = run(cfg)  # ultralytics would refuse to resume a finished run; kemo finishes it instead
+    assert meta["train"]["reused_finished_run"] is True and meta["train"]["resumed_at_epoch"] is None
+    storage.committed(out, KIND)
 
 
 def test_fine_tunes_face_weights_into_s3_and_the_pipeline_loads_the_result(index_dir, yolo_weights, s3_bucket,

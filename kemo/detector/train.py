@@ -30,6 +30,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -38,7 +39,7 @@ import numpy as np
 from kemo import storage
 from kemo.config import code_version
 from kemo.detector import modules
-from kemo.detector.export import ExportConfig
+from kemo.detector.export import STAMP, ExportConfig
 from kemo.detector.export import run as export
 from kemo.detector.metrics import Predictions, detection_map, primary_face_recall, ultralytics_map
 
@@ -48,7 +49,7 @@ SMOKE = {"images": 40, "epochs": 1, "imgsz": 160}
 FILES = ("best.pt", "best.pt.sha256", "meta.json", "table4.md")
 # ultralytics arguments that kemo sets itself (flags, or where its output goes)
 RESERVED = ("data", "epochs", "imgsz", "batch", "device", "workers", "seed", "project", "name", "exist_ok", "resume",
-            "model", "mode")
+            "model", "mode", "task", "save", "save_dir", "cfg")
 
 
 @dataclass
@@ -181,12 +182,28 @@ def train(cfg: TrainDetectorConfig, source: dict[str, Any], data_yaml: str, work
         return done
     if state == wanted and os.path.isfile(last):
         import torch
+        from ultralytics.utils.torch_utils import strip_optimizer
 
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        if ckpt.get("epoch", -1) == -1 or ckpt.get("optimizer") is None:
-            # ultralytics strips last.pt when training ends: it finished, and was killed before trained.json
-            log.info("training in %s had finished; keeping its best.pt", run_dir)
-            return _finish(done_path, wanted, run_dir, t0, None, device)
+        try:
+            ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        except Exception as e:  # killed while ultralytics wrote it: start over
+            log.warning("%s does not load (%s): training again from the start", last, e)
+            ckpt = None
+        if ckpt is not None and (ckpt.get("epoch", -1) == -1 or ckpt.get("optimizer") is None
+                                 or ckpt["epoch"] + 1 >= ckpt.get("train_args", {}).get("epochs", cfg.epochs)):
+            # the last epoch ran: killed before (or while) ultralytics stripped its checkpoints, or before
+            # trained.json; finish what it would have done instead of asking it to resume a finished run
+            try:
+                for path in (os.path.join(run_dir, "weights", "best.pt"), last):
+                    strip_optimizer(path)
+                log.info("training in %s had finished; keeping its best.pt", run_dir)
+                return _finish(done_path, wanted, run_dir, t0, None, device, reused=True)
+            except Exception as e:  # killed while ultralytics rewrote best.pt
+                log.warning("the finished run in %s is damaged (%s): training again from the start", run_dir, e)
+                ckpt = None
+    else:
+        ckpt = None
+    if ckpt is not None:
         resumed = int(ckpt["epoch"]) + 1
         log.info("resuming the interrupted training from %s (epoch %d of %d)", last, resumed + 1, cfg.epochs)
         model = YOLO(last)
@@ -211,12 +228,15 @@ def train(cfg: TrainDetectorConfig, source: dict[str, Any], data_yaml: str, work
 
 
 def _finish(done_path: str, wanted: dict[str, Any], run_dir: str, t0: float, resumed: int | None,
-            device: str) -> dict[str, Any]:
+            device: str, reused: bool = False) -> dict[str, Any]:
+    import torch
+
     best = os.path.join(run_dir, "weights", "best.pt")
     if not os.path.isfile(best):
         raise RuntimeError(f"ultralytics finished without {best}")
+    torch.load(best, map_location="cpu", weights_only=False)  # a truncated best.pt fails here, not after trained.json
     done = {"train": wanted, "best": best, "seconds": round(time.perf_counter() - t0, 1), "resumed_at_epoch": resumed,
-            "device": device}
+            "reused_finished_run": reused, "device": device}
     _write_json(done_path, done)
     return done
 
@@ -329,7 +349,10 @@ def run(cfg: TrainDetectorConfig, callbacks: dict[str, Any] | None = None) -> di
     if cfg.smoke_test:
         cfg = dataclasses.replace(cfg, images=min(cfg.images, SMOKE["images"]), epochs=SMOKE["epochs"],
                                   imgsz=min(cfg.imgsz, SMOKE["imgsz"]))
-    reserved = set(RESERVED) & set(json.loads(cfg.train_args) if cfg.train_args else {})  # fail now, not later
+    extra = json.loads(cfg.train_args) if cfg.train_args else {}  # fail now, not after the export
+    if not isinstance(extra, dict):
+        raise ValueError(f"--train-args must be a JSON object of ultralytics arguments, got {cfg.train_args!r}")
+    reserved = set(RESERVED) & set(extra)
     if reserved:
         raise ValueError(f"--train-args may not set {sorted(reserved)}: they have their own flags or belong to kemo")
     source = resolve_source(cfg)
@@ -354,8 +377,8 @@ def run(cfg: TrainDetectorConfig, callbacks: dict[str, Any] | None = None) -> di
     counts = exported["counts"]
     if counts["train"] == 0 or counts["val"] == 0 or counts["test"] == 0:
         raise ValueError(f"too few photos with a face box for a train/val/test split: {counts}")
-    with open(os.path.join(dataset, "index.parquet"), "rb") as f:
-        dataset_sha = _sha256(f.read())
+    # the selection, its boxes (index.parquet) and the photos' size (the export stamp)
+    dataset_sha = _sha256(b"".join(Path(dataset, name).read_bytes() for name in ("index.parquet", STAMP)))
     data_yaml = os.path.join(dataset, "data.yaml")
 
     before = None
