@@ -35,6 +35,15 @@ def test_a_checkpoint_reloads_to_identical_logits_and_class_order(where, tmp_pat
     assert not any(k.startswith("module.") for k in state)
     with pytest.raises(ValueError, match="uint8"):
         preprocess(images.astype(np.float32), meta)
+    from kemo.models.data import resize_square
+
+    same = resize_square(images[0], 64).astype(np.float32) / 255  # the training data's resize, exactly
+    mean, std = np.array(meta["normalize"]["mean"]), np.array(meta["normalize"]["std"])
+    assert np.allclose(x[0].permute(1, 2, 0).numpy(), (same - mean) / std, atol=1e-5)
+    weights = storage.join(path, "model.pt")
+    storage.write_bytes(weights, storage.read_bytes(weights)[:-8] + b"x" * 8)  # another epoch's weights, say
+    with pytest.raises(ValueError, match="not the one meta.json describes"):
+        load_checkpoint(path)
 
 
 def _local(path, tmp_path):

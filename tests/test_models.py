@@ -35,8 +35,11 @@ def test_initial_weights_copy_what_matches_and_skip_another_head(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
     model = create_model("resnet18", num_classes=7)
     got = load_initial_weights(model, str(path))
-    assert got["skipped"] == ["fc.bias", "fc.weight"]
+    assert got["skipped"] == ["fc.bias", "fc.weight"] and got["missing"] == ["fc.bias", "fc.weight"]
     assert torch.equal(model.conv1.weight, source.conv1.weight) and model.fc.weight.shape == (7, 512)
+    deeper = create_model("kemotionnet")
+    partial = load_initial_weights(deeper, str(path))  # ResNet18's tensors cover only part of K-EmotionNet
+    assert len(partial["missing"]) > len(partial["loaded"]) > 0
     torch.save({"unrelated": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="no tensor matches"):
         load_initial_weights(model, str(tmp_path / "other.pt"))

@@ -72,7 +72,8 @@ def weighted_layers(model: nn.Module) -> int:
 def load_initial_weights(model: nn.Module, path: str) -> dict[str, list[str]]:
     """Start from a user's weights file (a state dict, or a dict holding one under ``state_dict``/``model``), loaded
     with ``weights_only=True``. Tensors whose name and shape match are copied (an ImageNet classifier's 1000-way head
-    is not); returns what was loaded and skipped, and refuses a file that matches nothing."""
+    is not); returns what was loaded, what in the file was skipped and what in the model kept its random start, and
+    refuses a file that matches nothing."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -83,6 +84,8 @@ def load_initial_weights(model: nn.Module, path: str) -> dict[str, list[str]]:
     skipped = sorted(set(state) - set(loaded))
     if not loaded:
         raise ValueError(f"{path}: no tensor matches the model's names and shapes")
+    missing = sorted(set(own) - set(loaded))
     model.load_state_dict({k: state[k] for k in loaded}, strict=False)
-    log.info("initialised %d tensors from %s (%d skipped: %s)", len(loaded), path, len(skipped), skipped[:5])
-    return {"loaded": loaded, "skipped": skipped}
+    log.info("initialised %d of the model's %d tensors from %s (%d in the file skipped: %s; %d left random: %s)",
+             len(loaded), len(own), path, len(skipped), skipped[:5], len(missing), missing[:5])
+    return {"loaded": loaded, "skipped": skipped, "missing": missing}

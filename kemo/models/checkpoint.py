@@ -7,6 +7,7 @@ and code version the trainer adds. :func:`load_checkpoint` rebuilds model and pr
 
 from __future__ import annotations
 
+import hashlib
 import io
 from typing import Any
 
@@ -31,9 +32,11 @@ def save_checkpoint(path: str, model: nn.Module, architecture: str, arguments: d
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    data = buffer.getvalue()
     meta = {"architecture": architecture, "arguments": dict(arguments or {}), "classes": list(classes),
-            "image_size": image_size, "normalize": normalize or IMAGENET, "code_version": code_version(), **extra}
-    storage.write_bytes(storage.join(path, MODEL), buffer.getvalue())
+            "image_size": image_size, "normalize": normalize or IMAGENET, "code_version": code_version(),
+            "model_sha256": hashlib.sha256(data).hexdigest(), **extra}
+    storage.write_bytes(storage.join(path, MODEL), data)
     storage.write_json(storage.join(path, META), meta)
     return meta
 
@@ -41,22 +44,29 @@ def save_checkpoint(path: str, model: nn.Module, architecture: str, arguments: d
 def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode on ``device``, meta) from a checkpoint directory."""
     meta = storage.read_json(storage.join(path, META))
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, MODEL))), map_location="cpu",
-                       weights_only=True)
+    data = storage.read_bytes(storage.join(path, MODEL))
+    if hashlib.sha256(data).hexdigest() != meta.get("model_sha256"):
+        raise ValueError(f"{path}: model.pt is not the one meta.json describes (a write was interrupted?)")
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arguments"])
     model.load_state_dict(state)
     return model.to(device).eval(), meta
 
 
-def preprocess(images: np.ndarray | torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
-    """uint8 RGB (N, H, W, 3) at any size → the normalised float (N, 3, S, S) batch the checkpoint expects."""
-    x = torch.as_tensor(images)
-    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected uint8 (N, H, W, 3) RGB, got {tuple(x.shape)} {x.dtype}")
-    x = x.permute(0, 3, 1, 2).float().div_(255)
+def preprocess(images: np.ndarray | list[np.ndarray], meta: dict[str, Any], device: str | torch.device = "cpu"
+               ) -> torch.Tensor:
+    """uint8 RGB images (N, H, W, 3), any size → the normalised float (N, 3, S, S) batch the checkpoint expects,
+    resized exactly as the training data was (:func:`kemo.models.data.resize_square`)."""
+    from kemo.models.data import resize_square
+
     size = meta["image_size"]
-    if x.shape[-2:] != (size, size):
-        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(meta["normalize"]["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(meta["normalize"]["std"]).view(1, 3, 1, 1)
+    batch = []
+    for image in images:
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"expected uint8 (H, W, 3) RGB images, got {image.shape} {image.dtype}")
+        batch.append(resize_square(image, size))
+    x = torch.from_numpy(np.stack(batch)).to(device).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(meta["normalize"]["mean"], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(meta["normalize"]["std"], device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -29,15 +29,18 @@ class Split:
     image_ids: list[str]
 
 
-def decode_crop(data: bytes, size: int) -> np.ndarray | None:
-    """A crop's JPEG → (size, size, 3) uint8 RGB (area-averaged when shrinking), or None when it does not decode."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
-    if image is None:
-        return None
-    if image.shape[:2] != (size, size):
-        shrink = size < min(image.shape[:2])
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return image
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 RGB → (size, size, 3): area-averaged when shrinking. Training and labelling both resize here."""
+    if image.shape[:2] == (size, size):
+        return image
+    shrink = size < min(image.shape[:2])
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def decode_crop(data: bytes | None, size: int) -> np.ndarray | None:
+    """A crop's JPEG → (size, size, 3) uint8 RGB, or None when it does not decode."""
+    image = cv2.imdecode(np.frombuffer(data or b"", np.uint8), cv2.IMREAD_COLOR_RGB) if data else None
+    return None if image is None else resize_square(image, size)
 
 
 def load_splits(shards: str, image_size: int = 224, min_agree: int = 2,
@@ -45,31 +48,42 @@ def load_splits(shards: str, image_size: int = 224, min_agree: int = 2,
     """The train/val/test arrays of one committed crop output, and a report of what was kept and left out."""
     from kemo.preprocess import read_crops
 
-    rows = read_crops(shards, COLUMNS).to_pylist()
+    table = read_crops(shards, COLUMNS)
+    meta = table.drop_columns(["crop"]).to_pylist()  # small columns as Python; the JPEGs stay in Arrow
+    crops = table.column("crop")
     left_out: Counter[str] = Counter()
-    usable = []
-    for r in rows:
+    usable: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for i, r in enumerate(meta):
         if r["status"] != "ok":
             left_out[f"status {r['status']}"] += 1
         elif r["label"] is None or r["label"] < 0:
             left_out["unknown label"] += 1
         elif (r["agree_n"] or 0) < min_agree:
             left_out[f"fewer than {min_agree} annotators agree"] += 1
+        elif r["split"] in usable:
+            usable[r["split"]].append(i)
         else:
-            usable.append(r)
-    with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:  # cv2 decodes and resizes without the GIL
-        pixels = list(pool.map(lambda r: decode_crop(r["crop"], image_size), usable))
+            left_out[f"split {r['split']}"] += 1
     splits: dict[str, Split] = {}
-    for name in ("train", "val", "test"):
-        picked = [(r, p) for r, p in zip(usable, pixels) if r["split"] == name and p is not None]
-        images = (np.stack([p for _, p in picked]) if picked
-                  else np.zeros((0, image_size, image_size, 3), np.uint8))
-        splits[name] = Split(images, np.asarray([r["label"] for r, _ in picked], np.int64),
-                             [r["image_id"] for r, _ in picked])
-    undecodable = sum(p is None for p in pixels)
-    if undecodable:
-        left_out["crop does not decode"] += undecodable
-    report = {"shards": shards, "rows": len(rows), "image_size": image_size, "min_agree": min_agree,
+    for name, rows in usable.items():
+        images = np.empty((len(rows), image_size, image_size, 3), np.uint8)  # decoded straight into place
+
+        def fill(k: int, rows: list[int] = rows, images: np.ndarray = images) -> bool:
+            pixels = decode_crop(crops[rows[k]].as_py(), image_size)
+            if pixels is None:
+                return False
+            images[k] = pixels
+            return True
+
+        with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:  # cv2 decodes and resizes without the GIL
+            ok = np.fromiter(pool.map(fill, range(len(rows))), bool, count=len(rows))
+        if not ok.all():
+            left_out["crop does not decode"] += int((~ok).sum())
+            images = images[ok]
+        kept = [i for i, good in zip(rows, ok) if good]
+        splits[name] = Split(images, np.asarray([meta[i]["label"] for i in kept], np.int64),
+                             [meta[i]["image_id"] for i in kept])
+    report = {"shards": shards, "rows": len(meta), "image_size": image_size, "min_agree": min_agree,
               "left_out": dict(sorted(left_out.items())),
               "splits": {name: {"photos": len(s.labels), "per_class": {CLASS_NAMES[c]: int((s.labels == c).sum())
                                                                        for c in range(len(CLASS_NAMES))}}

@@ -10,7 +10,10 @@ import numpy as np
 
 def confusion_matrix(y_true: np.ndarray | list[int], y_pred: np.ndarray | list[int], num_classes: int) -> np.ndarray:
     """(num_classes, num_classes) counts: ``cm[t, p]`` photos of true class t predicted as p."""
-    t, p = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    if t.size and not (np.issubdtype(t.dtype, np.integer) and np.issubdtype(p.dtype, np.integer)):
+        raise ValueError("class indices must be integers")
+    t, p = t.astype(np.int64), p.astype(np.int64)
     if t.shape != p.shape:
         raise ValueError(f"{t.shape[0]} labels against {p.shape[0]} predictions")
     if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= num_classes):
@@ -19,8 +22,13 @@ def confusion_matrix(y_true: np.ndarray | list[int], y_pred: np.ndarray | list[i
 
 
 def classification_report(cm: np.ndarray, names: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Accuracy, macro-F1 and per-class precision/recall/F1/support from a confusion matrix (0 where undefined)."""
+    """Accuracy, macro-F1 and per-class precision/recall/F1/support from a confusion matrix (0 where undefined).
+
+    Macro-F1 averages the classes present in the evaluation set (support > 0); a class absent from it but predicted
+    still lowers the others' precision, not the average's denominator (scikit-learn's default would count it as 0)."""
     cm = np.asarray(cm, np.float64)
+    if cm.shape != (len(names), len(names)):
+        raise ValueError(f"a {cm.shape} confusion matrix for {len(names)} class names")
     tp = np.diag(cm)
     predicted, actual = cm.sum(0), cm.sum(1)
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
