@@ -1,0 +1,74 @@
+"""Ray Train runs of the classifiers on CPU: two workers, the best checkpoint, a killed worker resumed exactly."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from kemo.models.checkpoint import load_checkpoint, preprocess
+from kemo.models.train import TRAIN_STATE, RunSpec, augment, fit, random_erasing
+
+pytestmark = pytest.mark.slow
+SPEC = RunSpec(model="resnet18", epochs=3, batch_size=32, image_size=32)
+
+
+def colour_coded(n, seed):
+    """Photos whose class is written in one channel's brightness: learnable in a few epochs."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 7, n).astype(np.int64)
+    x = rng.integers(0, 20, (n, 32, 32, 3)).astype(np.uint8)
+    for i, c in enumerate(y):
+        x[i, :, :, c % 3] += np.uint8(40 + 30 * c)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def data():
+    return colour_coded(224, 0), colour_coded(56, 1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, data, tmp_path_factory):
+    train, val = data
+    return fit(train, val, SPEC, str(tmp_path_factory.mktemp("runs")), "r18", workers=2)
+
+
+def test_two_workers_train_and_the_best_checkpoint_scores_what_it_reported(uninterrupted, data):
+    _, (x_val, y_val) = data
+    assert uninterrupted.error is None and uninterrupted.metrics["epoch"] == 3
+    (best, metrics), = uninterrupted.best_checkpoints
+    assert metrics["val_accuracy"] == uninterrupted.metrics["best_val_accuracy"] > 0.5  # chance is 1/7
+    with best.as_directory() as d:
+        model, meta = load_checkpoint(d)
+        state = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)
+    assert meta["training"]["workers"] == 2 and meta["metrics"] == metrics
+    with torch.no_grad():
+        accuracy = float((model(preprocess(x_val, meta)).argmax(1).numpy() == y_val).mean())
+    assert accuracy == pytest.approx(metrics["val_accuracy"])
+    assert [h["epoch"] for h in state["history"]][-1] == metrics["epoch"]
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_where_an_uninterrupted_run_does(
+        uninterrupted, data, tmp_path):
+    train, val = data
+    marker = str(tmp_path / "killed")
+    result = fit(train, val, SPEC, str(tmp_path / "runs"), "r18", workers=2, max_failures=1,
+                 _fail_once={"epoch": 1, "rank": 1, "marker": marker})
+    assert os.path.exists(marker) and result.error is None  # rank 1 died at epoch 2; the group restarted
+    with result.checkpoint.as_directory() as d:
+        history = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # epoch 1 was not trained twice
+    assert result.metrics == uninterrupted.metrics  # same seeds, same data order: the same run
+
+
+def test_augmentation_is_per_photo_and_erasing_covers_2_to_33_percent():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 32, 32).repeat(64, 1, 1, 1)
+    out = augment(x, g, 0.5)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert len({round(float(o.sum()), 3) for o in out}) > 32  # different crops/flips for identical photos
+    zeros = torch.zeros(64, 3, 32, 32)
+    assert torch.equal(random_erasing(zeros, g, 0.0), zeros)
+    erased = (random_erasing(zeros, g, 1.0) != 0).float().mean((1, 2, 3))
+    assert erased.min() >= 0.015 and erased.max() <= 0.36
