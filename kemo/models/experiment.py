@@ -1,0 +1,204 @@
+"""The paper's Table 5 and Figure 4 (issue 5): every (crop shards × model × seed) run, tested, and reported.
+
+    from kemo.models.experiment import TrainConfig, run
+    run(TrainConfig(shards="out/crops/yolo,out/crops/none", output="out/classify"))
+
+For each crop output the usable crops are decoded once (:mod:`kemo.models.data`); each model is trained once per
+seed on Ray Train (:func:`kemo.models.train.fit`, under ``OUTPUT/runs/<preprocessing>-<model>-seed<k>``), and its
+best-validation checkpoint is evaluated on the test split. A run that finished is not trained again (its
+``result.json``); an interrupted one resumes from its last checkpoint. Output: ``report.json`` (data used, every
+run, accuracy and macro-F1 mean ± std over seeds, per-class precision/recall/F1 and confusion matrix of the best run
+of each row), ``table5.md``, ``confusion.png`` and ``curves.png`` (the best run overall), ``config.json``, and last
+``_commit.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kemo import storage
+from kemo.classes import CLASS_NAMES
+from kemo.models import MODELS
+from kemo.models.checkpoint import load_checkpoint, preprocess
+from kemo.models.data import load_splits
+from kemo.models.metrics import classification_report, confusion_matrix
+from kemo.models.train import TRAIN_STATE, RunSpec, fit
+
+log = logging.getLogger(__name__)
+KIND = "classifier-report"
+SMOKE = {"epochs": 2, "seeds": 1, "image_size": 64}
+
+
+@dataclass
+class TrainConfig:
+    """Train K-EmotionNet and its baselines on crop shards; report the paper's Table 5 and Figure 4."""
+
+    shards: str = field(metadata={"help": "crop outputs of jobs/preprocess.py, comma-separated (local or s3://)"})
+    output: str = field(metadata={"help": "output directory (local or s3://)"})
+    models: str = field(default="kemotionnet,resnet18,vgg19", metadata={"help": f"from {', '.join(MODELS)}"})
+    seeds: int = field(default=3, metadata={"help": "runs per (shards, model), seeds 0..N-1"})
+    epochs: int = field(default=150, metadata={"help": "epochs per run"})
+    batch_size: int = field(default=64, metadata={"help": "batch per worker"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    image_size: int = field(default=224, metadata={"help": "training input side"})
+    erasing: float = field(default=0.5, metadata={"help": "Random Erasing probability"})
+    min_agree: int = field(default=2, metadata={"help": "train and test on photos at least N annotators agree on"})
+    workers: int = field(default=1, metadata={"help": "Ray Train workers per run"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
+    max_failures: int = field(default=3, metadata={"help": "worker-group restarts per run"})
+    smoke_test: bool = field(default=False, metadata={"help": f"a quick check: {SMOKE}"})
+
+
+def _tag(shards: str) -> str:
+    """The preprocessing a crop output used (its detector), for names and tables."""
+    try:
+        return storage.read_json(storage.join(shards, storage.CONFIG))["config"]["detector"]
+    except (FileNotFoundError, KeyError):
+        return os.path.basename(shards.rstrip("/"))
+
+
+def test_checkpoint(path: str, images: np.ndarray, labels: np.ndarray, batch: int = 256) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class figures and the confusion matrix of a checkpoint on a split."""
+    model, meta = load_checkpoint(path, "cuda" if torch.cuda.is_available() else "cpu")
+    device = next(model.parameters()).device
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(labels), batch):
+            predictions.append(model(preprocess(images[start:start + batch], meta, device)).argmax(1).cpu().numpy())
+    predicted = np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
+    return classification_report(confusion_matrix(labels, predicted, len(meta["classes"])), meta["classes"])
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def table5(rows: list[dict[str, Any]]) -> str:
+    lines = ["| Preprocessing | Model | Test accuracy (%) | Macro-F1 (%) | Runs |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        a, f = r["accuracy"], r["macro_f1"]
+        lines.append(f"| {r['preprocessing']} | {r['model']} | {100 * a['mean']:.2f} ± {100 * a['std']:.2f} | "
+                     f"{100 * f['mean']:.2f} ± {100 * f['std']:.2f} | {a['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(best: dict[str, Any], out: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    from matplotlib import pyplot as plt
+
+    written = []
+    cm = np.asarray(best["test"]["confusion_matrix"], np.float64)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(CLASS_NAMES)):
+        for j in range(len(CLASS_NAMES)):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", color="white" if share[i, j] > 0.5 else "k")
+    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("annotators' majority")
+    ax.set_title(f"{best['preprocessing']} · {best['model']} · seed {best['seed']}: "
+                 f"test accuracy {100 * best['test']['accuracy']:.1f}%")
+    fig.tight_layout()
+    for name, figure in (("confusion.png", fig), ("curves.png", _curves(best, plt))):
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=120)
+        plt.close(figure)
+        storage.write_bytes(storage.join(out, name), buffer.getvalue())
+        written.append(name)
+    return written
+
+
+def _curves(best: dict[str, Any], plt) -> Any:
+    history = best["history"]
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [h["val_accuracy"] for h in history], color="tab:orange", label="validation accuracy")
+    ax2.set_ylabel("validation accuracy")
+    ax2.set_ylim(0, 1)
+    fig.legend(loc="upper center", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train and test every (shards, model, seed); write and commit the report. Returns ``report.json``'s content."""
+    t0 = time.perf_counter()
+    if cfg.smoke_test:
+        cfg = dataclasses.replace(cfg, epochs=SMOKE["epochs"], seeds=SMOKE["seeds"],
+                                  image_size=min(cfg.image_size, SMOKE["image_size"]))
+    models = [m.strip() for m in cfg.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    runs_dir = storage.join(cfg.output, "runs")
+    rows, all_runs, data_reports = [], [], {}
+    for shards in [s.strip() for s in cfg.shards.split(",") if s.strip()]:
+        tag = _tag(shards)
+        splits, data_report = load_splits(shards, cfg.image_size, cfg.min_agree)
+        data_reports[tag] = data_report
+        if not len(splits["train"].labels) or not len(splits["val"].labels) or not len(splits["test"].labels):
+            raise ValueError(f"{shards}: a split has no usable photo: {data_report['splits']}")
+        train = (splits["train"].images, splits["train"].labels)
+        val = (splits["val"].images, splits["val"].labels)
+        for model in models:
+            runs = []
+            for seed in range(cfg.seeds):
+                name = f"{tag}-{model}-seed{seed}"
+                done = storage.join(runs_dir, name, "result.json")
+                spec = RunSpec(model=model, seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                               erasing=cfg.erasing, image_size=cfg.image_size)
+                if storage.exists(done) and storage.read_json(done)["spec"] == dataclasses.asdict(spec):
+                    runs.append(storage.read_json(done))
+                    continue
+                log.info("training %s", name)
+                result = fit(train, val, spec, runs_dir, name, workers=cfg.workers, use_gpu=cfg.use_gpu,
+                             max_failures=cfg.max_failures, data_report=data_report)
+                if result.error is not None:
+                    raise RuntimeError(f"{name} failed") from result.error
+                (best, best_metrics), = result.best_checkpoints
+                with best.as_directory() as d:
+                    tested = test_checkpoint(d, splits["test"].images, splits["test"].labels)
+                with result.checkpoint.as_directory() as d:
+                    history = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)["history"]
+                entry = {"name": name, "preprocessing": tag, "model": model, "seed": seed,
+                         "spec": dataclasses.asdict(spec), "checkpoint": best.path, "best_val": best_metrics,
+                         "test": tested, "history": history}
+                storage.write_json(done, entry)
+                runs.append(entry)
+            all_runs.extend(runs)
+            top = max(runs, key=lambda r: r["best_val"]["val_accuracy"])
+            rows.append({"preprocessing": tag, "model": model,
+                         "accuracy": _mean_std([r["test"]["accuracy"] for r in runs]),
+                         "macro_f1": _mean_std([r["test"]["macro_f1"] for r in runs]),
+                         "best_run": top["name"], "per_class": top["test"]["per_class"],
+                         "confusion_matrix": top["test"]["confusion_matrix"]})
+    best = max(all_runs, key=lambda r: r["test"]["accuracy"])
+    report = {"rows": rows, "runs": [{k: v for k, v in r.items() if k != "history"} for r in all_runs],
+              "data": data_reports, "split": "test (person-disjoint, from the index)",
+              "label_filter": f"annotators' majority with agree_n >= {cfg.min_agree}; unknown labels left out",
+              "config": dataclasses.asdict(cfg), "seconds": round(time.perf_counter() - t0, 1)}
+    storage.uncommit(cfg.output)
+    storage.write_json(storage.join(cfg.output, "report.json"), report)
+    storage.write_bytes(storage.join(cfg.output, "table5.md"), table5(rows).encode())
+    files = ["report.json", "table5.md", *_plots(best, cfg.output)]
+    storage.commit(cfg.output, files, dataclasses.asdict(cfg), KIND)
+    return report

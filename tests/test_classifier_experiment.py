@@ -1,0 +1,46 @@
+"""jobs/train.py's library: crop shards × models × seeds on Ray Train → tested, reported, committed; reruns skip."""
+
+import json
+import os
+
+import pytest
+
+from kemo import preprocess, storage
+from kemo.data import aihub
+from kemo.models.experiment import KIND, TrainConfig, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(corpus, ray_local, tmp_path_factory):
+    root, _ = corpus
+    work = tmp_path_factory.mktemp("exp")
+    aihub.run(aihub.IndexConfig(root=root, output=str(work / "index")))
+    out = str(work / "crops")
+    preprocess.run(preprocess.PreprocessConfig(input=str(work / "index"), output=out, detector="annotations",
+                                               crop_size=64))
+    return out
+
+
+def test_runs_every_seed_reports_table5_and_skips_finished_runs(shards, tmp_path):
+    out = str(tmp_path / "classify")
+    cfg = TrainConfig(shards=shards, output=out, models="resnet18", seeds=2, epochs=1, image_size=32, batch_size=32)
+    report = run(cfg)
+    storage.committed(out, KIND)
+    (row,) = report["rows"]
+    assert row["preprocessing"] == "annotations" and row["model"] == "resnet18" and row["accuracy"]["n"] == 2
+    accuracies = [r["test"]["accuracy"] for r in report["runs"]]
+    assert row["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
+    test_photos = report["data"]["annotations"]["splits"]["test"]["photos"]
+    assert all(sum(map(sum, r["test"]["confusion_matrix"])) == test_photos for r in report["runs"])
+    table = open(os.path.join(out, "table5.md")).read().splitlines()
+    assert table[0].startswith("| Preprocessing | Model | Test accuracy (%)") and table[2].startswith(
+        "| annotations | resnet18 | ")
+    for png in ("confusion.png", "curves.png"):
+        assert open(os.path.join(out, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    finished = json.load(open(os.path.join(out, "runs", "annotations-resnet18-seed0", "result.json")))
+    again = run(cfg)  # both runs finished: nothing is trained again
+    assert again["runs"] == report["runs"] and finished["checkpoint"] == report["runs"][0]["checkpoint"]
+    with pytest.raises(ValueError, match="unknown models"):
+        run(TrainConfig(shards=shards, output=out, models="resnet50"))
