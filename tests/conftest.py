@@ -112,18 +112,15 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def yolo_weights(corpus, tmp_path_factory):
+def yolo_weights(corpus_index, tmp_path_factory):
     """Face weights from a real ultralytics YOLO built from its YAML, trained briefly on generated photos (CPU)."""
     from ultralytics import YOLO
 
-    from kemo.data import aihub
     from kemo.detector.export import ExportConfig
     from kemo.detector.export import run as export
 
-    root, _ = corpus
     work = tmp_path_factory.mktemp("yolo")
-    aihub.run(aihub.IndexConfig(root=root, output=str(work / "index")))
-    export(ExportConfig(input=str(work / "index"), output=str(work / "data"), counts="48,16,0", max_side=320))
+    export(ExportConfig(input=corpus_index, output=str(work / "data"), counts="48,16,0", max_side=320))
     data = str(work / "data" / "data.yaml")
     model = YOLO("yolo11n.yaml")
     model.train(data=data, epochs=2, imgsz=224, batch=16, device="cpu", workers=0, plots=False, amp=False,
@@ -131,3 +128,24 @@ def yolo_weights(corpus, tmp_path_factory):
     path = work / "runs" / "face" / "weights" / "last.pt"
     assert path.exists()
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def corpus_index(corpus, tmp_path_factory):
+    """The generated corpus, indexed once: an index output directory."""
+    from kemo.data import aihub
+
+    root, _ = corpus
+    out = str(tmp_path_factory.mktemp("index"))
+    aihub.run(aihub.IndexConfig(root=root, output=out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def annotation_crops(corpus_index, ray_local, tmp_path_factory):
+    """Crop shards of the generated corpus cut at the annotators' boxes (64² crops), per module (its Ray)."""
+    from kemo import preprocess
+
+    out = str(tmp_path_factory.mktemp("crops") / "annotations")
+    preprocess.run(preprocess.PreprocessConfig(input=corpus_index, output=out, detector="annotations", crop_size=64))
+    return out

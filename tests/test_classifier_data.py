@@ -2,27 +2,14 @@
 
 import cv2
 import numpy as np
-import pytest
 
-from kemo import preprocess
 from kemo.data import aihub
 from kemo.models.data import decode_crop, load_splits
 
 
-@pytest.fixture(scope="module")
-def crops(corpus, ray_local, tmp_path_factory):
-    root, _ = corpus
-    work = tmp_path_factory.mktemp("cls")
-    aihub.run(aihub.IndexConfig(root=root, output=str(work / "index")))
-    out = str(work / "crops")
-    preprocess.run(preprocess.PreprocessConfig(input=str(work / "index"), output=out, detector="annotations",
-                                               crop_size=96))
-    return str(work / "index"), out
-
-
-def test_load_splits_keeps_labelled_agreed_crops_and_counts_the_rest(crops):
-    index, out = crops
-    manifest = {r["image_id"]: r for r in aihub.load_manifest(index).to_pylist()}
+def test_load_splits_keeps_labelled_agreed_crops_and_counts_the_rest(corpus_index, annotation_crops):
+    out = annotation_crops
+    manifest = {r["image_id"]: r for r in aihub.load_manifest(corpus_index).to_pylist()}
     splits, report = load_splits(out, image_size=32, min_agree=3, jobs=2)
     kept = sum(len(s.labels) for s in splits.values())
     assert kept + sum(report["left_out"].values()) == report["rows"] == len(manifest)

@@ -5,25 +5,14 @@ import os
 
 import pytest
 
-from kemo import preprocess, storage
-from kemo.data import aihub
+from kemo import storage
 from kemo.models.experiment import KIND, TrainConfig, run
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def shards(corpus, ray_local, tmp_path_factory):
-    root, _ = corpus
-    work = tmp_path_factory.mktemp("exp")
-    aihub.run(aihub.IndexConfig(root=root, output=str(work / "index")))
-    out = str(work / "crops")
-    preprocess.run(preprocess.PreprocessConfig(input=str(work / "index"), output=out, detector="annotations",
-                                               crop_size=64))
-    return out
-
-
-def test_runs_every_seed_reports_table5_and_skips_finished_runs(shards, tmp_path):
+def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops, tmp_path):
+    shards = annotation_crops
     out = str(tmp_path / "classify")
     cfg = TrainConfig(shards=shards, output=out, models="resnet18", seeds=2, epochs=1, image_size=32, batch_size=32)
     report = run(cfg)

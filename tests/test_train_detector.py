@@ -11,18 +11,9 @@ import cv2
 import pytest
 
 from kemo import storage
-from kemo.data import aihub
 from kemo.detector.train import KIND, TrainDetectorConfig, resolve_source, run, split_counts
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def index_dir(corpus, tmp_path_factory):
-    root, _ = corpus
-    out = str(tmp_path_factory.mktemp("idx"))
-    aihub.run(aihub.IndexConfig(root=root, output=out))
-    return out
 
 
 def small(**kw) -> TrainDetectorConfig:
@@ -106,9 +97,9 @@ def test_trains_from_a_yaml_resumes_after_a_crash_and_commits(corpus, tmp_path, 
         run(dataclasses.replace(cfg, train_args="[1]"))
 
 
-def test_killed_after_the_last_epoch_but_before_ultralytics_finished(index_dir, tmp_path):
+def test_killed_after_the_last_epoch_but_before_ultralytics_finished(corpus_index, tmp_path):
     out = str(tmp_path / "detector")
-    cfg = small(input=index_dir, output=out, model="yolo11n.yaml")
+    cfg = small(input=corpus_index, output=out, model="yolo11n.yaml")
 
     def kill(trainer):  # last.pt of the final epoch is written, not yet stripped
         raise KeyboardInterrupt
@@ -120,12 +111,12 @@ def test_killed_after_the_last_epoch_but_before_ultralytics_finished(index_dir, 
     storage.committed(out, KIND)
 
 
-def test_fine_tunes_face_weights_into_s3_and_the_pipeline_loads_the_result(index_dir, yolo_weights, s3_bucket,
+def test_fine_tunes_face_weights_into_s3_and_the_pipeline_loads_the_result(corpus_index, yolo_weights, s3_bucket,
                                                                               tmp_path):
     from kemo.detect import YoloDetector
 
     out = f"s3://{s3_bucket}/detector"
-    meta = run(small(input=index_dir, output=out, weights=yolo_weights, work=str(tmp_path / "work")))
+    meta = run(small(input=corpus_index, output=out, weights=yolo_weights, work=str(tmp_path / "work")))
     storage.committed(out, KIND)
     before, after = meta["metrics"]["before"], meta["metrics"]["after"]
     assert before["photos"] == after["photos"] == 4 and before["max_abs_diff"] < 1e-9
@@ -139,7 +130,7 @@ def test_fine_tunes_face_weights_into_s3_and_the_pipeline_loads_the_result(index
     assert detector.sha256 == sha
 
 
-def test_yolo_face_v2_yaml_trains_an_epoch_offline_and_its_checkpoint_loads_elsewhere(index_dir, tmp_path,
+def test_yolo_face_v2_yaml_trains_an_epoch_offline_and_its_checkpoint_loads_elsewhere(corpus_index, tmp_path,
                                                                                       monkeypatch):
     import requests
 
@@ -154,7 +145,7 @@ def test_yolo_face_v2_yaml_trains_an_epoch_offline_and_its_checkpoint_loads_else
     monkeypatch.setattr(requests.sessions.Session, "request", no_network)  # ultralytics' font and asset downloads
     monkeypatch.setattr(socket, "create_connection", no_network)
     out = str(tmp_path / "face-v2")
-    meta = run(small(input=index_dir, output=out, model="yolo-face-v2.yaml"))
+    meta = run(small(input=corpus_index, output=out, model="yolo-face-v2.yaml"))
     assert attempts == []  # nothing tried to download (fonts, AMP-check weights)
     monkeypatch.undo()
     assert meta["metrics"]["after"]["photos"] == 4 and meta["source"]["name"] == "yolo-face-v2.yaml"
@@ -175,9 +166,9 @@ def test_yolo_face_v2_yaml_trains_an_epoch_offline_and_its_checkpoint_loads_else
     assert got.stdout.strip().splitlines()[-1] == "['C3RFEM', 'MultiSEAM']"
 
 
-def test_the_job_script_runs_a_smoke_test(index_dir, tmp_path):
+def test_the_job_script_runs_a_smoke_test(corpus_index, tmp_path):
     out = tmp_path / "job"
-    got = subprocess.run([sys.executable, "jobs/train_detector.py", "--input", index_dir, "--output", str(out),
+    got = subprocess.run([sys.executable, "jobs/train_detector.py", "--input", corpus_index, "--output", str(out),
                           "--model", "yolo11n.yaml", "--smoke-test", "--workers", "0", "--device", "cpu"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "YOLO_OFFLINE": "1"})
     assert got.returncode == 0, got.stderr[-3000:]
