@@ -157,8 +157,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         data_reports[tag] = data_report
         if not len(splits["train"].labels) or not len(splits["val"].labels) or not len(splits["test"].labels):
             raise ValueError(f"{shards}: a split has no usable photo: {data_report['splits']}")
-        train = (splits["train"].images, splits["train"].labels)
-        val = (splits["val"].images, splits["val"].labels)
+        import ray
+
+        # one copy in the object store for every run of these shards
+        train = ray.put((splits["train"].images, splits["train"].labels))
+        val = ray.put((splits["val"].images, splits["val"].labels))
         for model in models:
             runs = []
             for seed in range(cfg.seeds):

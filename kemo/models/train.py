@@ -160,11 +160,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
 
 
-def fit(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], spec: RunSpec, storage_uri: str,
-        name: str, workers: int = 1, use_gpu: bool = False, max_failures: int = 3,
-        data_report: dict[str, Any] | None = None, _fail_once: dict[str, Any] | None = None):
+def fit(train: Any, val: Any, spec: RunSpec, storage_uri: str, name: str, workers: int = 1, use_gpu: bool = False,
+        max_failures: int = 3, data_report: dict[str, Any] | None = None, _fail_once: dict[str, Any] | None = None):
     """Train one run under ``storage_uri/name`` (relaunching with the same two resumes it); returns Ray's Result,
-    whose ``best_checkpoints`` hold the best-validation checkpoint."""
+    whose ``best_checkpoints`` hold the best-validation checkpoint. ``train`` and ``val`` are (images, labels)
+    pairs, or ObjectRefs of them so that a grid of runs shares one copy in the object store."""
     import dataclasses
 
     import ray
@@ -172,7 +172,8 @@ def fit(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]
     from ray.train.torch import TorchTrainer
 
     fs, path = storage.resolve(storage_uri)
-    config = {"spec": dataclasses.asdict(spec), "train": ray.put(train), "val": ray.put(val),
+    refs = [x if isinstance(x, ray.ObjectRef) else ray.put(x) for x in (train, val)]
+    config = {"spec": dataclasses.asdict(spec), "train": refs[0], "val": refs[1],
               "data_report": data_report}
     if _fail_once:
         config["_fail_once"] = _fail_once
