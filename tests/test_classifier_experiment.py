@@ -1,5 +1,6 @@
 """jobs/train.py's library: crop shards × models × seeds on Ray Train → tested, reported, committed; reruns skip."""
 
+import dataclasses
 import json
 import os
 
@@ -28,8 +29,13 @@ def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops
         "| annotations | resnet18 | ")
     for png in ("confusion.png", "curves.png"):
         assert open(os.path.join(out, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    finished = json.load(open(os.path.join(out, "runs", "annotations-resnet18-seed0", "result.json")))
+    name = report["runs"][0]["name"]
+    assert name.startswith("annotations-resnet18-seed0-")
+    finished = json.load(open(os.path.join(out, "runs", name, "result.json")))
     again = run(cfg)  # both runs finished: nothing is trained again
     assert again["runs"] == report["runs"] and finished["checkpoint"] == report["runs"][0]["checkpoint"]
+    other = run(dataclasses.replace(cfg, seeds=1, lr=5e-4))  # other settings: a new run, never the old one resumed
+    fresh = json.load(open(os.path.join(out, "runs", other["runs"][0]["name"], "result.json")))
+    assert fresh["name"] != name and [h["epoch"] for h in fresh["history"]] == [1] and fresh["spec"]["lr"] == 5e-4
     with pytest.raises(ValueError, match="unknown models"):
         run(TrainConfig(shards=shards, output=out, models="resnet50"))

@@ -15,6 +15,8 @@ of each row), ``table5.md``, ``confusion.png`` and ``curves.png`` (the best run 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import time
@@ -74,7 +76,15 @@ def test_checkpoint(path: str, images: np.ndarray, labels: np.ndarray, batch: in
         for start in range(0, len(labels), batch):
             predictions.append(model(preprocess(images[start:start + batch], meta, device)).argmax(1).cpu().numpy())
     predicted = np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the driver's GPU memory goes back to the training workers
     return classification_report(confusion_matrix(labels, predicted, len(meta["classes"])), meta["classes"])
+
+
+def _uri(checkpoint: Any, output: str) -> str:
+    """A checkpoint's location as kemo.storage reads it (Ray gives S3 paths without their scheme)."""
+    return f"s3://{checkpoint.path}" if storage.is_s3(output) else checkpoint.path
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -150,41 +160,50 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if unknown or not models:
         raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
     runs_dir = storage.join(cfg.output, "runs")
+    shard_list = [x.strip() for x in cfg.shards.split(",") if x.strip()]
+    tags = [_tag(x) for x in shard_list]
+    tags = [t if tags.count(t) == 1 else f"{t}-{os.path.basename(x.rstrip('/'))}" for t, x in zip(tags, shard_list)]
+    if len(set(tags)) != len(tags):
+        raise ValueError(f"crop outputs must differ in detector or folder name: {shard_list}")
     rows, all_runs, data_reports = [], [], {}
-    for shards in [s.strip() for s in cfg.shards.split(",") if s.strip()]:
-        tag = _tag(shards)
+    for shards, tag in zip(shard_list, tags):
         splits, data_report = load_splits(shards, cfg.image_size, cfg.min_agree)
         data_reports[tag] = data_report
         if not len(splits["train"].labels) or not len(splits["val"].labels) or not len(splits["test"].labels):
             raise ValueError(f"{shards}: a split has no usable photo: {data_report['splits']}")
+        # what a run's result depends on besides its spec: these shards (their commit) and the label filter
+        data_key = hashlib.sha256(storage.read_bytes(storage.join(shards, storage.COMMIT))
+                                  + f"{shards}\0{cfg.min_agree}".encode()).hexdigest()
         import ray
 
-        # one copy in the object store for every run of these shards
+        # one copy in the object store for every run of these shards; the driver keeps only the test split
         train = ray.put((splits["train"].images, splits["train"].labels))
         val = ray.put((splits["val"].images, splits["val"].labels))
+        test = splits["test"]
+        del splits
         for model in models:
             runs = []
             for seed in range(cfg.seeds):
-                name = f"{tag}-{model}-seed{seed}"
-                done = storage.join(runs_dir, name, "result.json")
                 spec = RunSpec(model=model, seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                erasing=cfg.erasing, image_size=cfg.image_size)
-                if storage.exists(done) and storage.read_json(done)["spec"] == dataclasses.asdict(spec):
+                spec_dict = dataclasses.asdict(spec)
+                key = hashlib.sha256(json.dumps([spec_dict, data_key], sort_keys=True).encode()).hexdigest()[:10]
+                name = f"{tag}-{model}-seed{seed}-{key}"  # other settings or data never resume this run
+                done = storage.join(runs_dir, name, "result.json")
+                if storage.exists(done):
                     runs.append(storage.read_json(done))
                     continue
                 log.info("training %s", name)
                 result = fit(train, val, spec, runs_dir, name, workers=cfg.workers, use_gpu=cfg.use_gpu,
                              max_failures=cfg.max_failures, data_report=data_report)
-                if result.error is not None:
-                    raise RuntimeError(f"{name} failed") from result.error
                 (best, best_metrics), = result.best_checkpoints
                 with best.as_directory() as d:
-                    tested = test_checkpoint(d, splits["test"].images, splits["test"].labels)
-                with result.checkpoint.as_directory() as d:
+                    tested = test_checkpoint(d, test.images, test.labels)
+                with result.checkpoint.as_directory() as d:  # the latest: its history has every epoch
                     history = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)["history"]
-                entry = {"name": name, "preprocessing": tag, "model": model, "seed": seed,
-                         "spec": dataclasses.asdict(spec), "checkpoint": best.path, "best_val": best_metrics,
-                         "test": tested, "history": history}
+                entry = {"name": name, "preprocessing": tag, "model": model, "seed": seed, "spec": spec_dict,
+                         "checkpoint": _uri(best, cfg.output), "best_val": best_metrics, "test": tested,
+                         "history": history}
                 storage.write_json(done, entry)
                 runs.append(entry)
             all_runs.extend(runs)
@@ -194,7 +213,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                          "macro_f1": _mean_std([r["test"]["macro_f1"] for r in runs]),
                          "best_run": top["name"], "per_class": top["test"]["per_class"],
                          "confusion_matrix": top["test"]["confusion_matrix"]})
-    best = max(all_runs, key=lambda r: r["test"]["accuracy"])
+        del train, val
+    best = max(all_runs, key=lambda r: r["best_val"]["val_accuracy"])  # chosen on validation, never on test
     report = {"rows": rows, "runs": [{k: v for k, v in r.items() if k != "history"} for r in all_runs],
               "data": data_reports, "split": "test (person-disjoint, from the index)",
               "label_filter": f"annotators' majority with agree_n >= {cfg.min_agree}; unknown labels left out",

@@ -43,12 +43,13 @@ class RunSpec:
     image_size: int = 224
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, erasing: float) -> torch.Tensor:
-    """Per-photo flip + random resized crop (scale 0.85–1 of the side) on a (B, 3, S, S) float batch in [0, 1]."""
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-photo flip + random resized crop (scale 0.85–1 of the side) on a (B, 3, S, S) float batch in [0, 1];
+    ``generator`` lives on the batch's device."""
     b = x.shape[0]
-    rand = torch.rand(b, 3, generator=generator).to(x.device)
+    rand = torch.rand(b, 2, generator=generator, device=x.device)
     scale = 0.85 + 0.15 * rand[:, 0]
-    shift = (1 - scale)[:, None] * (2 * torch.rand(b, 2, generator=generator).to(x.device) - 1)
+    shift = (1 - scale)[:, None] * (2 * torch.rand(b, 2, generator=generator, device=x.device) - 1)
     flip = torch.where(rand[:, 1] < 0.5, -1.0, 1.0)
     theta = torch.zeros(b, 2, 3, device=x.device)
     theta[:, 0, 0], theta[:, 1, 1] = scale * flip, scale
@@ -61,7 +62,7 @@ def random_erasing(x: torch.Tensor, generator: torch.Generator, p: float) -> tor
     """Random Erasing (Zhong et al.; torchvision's defaults: area 2–33%, aspect 0.3–3.3, random values) per photo,
     on a normalised (B, C, H, W) batch."""
     b, _, h, w = x.shape
-    r = torch.rand(b, 5, generator=generator).to(x.device)
+    r = torch.rand(b, 5, generator=generator, device=x.device)
     area = (0.02 + r[:, 0] * (0.33 - 0.02)) * h * w
     aspect = torch.exp(np.log(0.3) + r[:, 1] * (np.log(1 / 0.3) - np.log(0.3)))
     eh = torch.sqrt(area * aspect).clamp(1, h)
@@ -71,7 +72,7 @@ def random_erasing(x: torch.Tensor, generator: torch.Generator, p: float) -> tor
     xs = torch.arange(w, device=x.device)[None, None, :]
     mask = ((ys >= top[:, None, None]) & (ys < (top + eh)[:, None, None])
             & (xs >= left[:, None, None]) & (xs < (left + ew)[:, None, None]) & (r[:, 4] < p)[:, None, None])
-    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    noise = torch.randn(x.shape, generator=generator, device=x.device)
     return torch.where(mask[:, None], noise, x)
 
 
@@ -102,7 +103,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"])
+            weights = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
+        net.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         start, best, history = state["epoch"] + 1, state["best"], state["history"]
     mean = torch.tensor(IMAGENET["mean"], device=device).view(1, 3, 1, 1)
@@ -117,12 +119,13 @@ def train_loop(config: dict[str, Any]) -> None:
             os._exit(1)  # a worker process dies without warning
         g = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
         mine = torch.randperm(len(y_train), generator=g)[rank * per_worker:(rank + 1) * per_worker].numpy()
-        aug = torch.Generator().manual_seed(spec.seed * 100_003 + epoch * 1_009 + rank)
+        aug = torch.Generator(device=device).manual_seed(spec.seed * 100_003 + epoch * 1_009 + rank)
+        torch.manual_seed(spec.seed * 100_003 + epoch * 1_009 + rank)  # dropout: per rank, and again on resume
         model.train()
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # train loss, train n, val correct, val n
         for b in range(0, len(mine), spec.batch_size):
             idx = np.sort(mine[b:b + spec.batch_size])
-            x = augment(_to_input(x_train, idx, device), aug, spec.erasing)
+            x = augment(_to_input(x_train, idx, device), aug)
             x = random_erasing((x - mean) / std, aug, spec.erasing)
             y = torch.from_numpy(y_train[idx]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -130,15 +133,18 @@ def train_loop(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            sums[0] += float(loss.detach()) * len(idx)
+            sums[0] += loss.detach().double() * len(idx)  # no host sync per step
             sums[1] += len(idx)
-        model.eval()
+        if world > 1:  # BatchNorm statistics as rank 0 has them, explicitly: evaluation bypasses the DDP wrapper
+            for buffer in net.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        net.eval()
         with torch.no_grad():
             for b in range(rank * spec.batch_size, len(y_val), world * spec.batch_size):
                 idx = np.arange(b, min(b + spec.batch_size, len(y_val)))
                 x = (_to_input(x_val, idx, device) - mean) / std
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    pred = model(x).argmax(1)
+                    pred = net(x).argmax(1)
                 sums[2] += float((pred.cpu() == torch.from_numpy(y_val[idx])).sum())
                 sums[3] += len(idx)
         if world > 1:
@@ -153,8 +159,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 save_checkpoint(d, net, spec.model, spec.arguments, image_size=spec.image_size,
                                 training={**config["spec"], "workers": world}, metrics=metrics,
                                 data=config.get("data_report"))
-                torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "best": best, "history": history}, os.path.join(d, TRAIN_STATE))
+                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "best": best, "history": history,
+                            "spec": config["spec"]}, os.path.join(d, TRAIN_STATE))  # weights: model.pt
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics)
