@@ -135,8 +135,7 @@ def _reconcile(out: str, wanted: dict[str, dict[str, str]]) -> int:
     selection, another box or another ``max_side``, and pairs no stamp vouches for, are deleted and re-exported.
     """
     try:
-        with open(os.path.join(out, STAMP)) as f:
-            previous = json.load(f)
+        previous = storage.read_json(os.path.join(out, STAMP))
     except FileNotFoundError:
         previous = {}
     removed = 0

@@ -149,17 +149,20 @@ def _trainer_class():
 
 def _read_json(path: str) -> Any:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return storage.read_json(path)
     except FileNotFoundError:
         return None
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+def train_args(cfg: TrainDetectorConfig) -> dict[str, Any]:
+    """``--train-args`` parsed and checked: a JSON object that leaves kemo's own arguments alone."""
+    extra = json.loads(cfg.train_args) if cfg.train_args else {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"--train-args must be a JSON object of ultralytics arguments, got {cfg.train_args!r}")
+    reserved = set(RESERVED) & set(extra)
+    if reserved:
+        raise ValueError(f"--train-args may not set {sorted(reserved)}: they have their own flags or belong to kemo")
+    return extra
 
 
 def train(cfg: TrainDetectorConfig, source: dict[str, Any], data_yaml: str, work: str, device: str,
@@ -171,7 +174,7 @@ def train(cfg: TrainDetectorConfig, source: dict[str, Any], data_yaml: str, work
     run_dir = os.path.join(work, "runs", "train")
     last = os.path.join(run_dir, "weights", "last.pt")
     state_path, done_path = os.path.join(work, "train.json"), os.path.join(work, "trained.json")
-    extra = json.loads(cfg.train_args) if cfg.train_args else {}
+    extra = train_args(cfg)
     wanted = {"source_sha256": source["sha256"], "dataset_sha256": dataset_sha, "epochs": cfg.epochs,
               "imgsz": cfg.imgsz, "batch": cfg.batch, "seed": cfg.seed, "train_args": extra}
     state, done = _read_json(state_path), _read_json(done_path)
@@ -214,7 +217,7 @@ def train(cfg: TrainDetectorConfig, source: dict[str, Any], data_yaml: str, work
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
         os.makedirs(work, exist_ok=True)
-        _write_json(state_path, wanted)
+        storage.write_json(state_path, wanted)
         if os.path.exists(done_path):
             os.remove(done_path)
         model = YOLO(source["path"], task="detect")
@@ -237,7 +240,7 @@ def _finish(done_path: str, wanted: dict[str, Any], run_dir: str, t0: float, res
     torch.load(best, map_location="cpu", weights_only=False)  # a truncated best.pt fails here, not after trained.json
     done = {"train": wanted, "best": best, "seconds": round(time.perf_counter() - t0, 1), "resumed_at_epoch": resumed,
             "reused_finished_run": reused, "device": device}
-    _write_json(done_path, done)
+    storage.write_json(done_path, done)
     return done
 
 
@@ -335,7 +338,7 @@ def table4(source: dict[str, Any], before: dict[str, Any] | None, after: dict[st
 def _fingerprint(cfg: TrainDetectorConfig, source: dict[str, Any], manifest_ids: list[str]) -> dict[str, Any]:
     ignored = ("input", "output", "weights", "weights_sha256", "model", "work", "gpus", "cpus", "workers", "device")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
-    settings["train_args"] = json.loads(cfg.train_args) if cfg.train_args else {}
+    settings["train_args"] = train_args(cfg)
     return {"settings": settings, "source_sha256": source["sha256"],
             "manifest_sha256": _sha256("\n".join(sorted(manifest_ids)).encode())}
 
@@ -349,12 +352,7 @@ def run(cfg: TrainDetectorConfig, callbacks: dict[str, Any] | None = None) -> di
     if cfg.smoke_test:
         cfg = dataclasses.replace(cfg, images=min(cfg.images, SMOKE["images"]), epochs=SMOKE["epochs"],
                                   imgsz=min(cfg.imgsz, SMOKE["imgsz"]))
-    extra = json.loads(cfg.train_args) if cfg.train_args else {}  # fail now, not after the export
-    if not isinstance(extra, dict):
-        raise ValueError(f"--train-args must be a JSON object of ultralytics arguments, got {cfg.train_args!r}")
-    reserved = set(RESERVED) & set(extra)
-    if reserved:
-        raise ValueError(f"--train-args may not set {sorted(reserved)}: they have their own flags or belong to kemo")
+    train_args(cfg)  # fail now, not after the export
     source = resolve_source(cfg)
     manifest = aihub.load_or_index(cfg.input, storage.join(cfg.output, "index"), seed=cfg.seed)
     fingerprint = _fingerprint(cfg, source, manifest.column("image_id").to_pylist())
