@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kemo.models.checkpoint import load_checkpoint, preprocess
-from kemo.models.train import TRAIN_STATE, RunSpec, augment, fit, random_erasing
+from kemo.models.train import TRAIN_STATE, RunSpec, augment, fit, learning_rate, random_erasing
 
 pytestmark = pytest.mark.slow
 SPEC = RunSpec(model="resnet18", epochs=3, batch_size=32, image_size=32)
@@ -59,7 +59,22 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_where_an_unin
     with result.checkpoint.as_directory() as d:
         history = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]  # epoch 1 was not trained twice
-    assert result.metrics == uninterrupted.metrics  # same seeds, same data order: the same run
+    timing = {"train_images_per_s", "epoch_seconds"}
+    assert timing < set(result.metrics) and result.metrics["train_images_per_s"] > 0
+
+    def learned(m):
+        return {k: v for k, v in m.items() if k not in timing}
+
+    assert learned(result.metrics) == learned(uninterrupted.metrics)  # same seeds, same data order: the same run
+
+
+def test_learning_rate_follows_the_epoch_alone():
+    cosine = RunSpec(lr=1e-3, epochs=10)
+    assert learning_rate(cosine, 0) == 1e-3 and learning_rate(cosine, 5) == pytest.approx(5e-4)
+    assert learning_rate(cosine, 9) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 0.9)))
+    assert learning_rate(RunSpec(lr=1e-3, schedule="constant"), 9) == 1e-3
+    with pytest.raises(ValueError, match="unknown schedule"):
+        learning_rate(RunSpec(schedule="step"), 0)
 
 
 def test_augmentation_is_per_photo_and_erasing_covers_2_to_33_percent():

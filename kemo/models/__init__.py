@@ -70,11 +70,15 @@ def weighted_layers(model: nn.Module) -> int:
 
 
 def load_initial_weights(model: nn.Module, path: str) -> dict[str, list[str]]:
-    """Start from a user's weights file (a state dict, or a dict holding one under ``state_dict``/``model``), loaded
-    with ``weights_only=True``. Tensors whose name and shape match are copied (an ImageNet classifier's 1000-way head
-    is not); returns what was loaded, what in the file was skipped and what in the model kept its random start, and
-    refuses a file that matches nothing."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Start from a user's weights file (path or ``s3://``; a state dict, or a dict holding one under
+    ``state_dict``/``model``), loaded with ``weights_only=True``. Tensors whose name and shape match are copied (an
+    ImageNet classifier's 1000-way head is not); returns what was loaded, what in the file was skipped and what in the
+    model kept its random start, and refuses a file that matches nothing."""
+    import io
+
+    from kemo import storage
+
+    state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -32,7 +32,7 @@ from kemo.models import MODELS
 from kemo.models.checkpoint import load_checkpoint, preprocess
 from kemo.models.data import load_splits
 from kemo.models.metrics import classification_report, confusion_matrix
-from kemo.models.train import TRAIN_STATE, RunSpec, fit
+from kemo.models.train import TRAIN_STATE, RunSpec, fit, learning_rate
 
 log = logging.getLogger(__name__)
 KIND = "classifier-report"
@@ -50,11 +50,16 @@ class TrainConfig:
     epochs: int = field(default=150, metadata={"help": "epochs per run"})
     batch_size: int = field(default=64, metadata={"help": "batch per worker"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    schedule: str = field(default="cosine", metadata={"help": "learning rate per epoch: cosine (to 0) or constant"})
     image_size: int = field(default=224, metadata={"help": "training input side"})
     erasing: float = field(default=0.5, metadata={"help": "Random Erasing probability"})
     min_agree: int = field(default=2, metadata={"help": "train and test on photos at least N annotators agree on"})
     workers: int = field(default=1, metadata={"help": "Ray Train workers per run"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
+    cpus_per_worker: float = field(default=0, metadata={
+        "help": "CPUs each worker reserves (and torch threads on CPU); 0 = CPUs / workers on CPU, 1 with GPUs"})
+    init_weights: str | None = field(default=None, metadata={
+        "help": "start every run from this weights file (path or s3://; matching names and shapes are copied)"})
     max_failures: int = field(default=3, metadata={"help": "worker-group restarts per run"})
     smoke_test: bool = field(default=False, metadata={"help": f"a quick check: {SMOKE}"})
 
@@ -80,6 +85,17 @@ def test_checkpoint(path: str, images: np.ndarray, labels: np.ndarray, batch: in
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the driver's GPU memory goes back to the training workers
     return classification_report(confusion_matrix(labels, predicted, len(meta["classes"])), meta["classes"])
+
+
+def cpus_per_worker(cfg: TrainConfig, nodes: list[dict[str, Any]]) -> float:
+    """What each worker reserves: given, or on CPU an equal share of the cluster's CPUs (at most one node's), so that
+    torch in each worker uses its cores instead of Ray's default of one."""
+    if cfg.cpus_per_worker:
+        return cfg.cpus_per_worker
+    if cfg.use_gpu:
+        return 1
+    cpus = [n["Resources"].get("CPU", 0) for n in nodes if n.get("Alive")]
+    return max(1, min(int(sum(cpus) // cfg.workers), int(max(cpus, default=1))))
 
 
 def _uri(checkpoint: Any, output: str) -> str:
@@ -159,12 +175,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
         raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    learning_rate(RunSpec(schedule=cfg.schedule), 0)  # an unknown schedule fails here, not in every worker
     runs_dir = storage.join(cfg.output, "runs")
     shard_list = [x.strip() for x in cfg.shards.split(",") if x.strip()]
     tags = [_tag(x) for x in shard_list]
     tags = [t if tags.count(t) == 1 else f"{t}-{os.path.basename(x.rstrip('/'))}" for t, x in zip(tags, shard_list)]
     if len(set(tags)) != len(tags):
         raise ValueError(f"crop outputs must differ in detector or folder name: {shard_list}")
+    import ray
+
+    cpus = cpus_per_worker(cfg, ray.nodes())
     rows, all_runs, data_reports = [], [], {}
     for shards, tag in zip(shard_list, tags):
         splits, data_report = load_splits(shards, cfg.image_size, cfg.min_agree)
@@ -174,8 +194,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         # what a run's result depends on besides its spec: these shards (their commit) and the label filter
         data_key = hashlib.sha256(storage.read_bytes(storage.join(shards, storage.COMMIT))
                                   + f"{shards}\0{cfg.min_agree}".encode()).hexdigest()
-        import ray
-
         # one copy in the object store for every run of these shards; the driver keeps only the test split
         train = ray.put((splits["train"].images, splits["train"].labels))
         val = ray.put((splits["val"].images, splits["val"].labels))
@@ -185,7 +203,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             runs = []
             for seed in range(cfg.seeds):
                 spec = RunSpec(model=model, seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                               erasing=cfg.erasing, image_size=cfg.image_size)
+                               erasing=cfg.erasing, image_size=cfg.image_size, init_weights=cfg.init_weights,
+                               schedule=cfg.schedule)
                 spec_dict = dataclasses.asdict(spec)
                 key = hashlib.sha256(json.dumps([spec_dict, data_key], sort_keys=True).encode()).hexdigest()[:10]
                 name = f"{tag}-{model}-seed{seed}-{key}"  # other settings or data never resume this run
@@ -195,7 +214,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     continue
                 log.info("training %s", name)
                 result = fit(train, val, spec, runs_dir, name, workers=cfg.workers, use_gpu=cfg.use_gpu,
-                             max_failures=cfg.max_failures, data_report=data_report)
+                             max_failures=cfg.max_failures, data_report=data_report, cpus_per_worker=cpus)
                 (best, best_metrics), = result.best_checkpoints
                 with best.as_directory() as d:
                     tested = test_checkpoint(d, test.images, test.labels)

@@ -11,8 +11,11 @@ relaunch with the same output and run name resumes from it too.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +25,10 @@ import torch.nn.functional as F
 
 from kemo import storage
 from kemo.classes import CLASS_NAMES
-from kemo.models import create_model
+from kemo.models import create_model, load_initial_weights
 from kemo.models.checkpoint import IMAGENET, save_checkpoint
 
+log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"
 
 
@@ -39,8 +43,10 @@ class RunSpec:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
+    schedule: str = "cosine"  # learning rate per epoch: "cosine" (annealed to 0 at the last epoch) or "constant"
     erasing: float = 0.5  # probability of Random Erasing per photo
     image_size: int = 224
+    init_weights: str | None = None  # a user's weights file (path or s3://) to start from; nothing downloads
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -80,6 +86,39 @@ def _to_input(images: np.ndarray, idx: np.ndarray, device: torch.device) -> torc
     return torch.from_numpy(images[idx]).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
 
 
+def learning_rate(spec: RunSpec, epoch: int) -> float:
+    if spec.schedule == "constant":
+        return spec.lr
+    if spec.schedule == "cosine":
+        return spec.lr * 0.5 * (1 + math.cos(math.pi * epoch / spec.epochs))
+    raise ValueError(f"unknown schedule {spec.schedule!r}: cosine or constant")
+
+
+def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: np.ndarray, labels: np.ndarray,
+                    order: np.ndarray, spec: RunSpec, generator: torch.Generator) -> torch.Tensor:
+    """One pass over ``images[order]`` (uint8 (N, S, S, 3), in memory) in batches of ``spec.batch_size``: augment on
+    the model's device, Adam step, bf16 autocast on GPU. Returns (summed loss, photos) as a float64 tensor on the
+    device, so the loop never waits for the GPU."""
+    device = next(model.parameters()).device
+    mean = torch.tensor(IMAGENET["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET["std"], device=device).view(1, 3, 1, 1)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    model.train()
+    for b in range(0, len(order), spec.batch_size):
+        idx = np.sort(order[b:b + spec.batch_size])  # sorted: a faster gather from the shared array
+        x = augment(_to_input(images, idx, device), generator)
+        x = random_erasing((x - mean) / std, generator, spec.erasing)
+        y = torch.from_numpy(labels[idx]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sums[0] += loss.detach().double() * len(idx)  # no host sync per step
+        sums[1] += len(idx)
+    return sums
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop (every worker runs it)."""
     import ray
@@ -93,8 +132,12 @@ def train_loop(config: dict[str, Any]) -> None:
     x_train, y_train = ray.get(config["train"])
     x_val, y_val = ray.get(config["val"])
     device = ray.train.torch.get_device()
+    if device.type == "cpu" and config.get("cpus_per_worker"):
+        torch.set_num_threads(int(config["cpus_per_worker"]))  # the worker's CPU share, as Ray reserved it
     torch.manual_seed(spec.seed)
     model = create_model(spec.model, num_classes=len(CLASS_NAMES), **spec.arguments)
+    if spec.init_weights:
+        load_initial_weights(model, spec.init_weights)
     model = ray.train.torch.prepare_model(model)
     net = getattr(model, "module", model)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
@@ -121,20 +164,14 @@ def train_loop(config: dict[str, Any]) -> None:
         mine = torch.randperm(len(y_train), generator=g)[rank * per_worker:(rank + 1) * per_worker].numpy()
         aug = torch.Generator(device=device).manual_seed(spec.seed * 100_003 + epoch * 1_009 + rank)
         torch.manual_seed(spec.seed * 100_003 + epoch * 1_009 + rank)  # dropout: per rank, and again on resume
-        model.train()
+        for group in optimizer.param_groups:  # a function of the epoch alone, so a resumed run follows the same curve
+            group["lr"] = learning_rate(spec, epoch)
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # train loss, train n, val correct, val n
-        for b in range(0, len(mine), spec.batch_size):
-            idx = np.sort(mine[b:b + spec.batch_size])
-            x = augment(_to_input(x_train, idx, device), aug)
-            x = random_erasing((x - mean) / std, aug, spec.erasing)
-            y = torch.from_numpy(y_train[idx]).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums[0] += loss.detach().double() * len(idx)  # no host sync per step
-            sums[1] += len(idx)
+        started = time.perf_counter()
+        sums[:2] = train_one_epoch(model, optimizer, x_train, y_train, mine, spec, aug)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds = time.perf_counter() - started  # this worker's training steps, without evaluation
         if world > 1:  # BatchNorm statistics as rank 0 has them, explicitly: evaluation bypasses the DDP wrapper
             for buffer in net.buffers():
                 torch.distributed.broadcast(buffer, 0)
@@ -152,8 +189,15 @@ def train_loop(config: dict[str, Any]) -> None:
         val_accuracy = float(sums[2] / sums[3]) if sums[3] else 0.0
         best = max(best, val_accuracy)
         metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)), "val_accuracy": val_accuracy,
-                   "best_val_accuracy": best}
+                   "best_val_accuracy": best,
+                   # every worker's photos in this worker's time: the group's rate (DDP keeps workers in step)
+                   "train_images_per_s": round(float(sums[1]) / train_seconds, 1) if train_seconds else None,
+                   "epoch_seconds": round(time.perf_counter() - started, 2)}
         history.append(metrics)
+        if rank == 0:  # one progress line per epoch (Ray Train's worker logging forwards it to the driver once;
+            # a print there is forwarded twice)
+            log.info("%s seed %d epoch %d/%d | loss %.3f | val acc %.3f | best %.3f | %s img/s", spec.model, spec.seed,
+                     epoch + 1, spec.epochs, metrics["train_loss"], val_accuracy, best, metrics["train_images_per_s"])
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 save_checkpoint(d, net, spec.model, spec.arguments, image_size=spec.image_size,
@@ -167,10 +211,12 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def fit(train: Any, val: Any, spec: RunSpec, storage_uri: str, name: str, workers: int = 1, use_gpu: bool = False,
-        max_failures: int = 3, data_report: dict[str, Any] | None = None, _fail_once: dict[str, Any] | None = None):
+        max_failures: int = 3, data_report: dict[str, Any] | None = None, cpus_per_worker: float = 0,
+        _fail_once: dict[str, Any] | None = None):
     """Train one run under ``storage_uri/name`` (relaunching with the same two resumes it); returns Ray's Result,
     whose ``best_checkpoints`` hold the best-validation checkpoint. ``train`` and ``val`` are (images, labels)
-    pairs, or ObjectRefs of them so that a grid of runs shares one copy in the object store."""
+    pairs, or ObjectRefs of them so that a grid of runs shares one copy in the object store. ``cpus_per_worker``
+    (0 = Ray's default of 1) is what each worker reserves and, on CPU, how many threads its torch uses."""
     import dataclasses
 
     import ray
@@ -180,12 +226,13 @@ def fit(train: Any, val: Any, spec: RunSpec, storage_uri: str, name: str, worker
     fs, path = storage.resolve(storage_uri)
     refs = [x if isinstance(x, ray.ObjectRef) else ray.put(x) for x in (train, val)]
     config = {"spec": dataclasses.asdict(spec), "train": refs[0], "val": refs[1],
-              "data_report": data_report}
+              "data_report": data_report, "cpus_per_worker": cpus_per_worker}
     if _fail_once:
         config["_fail_once"] = _fail_once
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker} if cpus_per_worker else None),
         run_config=RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=max_failures),
