@@ -1,0 +1,267 @@
+"""`ray job submit --working-dir .` end to end, as users run kemo on a cluster: a two-node Ray 2.60 cluster started
+with `ray start` and token authentication (a CPU-less head, like cluster.yaml's), S3 on a moto server reached through
+the job's runtime environment only, generated photos; the nodes are stopped by their process groups afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unicodedata
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+
+import psutil
+import pytest
+
+from kemo.data import aihub
+from kemo.data.synth import SynthConfig, generate
+from kemo.preprocess import read_crops
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.dirname(sys.executable)  # nodes, drivers and the CLI all run this interpreter
+RAY = os.path.join(VENV_BIN, "ray")
+MARK = "KEMO_TEST_RAY_CLUSTER"  # inherited by every process of the test cluster: how teardown finds leftovers
+START_TIMEOUT_S = 90
+JOB_TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env() -> dict[str, str]:
+    """This process's environment without Ray or AWS settings: the cluster gets S3 settings only through a job's
+    runtime environment, as on AWS, and never sees another engineer's RAY_ADDRESS or token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    return env
+
+
+@dataclass
+class LocalCluster:
+    address: str  # the job server (dashboard), http://127.0.0.1:PORT
+    gcs: str
+    token: str
+    token_path: str
+    temp_dir: str
+    marker: str
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def client_env(self, token: bool = True) -> dict[str, str]:
+        """What a user exports before `ray job submit` (cluster.yaml's header): token mode and the token file."""
+        env = _clean_env()
+        if token:
+            env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token_path)
+        return env
+
+    def get(self, path: str) -> bytes:
+        req = urllib.request.Request(self.address + path, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.read()
+
+    def alive_nodes(self) -> int:
+        try:
+            data = json.loads(self.get("/api/v0/nodes?limit=10"))
+        except OSError:
+            return 0
+        return sum(1 for n in data["data"]["result"]["result"] if n["state"] == "ALIVE")
+
+
+def _start_node(args: list[str], env: dict[str, str], log_path: str) -> subprocess.Popen:
+    # `ray start --block` in its own session: the node's GCS, raylet, dashboard and workers share its process
+    # group, which teardown signals as a whole (never `ray stop`: that stops every Ray instance on the machine).
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env, cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(what: str, ready, procs: list[subprocess.Popen], logs: list[str], timeout: float = START_TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"a Ray node exited ({p.returncode}) before {what}:\n" + _tails(logs))
+        time.sleep(0.5)
+    raise RuntimeError(f"timed out waiting for {what}:\n" + _tails(logs))
+
+
+def _tails(logs: list[str]) -> str:
+    out = []
+    for path in logs:
+        with open(path, errors="replace") as f:
+            out.append(f"--- {path}\n" + "".join(f.readlines()[-20:]))
+    return "\n".join(out)
+
+
+def _marked(marker: str) -> list[psutil.Process]:
+    """Processes of this machine that carry the cluster's marker in their environment (only ours can)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(MARK) == marker:
+                found.append(p)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _stop(cluster: LocalCluster) -> list[str]:
+    """Stop exactly the processes this test started: each node's process group (worker node first), then anything
+    else that carries the marker (a job driver runs in its own session). Returns what needed a hard kill."""
+    for p in reversed(cluster.procs):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    hard = []
+    deadline = time.monotonic() + 30
+    for p in reversed(cluster.procs):
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            hard.append(f"ray start pid {p.pid}")
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    gone, alive = psutil.wait_procs(_marked(cluster.marker), timeout=10)
+    for p in alive:
+        hard.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+        p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    return hard
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head with no CPUs (drivers only, as in cluster.yaml) and a worker node with 2, token auth on both."""
+    temp = str(tmp_path_factory.mktemp("ray"))
+    own_temp = None
+    if len(temp) > 38:  # Ray's unix sockets live under it, and socket paths end at ~107 characters
+        temp = own_temp = tempfile.mkdtemp(prefix="kr", dir="/tmp")
+    token = secrets.token_hex(32)  # what `ray get-auth-token --generate` writes
+    token_path = os.path.join(temp, "auth_token")
+    with open(os.open(token_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(token)
+    marker = uuid.uuid4().hex
+    env = _clean_env()
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path, MARK: marker,
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM stops a node now, not after 30 s
+                "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "False"})
+    dash = _free_port()
+    c = LocalCluster(address=f"http://127.0.0.1:{dash}", gcs="", token=token, token_path=token_path,
+                     temp_dir=temp, marker=marker)
+    # one temp dir per node, as on separate machines: nodes sharing one would unpack each job's working dir into
+    # the same runtime_resources folder, and one node's unpacking deletes the folder a driver runs in on the other
+    head_temp, worker_temp = os.path.join(temp, "h"), os.path.join(temp, "w")
+    logs = [os.path.join(temp, "head.log"), os.path.join(temp, "worker.log")]
+    try:
+        c.procs.append(_start_node(
+            ["--head", "--port", str(_free_port()), "--num-cpus", "0", "--include-dashboard", "true",
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+             "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+             "--object-store-memory", str(200 * 2**20), "--temp-dir", head_temp], env, logs[0]))
+        address_file = os.path.join(head_temp, "ray_current_cluster")  # the head writes its GCS address here
+        _wait("the head's GCS address", lambda: os.path.exists(address_file) and open(address_file).read().strip(),
+              c.procs, logs)
+        c.gcs = open(address_file).read().strip()
+        c.procs.append(_start_node(
+            ["--address", c.gcs, "--num-cpus", "2", "--dashboard-agent-listen-port", str(_free_port()),
+             "--object-store-memory", str(200 * 2**20), "--temp-dir", worker_temp], env, logs[1]))
+        _wait("two alive nodes", lambda: c.alive_nodes() == 2, c.procs, logs)
+        yield c
+    finally:
+        hard = _stop(c)
+        leftovers = _marked(marker)
+        if own_temp:
+            shutil.rmtree(own_temp, ignore_errors=True)
+        assert not leftovers, f"processes of the test cluster survived teardown: {leftovers}"
+        if hard:
+            print(f"test cluster: hard-killed {hard}")
+
+
+def submit(cluster: LocalCluster, entrypoint: list[str], env_vars: dict[str, str] | None = None,
+           token: bool = True) -> tuple[str, str]:
+    """`ray job submit --working-dir .` from the repository root, as the README says; (final status, output)."""
+    sid = f"kemo-test-{uuid.uuid4().hex[:8]}"
+    cmd = [RAY, "job", "submit", "--address", cluster.address, "--submission-id", sid, "--working-dir", "."]
+    if env_vars:
+        cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
+    done = subprocess.run([*cmd, "--", *entrypoint], env=cluster.client_env(token), cwd=ROOT, capture_output=True,
+                          text=True, timeout=JOB_TIMEOUT_S)
+    output = done.stdout + done.stderr
+    if not token:
+        return "REFUSED" if done.returncode else "ACCEPTED", output
+    # the CLI waited for the job to end; its final status, from the job server's REST API (with the token)
+    return json.loads(cluster.get(f"/api/jobs/{sid}"))["status"], output
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """What reaches the job from `--runtime-env-json`: the S3 endpoint and (moto's) credentials; on AWS only
+    AWS_DEFAULT_REGION would be given, the instance profiles supply the rest."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def test_job_server_wants_the_token(cluster):
+    status, output = submit(cluster, ["python", "-c", "print('never runs')"], token=False)
+    assert status == "REFUSED", output
+    assert "never runs" not in output
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(cluster.address + "/api/jobs/", timeout=10)
+    assert e.value.code == 401
+
+
+def test_working_dir_ships_kemo(cluster):
+    """The driver imports kemo from the uploaded working directory, not from this checkout's editable install:
+    on a cluster the code comes only from `--working-dir .`."""
+    status, output = submit(cluster, ["python", "-c", "import kemo, os; print('KEMO_AT', os.path.dirname("
+                                      "os.path.dirname(kemo.__file__)), os.environ.get('YOLO_OFFLINE'))"])
+    assert status == "SUCCEEDED", output
+    where, offline = re.search(r"KEMO_AT (\S+) (\S+)", output).groups()
+    assert os.path.realpath(where) != os.path.realpath(ROOT)
+    assert "working_dir_files" in where and offline == "1"
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    cfg = SynthConfig(out=str(tmp_path_factory.mktemp("corpus")), per_class=4, seed=11, size="320x240", jobs=2)
+    generate(cfg)
+    photos = {unicodedata.normalize("NFC", os.path.relpath(os.path.join(d, n), cfg.out).replace(os.sep, "/"))
+              for d, _, names in os.walk(cfg.out) for n in names if n.lower().endswith((".jpg", ".jpeg"))}
+    return cfg.out, photos
+
+
+def test_preprocess_job(cluster, small_corpus, moto_endpoint, s3_bucket, upload_tree):
+    root, photos = small_corpus
+    upload_tree(root, "corpus")
+    out = f"s3://{s3_bucket}/crops"
+    status, output = submit(cluster, ["python", "jobs/preprocess.py", "--input", f"s3://{s3_bucket}/corpus",
+                                      "--output", out, "--detector", "annotations", "--crop-size", "64"],
+                            s3_env(moto_endpoint))
+    assert status == "SUCCEEDED", output[-4000:]
+    manifest = aihub.load_manifest(f"{out}/index")  # indexed by the job from the S3 root
+    crops = read_crops(out, ["image_id", "status", "error", "crop"])
+    ids = crops.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == manifest.num_rows == len(photos)  # one row per input photo
+    assert set(ids) == photos
+    statuses = crops.column("status").to_pylist()
+    assert statuses == ["ok"] * len(ids), [(i, s, e) for i, s, e in
+                                          zip(ids, statuses, crops.column("error").to_pylist()) if s != "ok"]
+    assert all(c[:2] == b"\xff\xd8" for c in crops.column("crop").to_pylist())  # JPEG bytes
