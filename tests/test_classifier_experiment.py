@@ -39,3 +39,19 @@ def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops
     assert fresh["name"] != name and [h["epoch"] for h in fresh["history"]] == [1] and fresh["spec"]["lr"] == 5e-4
     with pytest.raises(ValueError, match="unknown models"):
         run(TrainConfig(shards=shards, output=out, models="resnet50"))
+
+
+def test_cpu_workers_reserve_their_share_of_the_node():
+    from kemo.models.experiment import cpus_per_worker
+
+    def node(cpus, alive=True):
+        return {"Alive": alive, "Resources": {"CPU": cpus}}
+
+    cfg = TrainConfig(shards="s", output="o")
+    assert cpus_per_worker(cfg, [node(2)]) == 2  # one worker: every core, not Ray's default of one
+    assert cpus_per_worker(dataclasses.replace(cfg, workers=2), [node(2)]) == 1
+    assert cpus_per_worker(dataclasses.replace(cfg, workers=2), [node(16), node(16), node(64, alive=False)]) == 16
+    assert cpus_per_worker(dataclasses.replace(cfg, workers=3), [node(8)]) == 2
+    assert cpus_per_worker(dataclasses.replace(cfg, workers=8), [node(4)]) == 1  # never below one
+    assert cpus_per_worker(dataclasses.replace(cfg, use_gpu=True), [node(8)]) == 1
+    assert cpus_per_worker(dataclasses.replace(cfg, cpus_per_worker=3), [node(8)]) == 3
