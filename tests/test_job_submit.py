@@ -265,3 +265,39 @@ def test_preprocess_job(cluster, small_corpus, moto_endpoint, s3_bucket, upload_
     assert statuses == ["ok"] * len(ids), [(i, s, e) for i, s, e in
                                           zip(ids, statuses, crops.column("error").to_pylist()) if s != "ok"]
     assert all(c[:2] == b"\xff\xd8" for c in crops.column("crop").to_pylist())  # JPEG bytes
+
+
+def test_label_job(cluster, small_corpus, moto_endpoint, s3_bucket, upload_tree, tmp_path):
+    """Batch-label an S3 prefix with a checkpoint on S3: one row per file, a class for each photo, and a file that
+    is not a photo still gets its row."""
+    import torch
+
+    from kemo.classes import CLASS_NAMES
+    from kemo.label import read_labels
+    from kemo.models import create_model
+    from kemo.models.checkpoint import save_checkpoint
+
+    root, photos = small_corpus
+    new = tmp_path / "new"
+    new.mkdir()
+    for rel in sorted(photos)[:6]:
+        shutil.copy(os.path.join(root, rel), new / f"photo {len(os.listdir(new))}.jpg")
+    (new / "notes.txt").write_text("not a photo")
+    upload_tree(str(new), "new")
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "ckpt"), create_model("kemotionnet", blocks=[1, 1, 1, 1]), "kemotionnet",
+                    {"blocks": [1, 1, 1, 1]}, image_size=64)
+    upload_tree(str(tmp_path / "ckpt"), "ckpt")  # actors on either node read it: S3, not this machine's disk
+    out = f"s3://{s3_bucket}/labels"
+    status, output = submit(cluster, ["python", "jobs/label.py", "--input", f"s3://{s3_bucket}/new",
+                                      "--output", out, "--checkpoint", f"s3://{s3_bucket}/ckpt",
+                                      "--detector", "none", "--crop-size", "64"], s3_env(moto_endpoint))
+    assert status == "SUCCEEDED", output[-4000:]
+    labels = read_labels(out)
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in labels.to_pylist()}
+    assert labels.num_rows == len(rows) == 7  # one row per file
+    assert rows.pop("notes.txt")["status"] == "decode_error"
+    for name, r in rows.items():
+        assert r["status"] == "ok", (name, r["error"])
+        assert r["label_name"] == CLASS_NAMES[r["label"]] and len(r["probs"]) == len(CLASS_NAMES)
+        assert abs(sum(r["probs"]) - 1) < 1e-3 and r["detector"] == "none"
