@@ -55,3 +55,17 @@ def test_cpu_workers_reserve_their_share_of_the_node():
     assert cpus_per_worker(dataclasses.replace(cfg, workers=8), [node(4)]) == 1  # never below one
     assert cpus_per_worker(dataclasses.replace(cfg, use_gpu=True), [node(8)]) == 1
     assert cpus_per_worker(dataclasses.replace(cfg, cpus_per_worker=3), [node(8)]) == 3
+
+
+def test_kemotionnet_layout_from_the_command_line_reaches_the_checkpoint(annotation_crops, tmp_path):
+    from kemo.models import weighted_layers
+    from kemo.models.checkpoint import load_checkpoint
+
+    cfg = TrainConfig(shards=annotation_crops, output=str(tmp_path / "k"), models="kemotionnet", blocks="1,1,1,1",
+                      seeds=1, epochs=1, image_size=32, batch_size=32)
+    (entry,) = run(cfg)["runs"]
+    assert entry["spec"]["arguments"] == {"blocks": [1, 1, 1, 1]}
+    model, meta = load_checkpoint(entry["checkpoint"])
+    assert meta["arguments"] == {"blocks": [1, 1, 1, 1]} and weighted_layers(model) == 10
+    with pytest.raises(ValueError, match="four stages"):
+        run(dataclasses.replace(cfg, blocks="3,4,16"))

@@ -46,6 +46,8 @@ class TrainConfig:
     shards: str = field(metadata={"help": "crop outputs of jobs/preprocess.py, comma-separated (local or s3://)"})
     output: str = field(metadata={"help": "output directory (local or s3://)"})
     models: str = field(default="kemotionnet,resnet18,vgg19", metadata={"help": f"from {', '.join(MODELS)}"})
+    blocks: str = field(default="3,4,16,3", metadata={
+        "help": "K-EmotionNet's basic blocks per stage (2 + 2 × their sum weighted layers: 3,4,16,3 → 54)"})
     seeds: int = field(default=3, metadata={"help": "runs per (shards, model), seeds 0..N-1"})
     epochs: int = field(default=150, metadata={"help": "epochs per run"})
     batch_size: int = field(default=64, metadata={"help": "batch per worker"})
@@ -176,6 +178,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if unknown or not models:
         raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
     learning_rate(RunSpec(schedule=cfg.schedule), 0)  # an unknown schedule fails here, not in every worker
+    arguments = {"kemotionnet": {"blocks": [int(b) for b in cfg.blocks.split(",")]}}
+    MODELS["kemotionnet"](**arguments["kemotionnet"])  # a bad layout fails here too
     runs_dir = storage.join(cfg.output, "runs")
     shard_list = [x.strip() for x in cfg.shards.split(",") if x.strip()]
     tags = [_tag(x) for x in shard_list]
@@ -202,7 +206,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         for model in models:
             runs = []
             for seed in range(cfg.seeds):
-                spec = RunSpec(model=model, seed=seed, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                spec = RunSpec(model=model, arguments=arguments.get(model, {}), seed=seed, epochs=cfg.epochs,
+                               batch_size=cfg.batch_size, lr=cfg.lr,
                                erasing=cfg.erasing, image_size=cfg.image_size, init_weights=cfg.init_weights,
                                schedule=cfg.schedule)
                 spec_dict = dataclasses.asdict(spec)
