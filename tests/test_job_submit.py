@@ -167,8 +167,9 @@ def cluster(tmp_path_factory):
     dash = _free_port()
     c = LocalCluster(address=f"http://127.0.0.1:{dash}", gcs="", token=token, token_path=token_path,
                      temp_dir=temp, marker=marker)
-    # one temp dir per node, as on separate machines: nodes sharing one would unpack each job's working dir into
-    # the same runtime_resources folder, and one node's unpacking deletes the folder a driver runs in on the other
+    # one temp dir per node, as on separate machines: nodes sharing one share the runtime_resources folder where
+    # each node unpacks a job's working dir, and one node's runtime-env agent then deletes or replaces the folder
+    # that a driver on the other runs in (seen as FileNotFoundError from os.getcwd() in the driver)
     head_temp, worker_temp = os.path.join(temp, "h"), os.path.join(temp, "w")
     logs = [os.path.join(temp, "head.log"), os.path.join(temp, "worker.log")]
     try:
@@ -196,20 +197,16 @@ def cluster(tmp_path_factory):
             print(f"test cluster: hard-killed {hard}")
 
 
-def submit(cluster: LocalCluster, entrypoint: list[str], env_vars: dict[str, str] | None = None,
-           token: bool = True) -> tuple[str, str]:
+def submit(cluster: LocalCluster, entrypoint: list[str], env_vars: dict[str, str] | None = None) -> tuple[str, str]:
     """`ray job submit --working-dir .` from the repository root, as the README says; (final status, output)."""
     sid = f"kemo-test-{uuid.uuid4().hex[:8]}"
     cmd = [RAY, "job", "submit", "--address", cluster.address, "--submission-id", sid, "--working-dir", "."]
     if env_vars:
         cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
-    done = subprocess.run([*cmd, "--", *entrypoint], env=cluster.client_env(token), cwd=ROOT, capture_output=True,
+    done = subprocess.run([*cmd, "--", *entrypoint], env=cluster.client_env(), cwd=ROOT, capture_output=True,
                           text=True, timeout=JOB_TIMEOUT_S)
-    output = done.stdout + done.stderr
-    if not token:
-        return "REFUSED" if done.returncode else "ACCEPTED", output
     # the CLI waited for the job to end; its final status, from the job server's REST API (with the token)
-    return json.loads(cluster.get(f"/api/jobs/{sid}"))["status"], output
+    return json.loads(cluster.get(f"/api/jobs/{sid}"))["status"], done.stdout + done.stderr
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
@@ -219,13 +216,20 @@ def s3_env(endpoint: str) -> dict[str, str]:
             "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def test_job_server_wants_the_token(cluster):
-    status, output = submit(cluster, ["python", "-c", "print('never runs')"], token=False)
-    assert status == "REFUSED", output
-    assert "never runs" not in output
+def test_job_server_wants_the_token(cluster, tmp_path):
+    """Without the token, or with another one, the job server refuses the submission; so does its REST API."""
+    wrong = tmp_path / "other_token"
+    wrong.write_text(secrets.token_hex(32))
+    for env, refusal in ((cluster.client_env(token=False), "Authentication required"),
+                         ({**cluster.client_env(), "RAY_AUTH_TOKEN_PATH": str(wrong)}, "Authentication failed")):
+        done = subprocess.run([RAY, "job", "submit", "--address", cluster.address, "--", "python", "-c",
+                               "print('never runs')"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        output = done.stdout + done.stderr
+        assert done.returncode != 0 and refusal in output and "never runs" not in output, output
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(cluster.address + "/api/jobs/", timeout=10)
     assert e.value.code == 401
+    assert not [j for j in json.loads(cluster.get("/api/jobs/")) if "never runs" in j["entrypoint"]]
 
 
 def test_working_dir_ships_kemo(cluster):
