@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)  # nodes, drivers and the CLI all run this interpreter
 RAY = os.path.join(VENV_BIN, "ray")
 MARK = "KEMO_TEST_RAY_CLUSTER"  # inherited by every process of the test cluster: how teardown finds leftovers
-START_TIMEOUT_S = 90
+START_TIMEOUT_S = 180  # two nodes on two busy cores: 20 s alone, 60 s under load
 JOB_TIMEOUT_S = 240
 
 
