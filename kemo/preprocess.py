@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -37,6 +37,7 @@ KIND = "crops"
 RETRY = ("read_error", "error")  # transient (throttling, a network blip, a GPU out of memory): redone on a rerun
 RUN = "_run.json"  # fingerprint of the run that owns the shards; a resume must match it
 SMOKE_ROWS = 16
+C = TypeVar("C")
 
 
 @dataclass
@@ -68,9 +69,10 @@ class PreprocessConfig:
     smoke_test: bool = field(default=False, metadata={"help": f"only the first {SMOKE_ROWS} photos"})
 
 
-def resolve_resources(cfg: PreprocessConfig, cluster: dict[str, float]) -> PreprocessConfig:
+def resolve_resources(cfg: C, cluster: dict[str, float]) -> C:
     """Fill the automatic resource knobs from the cluster's resources (the nodes up now: on an autoscaling cluster
-    that has not scaled up yet, give --gpus-per-actor and --decoders explicitly)."""
+    that has not scaled up yet, give --gpus-per-actor and --decoders explicitly). Any config dataclass with
+    PreprocessConfig's resource fields (kemo.label.LabelConfig too)."""
     gpus = int(cluster.get("GPU", 0))
     cpus = int(cluster.get("CPU", 1))
     gpa = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if gpus else 0.0)
@@ -106,6 +108,11 @@ class CropPhotos:
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = PreprocessConfig(**cfg)
+        self._start()
+
+    def _start(self) -> None:
+        """Detector, decoder threads and lock from ``self.cfg``; kemo.label.LabelPhotos shares this whole front end
+        (any config with the detector, decode and crop fields of PreprocessConfig)."""
         cv2.setNumThreads(max(1, self.cfg.decoders))  # the actor's CPU share, not every core of the node
         if self.cfg.detector == "yolo":
             import torch
@@ -140,6 +147,24 @@ class CropPhotos:
         return _Prepared(decoded=dec, det_input=det_input, det_factors=det_factors,
                          header=(dec.width, dec.height, dec.orientation))
 
+    def _faces(self, prep: _Prepared, faces: Any) -> tuple[list[list[float]], list[float]]:
+        """The detector's faces as boxes of the full-resolution upright frame, clipped to it, with their scores."""
+        dec = prep.decoded
+        fx, fy = prep.det_factors
+        boxes, scores = [], []
+        for b, s in zip(faces.boxes, faces.scores):
+            clipped = clip_box([b[0] * fx, b[1] * fy, b[2] * fx, b[3] * fy], dec.width, dec.height)
+            if clipped is not None:
+                boxes.append(clipped)
+                scores.append(float(s))
+        return boxes, scores
+
+    def _crop(self, dec: Decoded, box: list[float] | None) -> np.ndarray:
+        """(crop_size, crop_size, 3) uint8: the square around ``box`` with its margin, or the whole photo (None)."""
+        if box is None:
+            return resize_whole(dec.image, self.cfg.crop_size)
+        return crop_square(dec.image, crop_region(box, self.cfg.margin), self.cfg.crop_size, dec.factors)
+
     def _finish(self, row: dict[str, Any], prep: _Prepared, faces) -> dict[str, Any]:
         out = {k: row.get(k) for k in IDENTITY}
         out.update(detector=self.detector.name, status=prep.status or "ok", error=prep.error, crop=None,
@@ -150,23 +175,16 @@ class CropPhotos:
             return out
         try:
             if self.detector.whole_photo:
-                crop = resize_whole(dec.image, self.cfg.crop_size)
+                crop = self._crop(dec, None)
                 out["face_box"] = [0.0, 0.0, float(dec.width), float(dec.height)]
             else:
-                fx, fy = prep.det_factors
-                boxes, scores = [], []
-                for b, s in zip(faces.boxes, faces.scores):
-                    clipped = clip_box([b[0] * fx, b[1] * fy, b[2] * fx, b[3] * fy], dec.width, dec.height)
-                    if clipped is not None:
-                        boxes.append(clipped)
-                        scores.append(float(s))
+                boxes, scores = self._faces(prep, faces)
                 out["n_faces"] = len(boxes)
                 best = primary_face(np.asarray(boxes).reshape(-1, 4), np.asarray(scores))
                 if best is None:
                     out.update(status="no_face", error=f"{self.detector.name} found no face")
                     return out
-                region = crop_region(boxes[best], self.cfg.margin)
-                crop = crop_square(dec.image, region, self.cfg.crop_size, dec.factors)
+                crop = self._crop(dec, boxes[best])
                 out["face_box"], out["face_score"] = boxes[best], scores[best]
             out["crop"] = encode_jpeg(crop, self.cfg.jpeg_quality)
         except Exception as e:
@@ -174,8 +192,8 @@ class CropPhotos:
             out.update(status="error", error=f"{type(e).__name__}: {e}", crop=None)
         return out
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+    def _detect(self, rows: list[dict[str, Any]]) -> tuple[list[_Prepared], list[Any]]:
+        """Read and decode ``rows`` in the decoder threads, then run the detector once on the decodable ones."""
         # With calls_per_actor > 1 another batch decodes in the shared thread pool while this one holds the detector.
         prepared = list(self.pool.map(self._load, rows))
         faces: list[Any] = [None] * len(rows)
@@ -190,6 +208,11 @@ class CropPhotos:
                 log.exception("detector failed on a batch of %d", len(good))
                 for i in good:
                     prepared[i] = _Prepared("error", f"detector: {type(e).__name__}: {e}", header=prepared[i].header)
+        return prepared, faces
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        prepared, faces = self._detect(rows)
         out = list(self.pool.map(self._finish, rows, prepared, faces))
         return pa.Table.from_pylist(out, schema=CROP)
 

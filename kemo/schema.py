@@ -45,3 +45,30 @@ CROP = pa.schema([
     ("crop", pa.binary()),
 ])
 STATUSES = ("ok", "no_face", "read_error", "decode_error", "too_large", "unsupported_format", "error")
+
+# One row per photo of a labelling run (one per face with --all-faces), whatever happened to it (DESIGN §4 Labels).
+# `uri`, `size`, `mtime_ns` and `etag` are the photo's version as listed: a rerun skips a version already labelled and
+# labels a replaced photo again. `face` ranks the faces of a photo (0 = the primary face, the selfie subject; null
+# when none was classified); `face_box` is xyxy pixels of the full-resolution upright frame (the whole frame for the
+# `none` detector). `label`/`label_name`/`confidence`/`probs` are null unless status is ok; `probs` follow the
+# checkpoint's class order (kemo.classes). `model` is the checkpoint's model_sha256.
+LABELS = pa.schema([
+    ("uri", pa.string()),
+    ("size", pa.int64()),
+    ("mtime_ns", pa.int64()),
+    ("etag", pa.string()),  # S3 only
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("face", pa.int16()),
+    ("n_faces", pa.int16()),  # faces the detector saw; null for `none`
+    ("face_box", pa.list_(pa.float32())),
+    ("face_score", pa.float32()),
+    ("label", pa.int8()),
+    ("label_name", pa.string()),
+    ("confidence", pa.float32()),  # probs[label]
+    ("probs", pa.list_(pa.float32())),
+    ("orig_width", pa.int32()),  # upright, full resolution
+    ("orig_height", pa.int32()),
+    ("model", pa.string()),
+    ("detector", pa.string()),
+])

@@ -50,16 +50,33 @@ def _bucket_region(bucket: str) -> str:
     return pafs.resolve_s3_region(bucket)  # one HEAD request per bucket, not per file
 
 
+def _s3_settings(bucket: str) -> tuple[str | None, str | None]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not endpoint and not region:
+        region = _bucket_region(bucket)
+    return endpoint, region
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or an ``s3://bucket/key`` URI."""
     if is_s3(uri):
         path = uri[len("s3://"):].rstrip("/")
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if not endpoint and not region:
-            region = _bucket_region(path.split("/", 1)[0])
-        return _s3_filesystem(endpoint, region), path
+        return _s3_filesystem(*_s3_settings(path.split("/", 1)[0])), path
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+@functools.cache
+def _boto3_s3(endpoint: str | None, region: str | None) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region)  # thread-safe; one per process
+
+
+def _pyarrow_addressable(key: str) -> bool:
+    """pyarrow's S3 client refuses empty path components and drops "." / ".." ones: such keys are legal S3 objects
+    (``a/../x.jpg``, ``a//x.jpg``) that only a client sending the key verbatim, boto3, can read."""
+    return not any(part in ("", ".", "..") for part in key.split("/"))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -75,15 +92,28 @@ class FileEntry:
     uri: str  # what read_bytes() takes
     size: int
     mtime_ns: int | None
+    etag: str | None = None  # S3 with etags=True: changes with the content even within LastModified's second
 
 
-def list_files(root: str) -> list[FileEntry]:
+def list_files(root: str, etags: bool = False) -> list[FileEntry]:
     """Every file under ``root`` (recursive), sorted by key. S3 "folder" marker keys are not files.
 
     Local names that are not UTF-8 (cp949 from some unzip tools) come back surrogate-escaped instead of failing.
+    ``etags=True`` lists S3 with boto3, whose ListObjectsV2 answer carries each object's ETag (pyarrow drops it).
     """
     out = []
-    if is_s3(root):
+    if is_s3(root) and etags:
+        bucket, _, prefix = root[len("s3://"):].rstrip("/").partition("/")
+        base = f"{bucket}/{prefix}" if prefix else bucket
+        pages = _boto3_s3(*_s3_settings(bucket)).get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        for page in pages:
+            for obj in page.get("Contents", []):
+                if not obj["Key"].endswith("/"):
+                    path = f"{bucket}/{obj['Key']}"
+                    out.append(FileEntry(posixpath.relpath(path, base), f"s3://{path}", int(obj["Size"]),
+                                         int(obj["LastModified"].timestamp()) * 10**9, obj["ETag"].strip('"')))
+    elif is_s3(root):
         fs, base = resolve(root)
         for info in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=False)):
             if info.type == pafs.FileType.File and not info.path.endswith("/"):
@@ -108,6 +138,13 @@ def read_bytes(uri: str) -> bytes:
         with open(uri, "rb") as f:
             return f.read()
     fs, path = resolve(uri)
+    bucket, _, key = path.partition("/")
+    if not _pyarrow_addressable(key):
+        client = _boto3_s3(*_s3_settings(bucket))
+        try:
+            return client.get_object(Bucket=bucket, Key=uri[len("s3://"):].partition("/")[2])["Body"].read()
+        except client.exceptions.NoSuchKey as e:
+            raise FileNotFoundError(f"no such object: {uri}") from e
     with fs.open_input_stream(path) as f:
         return f.read()
 

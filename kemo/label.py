@@ -1,0 +1,504 @@
+"""Label new photos with emotions: a folder or an S3 prefix → one row per photo (per face with --all-faces).
+
+The input is listed once; photos whose version (uri, size, mtime, ETag) already has a label are skipped before any
+model loads. The rest go through one actor pool that reads, decodes, detects and crops exactly as preprocessing does
+(``CropPhotos``), then classifies the crops in the same actor, so crops never leave it. The driver writes the rows as
+Parquet parts named after their rows; ``_commit.json``, written last, names the parts whose rows are current.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kemo import storage
+from kemo.crop import encode_jpeg, primary_face
+from kemo.detect import DETECTORS
+from kemo.image import MAX_PIXELS
+from kemo.preprocess import RETRY, SMOKE_ROWS, CropPhotos, _Prepared, read_shards, resolve_resources
+from kemo.schema import LABELS
+
+log = logging.getLogger(__name__)
+KIND = "labels"
+RUN = "_run.json"  # what makes a row: model, detector, crop settings; rows of another setup are never mixed in
+PARTS = "parts"
+CSV = "labels.csv"
+FORMATS = ("parquet", "csv")
+PHOTO = pa.schema([LABELS.field(n) for n in ("uri", "size", "mtime_ns", "etag")])  # a listed photo version
+KEYS = ["uri", "size", "mtime_ns", "etag", "face", "status", "label_name"]  # what the skip rule and summary read
+
+
+@dataclass
+class LabelConfig:
+    """Label every photo of a folder or S3 prefix with the emotion of its face."""
+
+    input: str = field(metadata={"help": "folder or s3:// prefix of photos (recursive; photos are known by content)"})
+    output: str = field(metadata={"help": "label directory (local or s3://); earlier runs' labels are kept"})
+    checkpoint: str = field(metadata={"help": "classifier checkpoint directory (model.pt + meta.json), or s3://"})
+    detector: str = field(default="yolo", metadata={"help": "yolo, haar or none (whole photo)"})
+    weights: str | None = field(default=None, metadata={"help": "YOLO face weights: path or s3:// URI"})
+    weights_sha256: str | None = field(default=None, metadata={"help": "refuse weights with another SHA-256"})
+    all_faces: bool = field(default=False, metadata={"help": "one row per detected face, not only the primary one"})
+    format: str = field(default="parquet,csv", metadata={
+        "help": "parquet (the label store, always written) and csv (labels.csv: every current row)"})
+    crop_size: int = field(default=500, metadata={"help": "crop side in pixels, as preprocessing cut them"})
+    margin: float = field(default=0.25, metadata={"help": "background kept on each side, as a share of the face"})
+    imgsz: int = field(default=640, metadata={"help": "detector input side"})
+    conf: float = field(default=0.25, metadata={"help": "yolo: minimum face confidence"})
+    jpeg_quality: int = field(default=95, metadata={
+        "help": "crops go through JPEG at this quality before the classifier, as training crops did (0 = not)"})
+    batch_size: int = field(default=0, metadata={"help": "photos per actor call = detector batch; 0 = 16 CPU, 64 GPU"})
+    actors: int = field(default=0, metadata={"help": "actor pool size; 0 = one per GPU, else CPUs / decoders"})
+    decoders: int = field(default=0, metadata={"help": "CPU decoder threads (and CPUs) per actor; 0 = 1 CPU, 8 GPU"})
+    gpus_per_actor: float = field(default=-1, metadata={"help": "GPUs per actor; -1 = 1 when the cluster has GPUs"})
+    calls_per_actor: int = field(default=0, metadata={
+        "help": "batches in flight per actor, so decoding overlaps the models; 0 = 2 with GPUs, else 1"})
+    device: str = field(default="auto", metadata={"help": "detector and classifier device: auto, cpu, cuda:0"})
+    precision: str = field(default="auto", metadata={
+        "help": "classifier on GPU: auto (bf16 where supported, else fp16), bf16, fp16 or fp32; CPU runs fp32"})
+    decode_min_side: int = field(default=1000, metadata={"help": "DCT-reduce JPEGs while the short side stays >= this"})
+    max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "refuse larger photos as too_large"})
+    max_bytes: int = field(default=256 << 20, metadata={"help": "refuse larger files as too_large, unread"})
+    rows_per_part: int = field(default=20000, metadata={"help": "rows per Parquet part (a killed run keeps its parts)"})
+    smoke_test: bool = field(default=False, metadata={"help": f"only the first {SMOKE_ROWS} files"})
+
+
+# --------------------------------------------------------------------------------------------------- the actor
+
+
+def _ranked(boxes: list[list[float]], scores: list[float]) -> list[int]:
+    """Face indices, the primary face (kemo.crop.primary_face's choice) first, then by the same rule among the rest."""
+    left, order = list(range(len(boxes))), []
+    while left:
+        best = primary_face(np.asarray([boxes[i] for i in left]).reshape(-1, 4), np.asarray([scores[i] for i in left]))
+        order.append(left.pop(best))
+    return order
+
+
+def _autocast_dtype(precision: str, device: str) -> Any:
+    import torch
+
+    if not device.startswith("cuda") or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class LabelPhotos(CropPhotos):
+    """Ray Data class UDF: a batch of listed photos (``PHOTO`` columns) → their ``LABELS`` rows.
+
+    ``LabelPhotos(dataclasses.asdict(cfg))`` loads the detector and the classifier once; calling it on a pyarrow
+    table of photos reads, decodes and detects them as preprocessing does, crops, and classifies every crop in one
+    batch. Each photo yields its rows together (one, or one per face with ``all_faces``).
+    """
+
+    def __init__(self, cfg: dict[str, Any]):
+        import torch
+
+        from kemo.models.checkpoint import load_checkpoint
+
+        self.cfg = LabelConfig(**cfg)
+        self._start()
+        torch.set_num_threads(max(1, self.cfg.decoders))  # the actor's CPU share, not the whole node
+        self.device = ("cuda:0" if torch.cuda.is_available() else "cpu") if self.cfg.device == "auto" \
+            else self.cfg.device
+        self.model, self.meta = load_checkpoint(self.cfg.checkpoint, self.device)
+        self.autocast = _autocast_dtype(self.cfg.precision, self.device)
+        self.classify_lock = threading.Lock()  # with calls_per_actor > 1, batches share the model
+        log.info("classifier %s (%s, %d² input) on %s%s", self.cfg.checkpoint, self.meta["architecture"],
+                 self.meta["image_size"], self.device, f" {self.autocast}" if self.autocast else "")
+
+    def _load(self, row: dict[str, Any]) -> _Prepared:
+        if row["size"] > self.cfg.max_bytes:  # known from the listing: not even read
+            return _Prepared("too_large", f"file of {row['size']} bytes exceeds the {self.cfg.max_bytes}-byte limit")
+        return super()._load(row)
+
+    def _pixels(self, crop: np.ndarray) -> np.ndarray:
+        """The classifier's input pixels for a crop, made as training made them from a crop shard's JPEG."""
+        from kemo.models.data import decode_crop, resize_square
+
+        size = self.meta["image_size"]
+        if not self.cfg.jpeg_quality:
+            return resize_square(crop, size)
+        pixels = decode_crop(encode_jpeg(crop, self.cfg.jpeg_quality), size)
+        if pixels is None:
+            raise RuntimeError("the crop's JPEG does not decode")
+        return pixels
+
+    def _photo(self, row: dict[str, Any], prep: _Prepared, faces: Any
+               ) -> tuple[list[dict[str, Any]], list[np.ndarray | None]]:
+        """A photo's rows before classification, and each row's classifier input (None: nothing to classify)."""
+        base = {k: row[k] for k in PHOTO.names}
+        base.update(status=prep.status or "ok", error=prep.error, detector=self.detector.name,
+                    model=self.meta["model_sha256"], orig_width=prep.header[0], orig_height=prep.header[1])
+        dec = prep.decoded
+        if dec is None:
+            return [base], [None]
+        try:
+            if self.detector.whole_photo:
+                box = [0.0, 0.0, float(dec.width), float(dec.height)]
+                return [{**base, "face": 0, "face_box": box}], [self._pixels(self._crop(dec, None))]
+            boxes, scores = self._faces(prep, faces)
+            base["n_faces"] = len(boxes)
+            order = _ranked(boxes, scores)[:None if self.cfg.all_faces else 1]
+            if not order:
+                return [{**base, "status": "no_face", "error": f"{self.detector.name} found no face"}], [None]
+            rows = [{**base, "face": k, "face_box": boxes[i], "face_score": scores[i]} for k, i in enumerate(order)]
+            return rows, [self._pixels(self._crop(dec, boxes[i])) for i in order]
+        except Exception as e:
+            log.exception("cropping %s failed", row["uri"])
+            return [{**base, "status": "error", "error": f"{type(e).__name__}: {e}"}], [None]
+
+    def _classify(self, images: list[np.ndarray]) -> np.ndarray:
+        """(N, C) float32 class probabilities, in chunks of the batch size (with all_faces a batch holds more)."""
+        import torch
+
+        from kemo.models.checkpoint import preprocess
+
+        chunk = max(1, self.cfg.batch_size or 16)
+        out = []
+        autocast = torch.autocast("cuda", dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            for i in range(0, len(images), chunk):
+                x = preprocess(images[i:i + chunk], self.meta, self.device)  # (n, 3, S, S), already S²: no resize
+                out.append(torch.softmax(self.model(x).float(), dim=1).cpu().numpy())
+        return np.concatenate(out)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        prepared, faces = self._detect(rows)
+        out: list[dict[str, Any]] = []
+        inputs: list[np.ndarray | None] = []
+        for photo_rows, photo_inputs in self.pool.map(self._photo, rows, prepared, faces):
+            out.extend(photo_rows)
+            inputs.extend(photo_inputs)
+        todo = [i for i, x in enumerate(inputs) if x is not None]
+        if todo:
+            try:
+                with self.classify_lock:
+                    probs = self._classify([inputs[i] for i in todo])
+                classes = self.meta["classes"]
+                for i, p in zip(todo, probs):
+                    k = int(np.argmax(p))
+                    out[i].update(label=k, label_name=classes[k], confidence=float(p[k]), probs=p.tolist())
+            except Exception as e:
+                log.exception("classifier failed on a batch of %d crops", len(todo))
+                for i in todo:
+                    out[i].update(status="error", error=f"classifier: {type(e).__name__}: {e}")
+        return pa.Table.from_pylist(out, schema=LABELS)
+
+
+# --------------------------------------------------------------------------------------------------- the input
+
+
+def _os_metadata(rel: str) -> bool:
+    """Files an OS leaves beside photos (macOS resource forks and folder views, Windows thumbnails): never rows."""
+    parts = rel.split("/")
+    return "__MACOSX" in parts or parts[-1].startswith("._") or parts[-1] in (".DS_Store", "Thumbs.db")
+
+
+def _contains(parent: str, child: str) -> bool:
+    if storage.is_s3(parent) != storage.is_s3(child):
+        return False
+    if storage.is_s3(parent):
+        return f"{child.rstrip('/')}/".startswith(f"{parent.rstrip('/')}/")
+    parent, child = os.path.abspath(parent), os.path.abspath(child)
+    return os.path.commonpath([parent, child]) == parent
+
+
+def snapshot(cfg: LabelConfig) -> tuple[pa.Table, int]:
+    """(every file under the input as ``PHOTO`` rows sorted by uri, OS metadata files left out). Content decides
+    what is a photo: every other file gets a row, a non-image one with status decode_error."""
+    entries = storage.list_files(cfg.input, etags=True)
+    kept = [e for e in entries if not _os_metadata(e.rel)]
+    rows = [{"uri": e.uri, "size": e.size, "mtime_ns": e.mtime_ns, "etag": e.etag} for e in kept]
+    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["uri"]), schema=PHOTO)
+    return (table.slice(0, SMOKE_ROWS) if cfg.smoke_test else table), len(entries) - len(kept)
+
+
+# --------------------------------------------------------------------------------------------------- the output
+
+
+def part_name(table: pa.Table) -> str:
+    """Named after its rows' photo versions (never after a key): rewriting the same rows gives the same file."""
+    ids = sorted("\0".join(str(v) for v in r.values()) for r in table.select(PHOTO.names + ["face"]).to_pylist())
+    return f"part-{hashlib.sha1(chr(1).join(ids).encode()).hexdigest()[:20]}.parquet"
+
+
+def write_part(table: pa.Table, parts_dir: str) -> str:
+    table = table.sort_by([("uri", "ascending"), ("face", "ascending")])
+    name = part_name(table)
+    storage.write_parquet(table, storage.join(parts_dir, name))
+    return name
+
+
+def _choose(tables: dict[str, pa.Table], current: dict[str, tuple]) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Which rows of which parts are current: (keep mask per part, uris whose snapshot version is done).
+
+    Per uri, one photo version's rows from one part win: the version listed now, else the newest; a complete
+    answer over a transient failure (read_error, error: done again on a rerun); among equals, the first part by
+    name (duplicates left by a crash or a retry). Rows for photos no longer listed are kept.
+    """
+    groups: dict[str, list[tuple[tuple, str, list[int]]]] = {}
+    for name, t in tables.items():
+        cols = {c: t.column(c).to_pylist() for c in KEYS}
+        by_version: dict[tuple, list[int]] = {}
+        for i, version in enumerate(zip(cols["uri"], cols["size"], cols["mtime_ns"], cols["etag"])):
+            by_version.setdefault(version, []).append(i)
+        for version, idx in by_version.items():
+            transient = any(cols["status"][i] in RETRY for i in idx)
+            faces = {cols["face"][i] for i in idx}
+            if len(faces) < len(idx):  # the same face twice in one part: keep its first row
+                seen: set = set()
+                idx = [i for i in idx if not (cols["face"][i] in seen or seen.add(cols["face"][i]))]
+            rank = (version[1:] != current.get(version[0]), transient, -(version[2] or 0), name)
+            groups.setdefault(version[0], []).append((rank, name, idx))
+    keep = {name: np.zeros(t.num_rows, bool) for name, t in tables.items()}
+    done = set()
+    for uri, candidates in groups.items():
+        rank, name, idx = min(candidates, key=lambda c: c[0])
+        keep[name][idx] = True
+        if not rank[0] and not rank[1]:
+            done.add(uri)
+    return keep, done
+
+
+def _csv_bytes(table: pa.Table, classes: list[str]) -> bytes:
+    """labels.csv: the list columns spread into scalar ones (face_x1 … face_y2, p_<class>) for spreadsheets."""
+    import pyarrow.csv as pacsv
+
+    cols: dict[str, Any] = {}
+    for name in table.column_names:
+        if name == "face_box":
+            for k, axis in enumerate(("x1", "y1", "x2", "y2")):
+                cols[f"face_{axis}"] = pc.list_element(table.column(name), k)
+        elif name == "probs":
+            for k, c in enumerate(classes):
+                cols[f"p_{c}"] = pc.list_element(table.column(name), k)
+        else:
+            cols[name] = table.column(name)
+    buf = io.BytesIO()
+    pacsv.write_csv(pa.table(cols), buf)
+    return buf.getvalue()
+
+
+def read_labels(output: str, columns: list[str] | None = None) -> pa.Table:
+    """Every current row of a committed label output, from the parts its commit manifest names."""
+    manifest = storage.committed(output, KIND)
+    parts = [storage.read_parquet_columns(storage.join(output, f["path"]), columns)
+             for f in manifest["files"] if f["path"].startswith(f"{PARTS}/")]
+    if parts:
+        return pa.concat_tables(parts)
+    return LABELS.empty_table().select(columns) if columns else LABELS.empty_table()
+
+
+# --------------------------------------------------------------------------------------------------- the job
+
+
+def _check(cfg: LabelConfig) -> list[str]:
+    if cfg.detector == "annotations":
+        raise ValueError("--detector annotations needs the annotators' boxes from an AI-Hub manifest, which new "
+                         "photos do not have: use yolo, haar or none")
+    if cfg.detector not in DETECTORS:
+        raise ValueError(f"unknown detector {cfg.detector!r}; choose from yolo, haar, none")
+    if cfg.detector == "yolo" and not cfg.weights:
+        raise ValueError("--detector yolo needs --weights PATH_OR_URI (kemo downloads no weights)")
+    formats = [f.strip() for f in cfg.format.split(",") if f.strip()]
+    if not set(formats) <= set(FORMATS):
+        raise ValueError(f"--format {cfg.format!r}: choose from {', '.join(FORMATS)}")
+    if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"--precision {cfg.precision!r}: choose from auto, bf16, fp16, fp32")
+    if _contains(cfg.input, cfg.output):
+        raise ValueError(f"--output {cfg.output} lies inside --input {cfg.input}: its files would be listed as "
+                         "photos on the next run; choose an output outside the input")
+    return formats
+
+
+def _fingerprint(cfg: LabelConfig) -> dict[str, Any]:
+    from kemo.models.checkpoint import META
+
+    meta = storage.read_json(storage.join(cfg.checkpoint, META))  # meta.json only: no model is built here
+    weights_sha = None
+    if cfg.detector == "yolo":
+        from kemo.detect import fetch_weights
+
+        weights_sha = fetch_weights(cfg.weights, cfg.weights_sha256)[1]
+    # everything that changes a row; resource knobs, precision and the code version do not
+    return {"model": meta["model_sha256"], "architecture": meta["architecture"], "classes": meta["classes"],
+            "image_size": meta["image_size"], "detector": cfg.detector, "weights_sha256": weights_sha,
+            "all_faces": cfg.all_faces, "crop_size": cfg.crop_size, "margin": cfg.margin, "imgsz": cfg.imgsz,
+            "conf": cfg.conf, "jpeg_quality": cfg.jpeg_quality, "decode_min_side": cfg.decode_min_side,
+            "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes}
+
+
+def _claim(output: str, fingerprint: dict[str, Any]) -> bool:
+    """Refuse an output labelled with another model or setup; True when this output is new (nothing written)."""
+    try:
+        previous = storage.read_json(storage.join(output, RUN))
+    except FileNotFoundError:
+        return True
+    if previous != fingerprint:
+        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+        raise ValueError(f"{output} holds labels of another setup (differs in {', '.join(changed)}); "
+                         "use a new --output")
+    return False
+
+
+def _check_reachable(cfg: LabelConfig, alive_nodes: int) -> None:
+    """Actors on any node read the photos, the checkpoint and the weights; the driver alone writes the output."""
+    if alive_nodes <= 1:
+        return
+    for flag, uri in (("--input", cfg.input), ("--checkpoint", cfg.checkpoint), ("--weights", cfg.weights)):
+        if uri and not storage.is_s3(uri):
+            raise ValueError(f"{flag} {uri} is a local path but the cluster has {alive_nodes} nodes: actors on "
+                             "other nodes cannot read it; give an s3:// URI")
+
+
+def _label_pending(cfg: LabelConfig, pending: pa.Table, parts_dir: str) -> tuple[int, Counter]:
+    """Stream the pending photos through the actor pool; the driver writes whole photos' rows into parts as they
+    come (rows are small: crops never leave the actors). Returns (photos labelled, their statuses)."""
+    import ray
+
+    blocks = [pending.slice(i, cfg.batch_size) for i in range(0, pending.num_rows, cfg.batch_size)]
+    actors = max(1, min(cfg.actors, len(blocks)))  # an incremental run of a few photos loads the models once
+    ds = ray.data.from_arrow(blocks).map_batches(
+        LabelPhotos, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg)}, batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=cfg.calls_per_actor,
+                                           enable_true_multi_threading=cfg.calls_per_actor > 1),
+        num_cpus=cfg.decoders, num_gpus=cfg.gpus_per_actor or None)
+    photos, statuses, buffered, rows = 0, Counter(), [], 0
+
+    def flush() -> None:
+        nonlocal buffered, rows
+        table = pa.concat_tables(buffered)
+        name = write_part(table, parts_dir)
+        log.info("%s: %d rows — %d/%d photos", name, table.num_rows, photos, pending.num_rows)
+        buffered, rows = [], 0
+
+    # batch_size=None: whole blocks, i.e. whole actor calls, so a photo's rows never straddle two parts
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        uris = batch.column("uri").to_pylist()
+        first = [i == 0 or uris[i] != uris[i - 1] for i in range(len(uris))]
+        photos += sum(first)
+        statuses.update(s for s, f in zip(batch.column("status").to_pylist(), first) if f)
+        buffered.append(batch)
+        rows += batch.num_rows
+        if rows >= cfg.rows_per_part:
+            flush()
+    if buffered:
+        flush()
+    return photos, statuses
+
+
+def _tally(tables: dict[str, pa.Table], keep: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Photos and rows, photos per status and rows (faces) per emotion, over the current rows."""
+    current = pa.concat_tables([t.filter(pa.array(keep[n])) for n, t in sorted(tables.items())]) if tables else None
+    if current is None or current.num_rows == 0:
+        return {"photos": 0, "rows": 0, "statuses": {}, "emotions": {}}
+    uris, statuses = current.column("uri").to_pylist(), current.column("status").to_pylist()
+    per_photo = Counter(dict(zip(uris, statuses)).values())
+    emotions = Counter(n for n in current.column("label_name").to_pylist() if n is not None)
+    return {"photos": len(set(uris)), "rows": current.num_rows, "statuses": dict(sorted(per_photo.items())),
+            "emotions": dict(sorted(emotions.items()))}
+
+
+def run(cfg: LabelConfig) -> dict[str, Any]:
+    """Label the photos under ``cfg.input`` that the output has no current label for; commit; return the summary.
+
+    A rerun with nothing new writes nothing and loads no model. Photos listed before keep their rows; a replaced
+    photo's old rows are superseded by its new ones.
+    """
+    import ray
+
+    t0 = time.perf_counter()
+    formats = _check(cfg)
+    fingerprint = _fingerprint(cfg)
+    new_output = _claim(cfg.output, fingerprint)
+    photos, ignored = snapshot(cfg)
+    if photos.num_rows == 0:
+        raise ValueError(f"no files under {cfg.input}")
+    current = {r["uri"]: (r["size"], r["mtime_ns"], r["etag"]) for r in photos.to_pylist()}
+    parts_dir = storage.join(cfg.output, PARTS)
+    tables = read_shards(parts_dir, KEYS)
+    _, done = _choose(tables, current)
+    pending = photos.filter(pc.invert(pc.is_in(photos.column("uri"), pa.array(sorted(done), pa.string()))))
+    log.info("%d files under %s (%d OS metadata files left out): %d already labelled, %d to label",
+             photos.num_rows, cfg.input, ignored, photos.num_rows - pending.num_rows, pending.num_rows)
+    labelled, run_statuses = 0, Counter()
+    if pending.num_rows:
+        cfg = resolve_resources(cfg, ray.cluster_resources())
+        _check_reachable(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
+        log.info("labelling with %s + %s: %d actors × %d decoders, %g GPU each, batch %d", cfg.detector,
+                 fingerprint["architecture"], cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size)
+        if new_output:  # claimed before any part exists, so a killed run's parts are never taken for another setup's
+            storage.write_json(storage.join(cfg.output, RUN), fingerprint)
+        labelled, run_statuses = _label_pending(cfg, pending, parts_dir)
+        tables = read_shards(parts_dir, KEYS)
+
+    keep, _ = _choose(tables, current)
+    rewrite = sorted(n for n, mask in keep.items() if not mask.all())
+    final = sorted(n for n, mask in keep.items() if mask.all())
+    tail = ([CSV] if "csv" in formats else []) + ["summary.json", RUN]
+    seconds = time.perf_counter() - t0
+    summary = {"input": cfg.input, "output": cfg.output, "model": fingerprint["model"], "detector": cfg.detector,
+               "listed": photos.num_rows, "ignored": ignored, "skipped": photos.num_rows - pending.num_rows,
+               "processed": labelled, "processed_statuses": dict(sorted(run_statuses.items())),
+               **_tally(tables, keep), "parts": len(final) + len(rewrite), "seconds": round(seconds, 2),
+               "photos_per_s": round(labelled / seconds, 2) if labelled and seconds else None}
+    if not pending.num_rows and not rewrite and _unchanged(cfg.output, [f"{PARTS}/{n}" for n in final] + tail):
+        log.info("nothing to label and the committed output is current: nothing written")
+        return summary
+
+    for name in rewrite:  # parts that lost rows to newer versions or duplicates: the rest of their rows, re-named
+        kept = storage.read_parquet(storage.join(parts_dir, name)).filter(pa.array(keep[name]))
+        if kept.num_rows:
+            final.append(write_part(kept, parts_dir))
+    final = sorted(set(final))
+    summary["parts"] = len(final)
+    if "csv" in formats:
+        table = pa.concat_tables([storage.read_parquet(storage.join(parts_dir, n)) for n in final]) if final \
+            else LABELS.empty_table()
+        table = table.sort_by([("uri", "ascending"), ("face", "ascending")])
+        storage.write_bytes(storage.join(cfg.output, CSV), _csv_bytes(table, fingerprint["classes"]))
+    storage.write_json(storage.join(cfg.output, "summary.json"), summary)
+    if not storage.exists(storage.join(cfg.output, RUN)):
+        storage.write_json(storage.join(cfg.output, RUN), fingerprint)
+    storage.commit(cfg.output, [f"{PARTS}/{n}" for n in final] + tail, dataclasses.asdict(cfg), KIND)
+    for name in set(tables) - set(final):  # only now: readers of the previous commit had them until here
+        storage.delete(storage.join(parts_dir, name))
+    log.info("committed %d rows of %d photos in %d parts to %s: %s", summary["rows"], summary["photos"],
+             len(final), cfg.output, summary["statuses"])
+    return summary
+
+
+def _unchanged(output: str, files: list[str]) -> bool:
+    """Whether the committed output names exactly ``files`` (the parts present among them)."""
+    try:
+        manifest = storage.committed(output, KIND)
+    except (FileNotFoundError, ValueError):
+        return False
+    return sorted(f["path"] for f in manifest["files"] if f["path"] != storage.CONFIG) == sorted(files)
+
+
+def label_one_by_one(cfg: LabelConfig, photos: pa.Table) -> pa.Table:
+    """The plain per-image loop a benchmark compares against: the same models and code, one photo at a time in this
+    process, no Ray, no batching, one decoder thread."""
+    udf = LabelPhotos(dataclasses.asdict(dataclasses.replace(cfg, decoders=1, batch_size=1)))
+    return pa.concat_tables([udf(photos.slice(i, 1)) for i in range(photos.num_rows)]) if photos.num_rows \
+        else LABELS.empty_table()
+

@@ -1,0 +1,363 @@
+"""The label job: one row per file whatever it is, the training path's probabilities, incremental reruns, S3, faces."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+import torch
+
+from kemo import storage
+from kemo.classes import CLASS_NAMES
+from kemo.data import synth
+from kemo.label import LabelConfig, LabelPhotos, label_one_by_one, read_labels, run, snapshot
+from kemo.models import create_model
+from kemo.models.checkpoint import load_checkpoint, preprocess, save_checkpoint
+from kemo.models.data import decode_crop
+from kemo.preprocess import CropPhotos, PreprocessConfig
+from kemo.schema import LABELS, MANIFEST
+from tests.photos import bad_inputs, jpeg, scene
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PART = re.compile(r"parts/part-[0-9a-f]{20}\.parquet")
+
+
+def face_photo(seed: int, boxes: list[tuple[float, float, float, float]], w: int = 320, h: int = 240) -> bytes:
+    """A JPEG of drawn frontal faces on a plain background (OpenCV's Haar cascade finds these)."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = rng.integers(60, 200, 3)
+    for k, box in enumerate(boxes):
+        synth.draw_face(img, box, int(rng.integers(0, 7)), synth._person(seed, k), rng)
+    return jpeg(img)
+
+
+def one_face(seed: int) -> bytes:
+    x = 30 + 12 * seed
+    return face_photo(seed, [(x, 40, x + 110, 180)])
+
+
+TWO_FACES = face_photo(101, [(15, 40, 135, 190), (185, 70, 295, 205)])
+
+
+def write_tree(root, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def tree_state(root) -> dict[str, tuple[bytes, int]]:
+    """Every file under root: (bytes, mtime_ns), to prove that nothing was written."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = (f.read(), os.stat(path).st_mtime_ns)
+    return out
+
+
+def committed_parts(out: str) -> list[str]:
+    return sorted(f["path"] for f in storage.committed(out, "labels")["files"] if f["path"].startswith("parts/"))
+
+
+def by_uri(out: str) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for r in read_labels(out).to_pylist():
+        rows.setdefault(r["uri"], []).append(r)
+    return rows
+
+
+def direct(cfg: LabelConfig, uris: list[str]) -> dict[str, dict]:
+    """The training path, without kemo.label: preprocessing's crop JPEG → decode_crop → load_checkpoint → preprocess
+    → softmax, per photo."""
+    pre = PreprocessConfig(input="-", output="-", detector=cfg.detector, weights=cfg.weights, crop_size=cfg.crop_size,
+                           margin=cfg.margin, imgsz=cfg.imgsz, conf=cfg.conf, decode_min_side=cfg.decode_min_side,
+                           jpeg_quality=cfg.jpeg_quality)
+    manifest = pa.Table.from_pylist([{"image_id": u, "uri": u} for u in uris], schema=MANIFEST)
+    model, meta = load_checkpoint(cfg.checkpoint)
+    out = {}
+    for r in CropPhotos(dataclasses.asdict(pre))(manifest).to_pylist():
+        if r["status"] == "ok":
+            x = preprocess([decode_crop(r["crop"], meta["image_size"])], meta)
+            with torch.no_grad():
+                r["probs"] = torch.softmax(model(x), dim=1)[0].numpy()
+        out[r["uri"]] = r
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small K-EmotionNet with random weights: labels must equal what it says on the training path's pixels."""
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("ckpt"))
+    save_checkpoint(path, create_model("kemotionnet", blocks=[1, 1, 1, 1]), "kemotionnet", {"blocks": [1, 1, 1, 1]},
+                    image_size=48)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Photos, a JPEG named .txt, a text file, JSON, every bad input kind, a file over max_bytes, OS metadata."""
+    root = tmp_path_factory.mktemp("photos")
+    files = {f"a/face{s}.jpg": one_face(s) for s in range(4)}
+    files["한글 사진 + & 1.jpg"] = one_face(5)
+    files["really a jpeg.txt"] = one_face(6)
+    files["no face.jpg"] = jpeg(scene(320, 240))
+    files["notes.txt"] = b"a list of photos to label\n"
+    files["b/labels.json"] = b'{"filename": "x.jpg"}'
+    files["huge.bin"] = b"\xff\xd8\xff" + bytes(300_000)  # over max_bytes below: refused unread
+    files[".DS_Store"] = b"\0\0\0\1Bud1"
+    expected = {rel: "ok" for rel in files if rel.endswith((".jpg", ".txt"))}
+    expected.update({"no face.jpg": "no_face", "notes.txt": "decode_error", "b/labels.json": "decode_error",
+                     "huge.bin": "too_large"})
+    for name, (data, status) in bad_inputs().items():
+        files[f"bad/{name}"], expected[f"bad/{name}"] = data, status
+    write_tree(root, files)
+    return str(root), expected
+
+
+@pytest.fixture(scope="module")
+def labelled(ray_local, folder, checkpoint, tmp_path_factory):
+    root, _ = folder
+    cfg = LabelConfig(input=root, output=str(tmp_path_factory.mktemp("labels")), checkpoint=checkpoint,
+                      detector="haar", crop_size=96, max_bytes=200_000, batch_size=4)
+    return cfg, run(cfg)
+
+
+def test_every_file_gets_one_row_with_its_status(folder, labelled):
+    root, expected = folder
+    cfg, summary = labelled
+    rows = by_uri(cfg.output)
+    assert sorted(os.path.relpath(u, root) for u in rows) == sorted(expected)  # .DS_Store: no row
+    assert summary["ignored"] == 1 and summary["listed"] == summary["processed"] == summary["photos"] == len(expected)
+    for uri, (r,) in rows.items():
+        rel = os.path.relpath(uri, root)
+        assert r["status"] == expected[rel], (rel, r["status"], r["error"])
+        assert (r["error"] is None) == (r["status"] == "ok"), rel
+        assert r["size"] == os.path.getsize(uri) and r["detector"] == "haar"
+        if r["status"] == "ok":
+            assert r["face"] == 0 and r["n_faces"] == 1 and CLASS_NAMES[r["label"]] == r["label_name"]
+            assert len(r["probs"]) == 7 and abs(sum(r["probs"]) - 1) < 1e-5
+            assert r["confidence"] == pytest.approx(max(r["probs"]))
+            assert (r["orig_width"], r["orig_height"]) == (320, 240)
+        else:
+            assert r["label"] is None and r["probs"] is None and r["face"] is None
+    assert "exceeds the 200000-byte limit" in rows[os.path.join(root, "huge.bin")][0]["error"]
+    statuses = {s: list(expected.values()).count(s) for s in set(expected.values())}
+    assert summary["statuses"] == summary["processed_statuses"] == statuses
+    assert sum(summary["emotions"].values()) == statuses["ok"]
+    # labels.csv holds the same rows, list columns spread out; the commit names every file and nothing else
+    csv = pacsv.read_csv(os.path.join(cfg.output, "labels.csv")).to_pylist()
+    assert sorted(r["uri"] for r in csv) == sorted(rows)
+    ok = next(r for r in csv if r["status"] == "ok")
+    assert [ok[f"p_{c}"] for c in CLASS_NAMES] == pytest.approx(rows[ok["uri"]][0]["probs"], abs=1e-6)
+    assert ok["face_x2"] == pytest.approx(rows[ok["uri"]][0]["face_box"][2])
+    files = [f["path"] for f in storage.committed(cfg.output, "labels")["files"]]
+    assert all(PART.fullmatch(f) for f in files if f.startswith("parts/"))
+    assert sorted(f for f in files if not f.startswith("parts/")) == [
+        "_run.json", "config.json", "labels.csv", "summary.json"]
+    assert storage.read_json(os.path.join(cfg.output, "summary.json"))["statuses"] == statuses
+
+
+def test_labels_equal_the_classifier_on_the_training_path(labelled):
+    cfg, _ = labelled
+    rows = {u: rs[0] for u, rs in by_uri(cfg.output).items() if not u.endswith("huge.bin")}  # max_bytes: ours
+    want = direct(cfg, sorted(rows))
+    for uri, r in rows.items():
+        w = want[uri]
+        assert r["status"] == w["status"], uri
+        if r["status"] == "ok":
+            np.testing.assert_allclose(r["face_box"], w["face_box"], rtol=1e-6)
+            np.testing.assert_allclose(r["probs"], w["probs"], atol=1e-5)
+            assert r["label"] == int(np.argmax(w["probs"]))
+    # the UDF alone, and the plain per-photo loop, give the same rows as the Ray job
+    photos = snapshot(cfg)[0]
+    alone = LabelPhotos(dataclasses.asdict(cfg))(photos)
+    plain = label_one_by_one(cfg, photos)
+    assert alone.schema.equals(LABELS) and plain.schema.equals(LABELS)
+    job = read_labels(cfg.output).sort_by("uri")
+    for table in (alone, plain):
+        table = table.sort_by("uri")
+        assert table.drop_columns(["probs", "confidence"]).equals(job.drop_columns(["probs", "confidence"]))
+        for a, b in zip(table.column("probs").to_pylist(), job.column("probs").to_pylist()):
+            assert (a is None and b is None) or np.allclose(a, b, atol=1e-5)
+
+
+def test_reruns_label_only_new_and_replaced_photos(ray_local, checkpoint, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(checkpoint, ckpt)
+    photos = tmp_path / "photos"
+    write_tree(photos, {f"p{s}.jpg": one_face(s) for s in range(4)})
+    cfg = LabelConfig(input=str(photos), output=str(tmp_path / "out"), checkpoint=ckpt, detector="none",
+                      crop_size=64, batch_size=2)
+    first = run(cfg)
+    assert first["processed"] == 4 and first["statuses"] == {"ok": 4}
+    parts = committed_parts(cfg.output)
+    before = tree_state(cfg.output)
+
+    # Nothing new: no model may load. A broken model.pt would fail any actor that tried; nothing is written.
+    model_pt = os.path.join(ckpt, "model.pt")
+    good = open(model_pt, "rb").read()
+    with open(model_pt, "wb") as f:
+        f.write(b"not the model")
+    again = run(cfg)
+    assert again["processed"] == 0 and again["skipped"] == 4 and again["statuses"] == {"ok": 4}
+    assert tree_state(cfg.output) == before
+    with open(model_pt, "wb") as f:
+        f.write(good)
+
+    # Two new photos: exactly those two are labelled, in one new part; the first run's parts stay as they were.
+    write_tree(photos, {"new/p4.jpg": one_face(4), "new/p5.jpg": one_face(5)})
+    added = run(cfg)
+    assert added["processed"] == 2 and added["skipped"] == 4 and added["photos"] == 6
+    (new_part,) = set(committed_parts(cfg.output)) - set(parts)
+    assert set(parts) <= set(committed_parts(cfg.output))
+    new_rows = storage.read_parquet(os.path.join(cfg.output, new_part)).column("uri").to_pylist()
+    assert sorted(new_rows) == [str(photos / "new" / "p4.jpg"), str(photos / "new" / "p5.jpg")]
+
+    # A replaced photo (same key, other bytes) is labelled again and keeps exactly one, current row.
+    target = photos / "p1.jpg"
+    old = by_uri(cfg.output)[str(target)]
+    target.write_bytes(TWO_FACES)
+    replaced = run(cfg)
+    assert replaced["processed"] == 1 and replaced["photos"] == 6 and replaced["rows"] == 6
+    (row,) = by_uri(cfg.output)[str(target)]
+    assert row["size"] == len(TWO_FACES) != old[0]["size"]
+    np.testing.assert_allclose(row["probs"], direct(cfg, [str(target)])[str(target)]["probs"], atol=1e-5)
+    assert not np.allclose(row["probs"], old[0]["probs"], atol=1e-5)
+    # the part that held the old row was rewritten; the parts directory holds exactly what the commit names
+    assert set(os.listdir(os.path.join(cfg.output, "parts"))) == {p[6:] for p in committed_parts(cfg.output)}
+    assert len(pacsv.read_csv(os.path.join(cfg.output, "labels.csv"))) == 6
+
+
+def test_s3_in_and_out_with_awkward_and_path_traversal_keys(ray_local, checkpoint, s3_bucket, moto_endpoint,
+                                                           tmp_path):
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    photos = {"in/한글 사진 + & 1.jpg": one_face(1), "in/sub dir/a+b&c.jpg": one_face(2),
+              "in/a/../../escape.jpg": one_face(3), "in//etc/absolute.jpg": one_face(4), "in/../up.jpg": one_face(5),
+              "in/..\\..\\win.jpg": one_face(6), "in/notes.txt": b"aaaa"}
+    others = {"in/folder/": b"", "other/x.jpg": one_face(7)}  # a "folder" marker, and a key outside the prefix
+    for key, data in {**photos, **others}.items():
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=data)
+    out = f"s3://{s3_bucket}/labels"
+    cfg = LabelConfig(input=f"s3://{s3_bucket}/in/", output=out, checkpoint=checkpoint, detector="none", crop_size=64)
+    summary = run(cfg)
+    rows = by_uri(out)
+    assert sorted(rows) == sorted(f"s3://{s3_bucket}/{k}" for k in photos)  # keys exactly as stored
+    assert summary["statuses"] == {"ok": 6, "decode_error": 1}
+    for key, data in photos.items():
+        (r,) = rows[f"s3://{s3_bucket}/{key}"]
+        assert r["size"] == len(data) and r["etag"] and r["status"] == ("decode_error" if key.endswith("txt") else "ok")
+    # nothing written outside the output prefix, and no output name taken from a key
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    written = sorted(k for k in keys if k not in photos and k not in others)
+    assert all(k.startswith("labels/") for k in written)
+    assert {k[len("labels/"):] for k in written if not k.startswith("labels/parts/")} == {
+        "_commit.json", "_run.json", "config.json", "labels.csv", "summary.json"}
+    assert all(PART.fullmatch(k[len("labels/"):]) for k in written if k.startswith("labels/parts/"))
+
+    # the same keys into a local output: every file lands under it, nothing beside it
+    work = tmp_path / "work"
+    work.mkdir()
+    local = dataclasses.replace(cfg, output=str(work / "out"))
+    run(local)
+    assert os.listdir(work) == ["out"] and os.listdir(tmp_path) == ["work"]
+    assert sorted(os.path.relpath(os.path.join(d, n), work / "out") for d, _, ns in os.walk(work / "out")
+                  for n in ns if not n.startswith("part-")) == [
+        "_commit.json", "_run.json", "config.json", "labels.csv", "summary.json"]
+    assert len(read_labels(local.output)) == len(photos)
+
+    # rerun: nothing to do; then a same-size replacement within the same second is seen by its ETag
+    before = {k: s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in written}
+    assert run(cfg)["processed"] == 0
+    assert {k: s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in written} == before
+    s3.put_object(Bucket=s3_bucket, Key="in/notes.txt", Body=b"bbbb")
+    assert run(cfg)["processed"] == 1
+    (r,) = by_uri(out)[f"s3://{s3_bucket}/in/notes.txt"]
+    assert r["size"] == 4 and r["etag"] != rows[f"s3://{s3_bucket}/in/notes.txt"][0]["etag"]
+    assert len(read_labels(out)) == len(photos)
+
+
+def test_all_faces_gives_one_row_per_face(ray_local, checkpoint, tmp_path):
+    photos = tmp_path / "photos"
+    write_tree(photos, {"two.jpg": TWO_FACES, "one.jpg": one_face(2), "none.jpg": jpeg(scene(320, 240))})
+    cfg = LabelConfig(input=str(photos), output=str(tmp_path / "out"), checkpoint=checkpoint, detector="haar",
+                      crop_size=64, all_faces=True)
+    summary = run(cfg)
+    rows = by_uri(cfg.output)
+    two, one, none = (rows[str(photos / n)] for n in ("two.jpg", "one.jpg", "none.jpg"))
+    assert [r["face"] for r in two] == [0, 1] and {r["n_faces"] for r in two} == {2}
+    assert [(r["face"], r["status"]) for r in one] == [(0, "ok")]
+    assert [(r["face"], r["status"], r["n_faces"]) for r in none] == [(None, "no_face", 0)]
+    assert summary["photos"] == 3 and summary["rows"] == 4 and sum(summary["emotions"].values()) == 3
+    left, right = sorted(r["face_box"][0] for r in two)
+    assert left < 100 < 150 < right  # the two drawn faces, not one face twice
+    # face 0 is the primary face: the one row that labelling without --all-faces gives
+    (primary,) = LabelPhotos(dataclasses.asdict(dataclasses.replace(cfg, all_faces=False)))(
+        snapshot(cfg)[0].filter(pa.compute.equal(pa.compute.field("uri"), str(photos / "two.jpg")))).to_pylist()
+    assert primary["face_box"] == two[0]["face_box"]
+    np.testing.assert_allclose(primary["probs"], two[0]["probs"], atol=1e-5)
+    assert len(pacsv.read_csv(os.path.join(cfg.output, "labels.csv"))) == 4
+
+
+def test_refusals(labelled, checkpoint, tmp_path):
+    cfg, _ = labelled
+    with pytest.raises(ValueError, match="annotators' boxes"):
+        run(dataclasses.replace(cfg, detector="annotations"))
+    with pytest.raises(ValueError, match="needs --weights"):
+        run(dataclasses.replace(cfg, detector="yolo"))
+    with pytest.raises(ValueError, match="inside --input"):
+        run(dataclasses.replace(cfg, output=os.path.join(cfg.input, "labels")))
+    with pytest.raises(ValueError, match="--format"):
+        run(dataclasses.replace(cfg, format="parquet,xlsx"))
+    other = str(tmp_path / "other")
+    torch.manual_seed(1)
+    save_checkpoint(other, create_model("kemotionnet", blocks=[1, 1, 1, 1]), "kemotionnet", {"blocks": [1, 1, 1, 1]},
+                    image_size=48)
+    with pytest.raises(ValueError, match="another setup.*model"):
+        run(dataclasses.replace(cfg, checkpoint=other))
+    with pytest.raises(ValueError, match="another setup.*all_faces"):
+        run(dataclasses.replace(cfg, all_faces=True))
+
+
+@pytest.mark.slow
+def test_job_script_smoke_test(folder, checkpoint, tmp_path):
+    root, expected = folder
+    out = str(tmp_path / "out")
+    proc = subprocess.run([sys.executable, "jobs/label.py", "--input", root, "--output", out, "--checkpoint",
+                           checkpoint, "--detector", "none", "--crop-size", "64", "--smoke-test"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(expected) > 16 and "16 files: 16 labelled" in proc.stdout
+    rows = read_labels(out)
+    assert rows.num_rows == 16 and set(rows.column("detector").to_pylist()) == {"none"}
+
+
+@pytest.mark.slow
+def test_yolo_labels_equal_the_training_path(ray_local, yolo_weights, folder, checkpoint, tmp_path):
+    root, _ = folder
+    cfg = LabelConfig(input=root, output=str(tmp_path / "out"), checkpoint=checkpoint, detector="yolo",
+                      weights=yolo_weights, imgsz=224, conf=0.001, crop_size=64, max_bytes=200_000)
+    summary = run(cfg)
+    assert summary["processed"] == summary["listed"]
+    assert storage.read_json(os.path.join(cfg.output, "_run.json"))["weights_sha256"] == \
+        __import__("hashlib").sha256(open(yolo_weights, "rb").read()).hexdigest()
+    rows = {u: rs[0] for u, rs in by_uri(cfg.output).items()}
+    want = direct(cfg, sorted(rows))
+    ok = [u for u, r in rows.items() if r["status"] == "ok"]
+    assert len(ok) >= 3
+    for uri in ok:
+        np.testing.assert_allclose(rows[uri]["face_box"], want[uri]["face_box"], rtol=1e-5)
+        np.testing.assert_allclose(rows[uri]["probs"], want[uri]["probs"], atol=1e-5)
