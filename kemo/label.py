@@ -261,10 +261,10 @@ def _choose(tables: dict[str, pa.Table], current: dict[str, tuple]) -> tuple[dic
             by_version.setdefault(version, []).append(i)
         for version, idx in by_version.items():
             transient = any(cols["status"][i] in RETRY for i in idx)
-            faces = {cols["face"][i] for i in idx}
-            if len(faces) < len(idx):  # the same face twice in one part: keep its first row
-                seen: set = set()
-                idx = [i for i in idx if not (cols["face"][i] in seen or seen.add(cols["face"][i]))]
+            first: dict[Any, int] = {}  # the same face twice in one part (a retried block): its first row
+            for i in idx:
+                first.setdefault(cols["face"][i], i)
+            idx = list(first.values())
             rank = (version[1:] != current.get(version[0]), transient, -(version[2] or 0), name)
             groups.setdefault(version[0], []).append((rank, name, idx))
     keep = {name: np.zeros(t.num_rows, bool) for name, t in tables.items()}

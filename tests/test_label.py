@@ -242,6 +242,36 @@ def test_reruns_label_only_new_and_replaced_photos(ray_local, checkpoint, tmp_pa
     assert len(pacsv.read_csv(os.path.join(cfg.output, "labels.csv"))) == 6
 
 
+def test_an_interrupted_output_resumes_without_duplicates(labelled, folder, tmp_path):
+    cfg, first = labelled
+    out = str(tmp_path / "out")
+    shutil.copytree(cfg.output, out)
+    resumed = dataclasses.replace(cfg, output=out)
+    root, _ = folder
+    target = os.path.join(root, "a", "face0.jpg")
+    # as a killed rerun leaves it: no commit, a block written twice under two names, one photo's read failed
+    os.remove(os.path.join(out, "_commit.json"))
+    part = os.path.join(out, committed_parts(cfg.output)[0])
+    table = storage.read_parquet(part)
+    uris = table.column("uri").to_pylist()
+    assert target in uris
+    status = [("read_error" if u == target else s) for u, s in zip(uris, table.column("status").to_pylist())]
+    storage.write_parquet(table.set_column(table.schema.get_field_index("status"), "status", pa.array(status)), part)
+    shutil.copy(part, os.path.join(out, "parts", "part-" + "0" * 20 + ".parquet"))
+    with pytest.raises(FileNotFoundError):
+        read_labels(out)
+    summary = run(resumed)
+    assert summary["processed"] == 1 and summary["processed_statuses"] == {"ok": 1}  # only the failed read
+    rows = by_uri(out)
+    assert len(rows) == first["photos"] and all(len(r) == 1 for r in rows.values())
+    assert rows[target][0]["status"] == "ok"
+    assert summary["statuses"] == first["statuses"]
+    assert set(os.listdir(os.path.join(out, "parts"))) == {p[6:] for p in committed_parts(out)}
+    original = {u: rs[0] for u, rs in by_uri(cfg.output).items()}
+    for uri, (r,) in rows.items():
+        assert r["status"] == original[uri]["status"] and r["label"] == original[uri]["label"], uri
+
+
 def test_s3_in_and_out_with_awkward_and_path_traversal_keys(ray_local, checkpoint, s3_bucket, moto_endpoint,
                                                            tmp_path):
     s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
