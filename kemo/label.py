@@ -28,7 +28,7 @@ from kemo import storage
 from kemo.crop import encode_jpeg, primary_face
 from kemo.detect import DETECTORS
 from kemo.image import MAX_PIXELS
-from kemo.preprocess import RETRY, SMOKE_ROWS, CropPhotos, _Prepared, read_shards, resolve_resources
+from kemo.preprocess import RETRY, SMOKE_ROWS, CropPhotos, Prepared, read_shards, resolve_resources
 from kemo.schema import LABELS
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,9 @@ class LabelPhotos(CropPhotos):
         log.info("classifier %s (%s, %d² input) on %s%s", self.cfg.checkpoint, self.meta["architecture"],
                  self.meta["image_size"], self.device, f" {self.autocast}" if self.autocast else "")
 
-    def _load(self, row: dict[str, Any]) -> _Prepared:
+    def _load(self, row: dict[str, Any]) -> Prepared:
         if row["size"] > self.cfg.max_bytes:  # known from the listing: not even read
-            return _Prepared("too_large", f"file of {row['size']} bytes exceeds the {self.cfg.max_bytes}-byte limit")
+            return Prepared("too_large", f"file of {row['size']} bytes exceeds the {self.cfg.max_bytes}-byte limit")
         return super()._load(row)
 
     def _pixels(self, crop: np.ndarray) -> np.ndarray:
@@ -139,7 +139,7 @@ class LabelPhotos(CropPhotos):
             raise RuntimeError("the crop's JPEG does not decode")
         return pixels
 
-    def _photo(self, row: dict[str, Any], prep: _Prepared, faces: Any
+    def _photo(self, row: dict[str, Any], prep: Prepared, faces: Any
                ) -> tuple[list[dict[str, Any]], list[np.ndarray | None]]:
         """A photo's rows before classification, and each row's classifier input (None: nothing to classify)."""
         base = {k: row[k] for k in PHOTO.names}

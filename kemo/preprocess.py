@@ -94,7 +94,9 @@ def resolve_resources(cfg: C, cluster: dict[str, float]) -> C:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
+    """One photo after read, decode and the detector's preparation; ``status`` set when it went no further."""
+
     status: str | None = None
     error: str | None = None
     decoded: Decoded | None = None
@@ -127,11 +129,11 @@ class CropPhotos:
         # (1 = no short-side limit: the box caps the reduction per photo)
         self.min_side = {"none": self.cfg.crop_size, "annotations": 1}.get(self.cfg.detector, self.cfg.decode_min_side)
 
-    def _load(self, row: dict[str, Any]) -> _Prepared:
+    def _load(self, row: dict[str, Any]) -> Prepared:
         try:
             data = storage.read_bytes(row["uri"])
         except Exception as e:  # missing object, permissions, network: the photo still gets its row
-            return _Prepared("read_error", f"{type(e).__name__}: {e}")
+            return Prepared("read_error", f"{type(e).__name__}: {e}")
         max_scale = 8
         box = row.get("box")
         if self.detector.name == "annotations" and valid_box(box):
@@ -140,14 +142,14 @@ class CropPhotos:
         try:
             dec = decode(data, min_side=self.min_side, max_pixels=self.cfg.max_pixels, max_scale=max_scale)
         except DecodeError as e:
-            return _Prepared(e.status, str(e))
+            return Prepared(e.status, str(e))
         except Exception as e:
-            return _Prepared("decode_error", f"{type(e).__name__}: {e}")
+            return Prepared("decode_error", f"{type(e).__name__}: {e}")
         det_input, det_factors = self.detector.prepare(dec.image, dec.factors)
-        return _Prepared(decoded=dec, det_input=det_input, det_factors=det_factors,
+        return Prepared(decoded=dec, det_input=det_input, det_factors=det_factors,
                          header=(dec.width, dec.height, dec.orientation))
 
-    def _faces(self, prep: _Prepared, faces: Any) -> tuple[list[list[float]], list[float]]:
+    def _faces(self, prep: Prepared, faces: Any) -> tuple[list[list[float]], list[float]]:
         """The detector's faces as boxes of the full-resolution upright frame, clipped to it, with their scores."""
         dec = prep.decoded
         fx, fy = prep.det_factors
@@ -165,7 +167,7 @@ class CropPhotos:
             return resize_whole(dec.image, self.cfg.crop_size)
         return crop_square(dec.image, crop_region(box, self.cfg.margin), self.cfg.crop_size, dec.factors)
 
-    def _finish(self, row: dict[str, Any], prep: _Prepared, faces) -> dict[str, Any]:
+    def _finish(self, row: dict[str, Any], prep: Prepared, faces) -> dict[str, Any]:
         out = {k: row.get(k) for k in IDENTITY}
         out.update(detector=self.detector.name, status=prep.status or "ok", error=prep.error, crop=None,
                    face_box=None, face_score=None, n_faces=None)
@@ -192,7 +194,7 @@ class CropPhotos:
             out.update(status="error", error=f"{type(e).__name__}: {e}", crop=None)
         return out
 
-    def _detect(self, rows: list[dict[str, Any]]) -> tuple[list[_Prepared], list[Any]]:
+    def _detect(self, rows: list[dict[str, Any]]) -> tuple[list[Prepared], list[Any]]:
         """Read and decode ``rows`` in the decoder threads, then run the detector once on the decodable ones."""
         # With calls_per_actor > 1 another batch decodes in the shared thread pool while this one holds the detector.
         prepared = list(self.pool.map(self._load, rows))
@@ -207,7 +209,7 @@ class CropPhotos:
             except Exception as e:
                 log.exception("detector failed on a batch of %d", len(good))
                 for i in good:
-                    prepared[i] = _Prepared("error", f"detector: {type(e).__name__}: {e}", header=prepared[i].header)
+                    prepared[i] = Prepared("error", f"detector: {type(e).__name__}: {e}", header=prepared[i].header)
         return prepared, faces
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -201,7 +201,7 @@ def test_reruns_label_only_new_and_replaced_photos(ray_local, checkpoint, tmp_pa
     photos = tmp_path / "photos"
     write_tree(photos, {f"p{s}.jpg": one_face(s) for s in range(4)})
     cfg = LabelConfig(input=str(photos), output=str(tmp_path / "out"), checkpoint=ckpt, detector="none",
-                      crop_size=64, batch_size=2)
+                      crop_size=64, batch_size=2, actors=1)
     first = run(cfg)
     assert first["processed"] == 4 and first["statuses"] == {"ok": 4}
     parts = committed_parts(cfg.output)
@@ -282,7 +282,8 @@ def test_s3_in_and_out_with_awkward_and_path_traversal_keys(ray_local, checkpoin
     for key, data in {**photos, **others}.items():
         s3.put_object(Bucket=s3_bucket, Key=key, Body=data)
     out = f"s3://{s3_bucket}/labels"
-    cfg = LabelConfig(input=f"s3://{s3_bucket}/in/", output=out, checkpoint=checkpoint, detector="none", crop_size=64)
+    cfg = LabelConfig(input=f"s3://{s3_bucket}/in/", output=out, checkpoint=checkpoint, detector="none", crop_size=64,
+                      actors=1)
     summary = run(cfg)
     rows = by_uri(out)
     assert sorted(rows) == sorted(f"s3://{s3_bucket}/{k}" for k in photos)  # keys exactly as stored
@@ -324,7 +325,7 @@ def test_all_faces_gives_one_row_per_face(ray_local, checkpoint, tmp_path):
     photos = tmp_path / "photos"
     write_tree(photos, {"two.jpg": TWO_FACES, "one.jpg": one_face(2), "none.jpg": jpeg(scene(320, 240))})
     cfg = LabelConfig(input=str(photos), output=str(tmp_path / "out"), checkpoint=checkpoint, detector="haar",
-                      crop_size=64, all_faces=True)
+                      crop_size=64, all_faces=True, actors=1)
     summary = run(cfg)
     rows = by_uri(cfg.output)
     two, one, none = (rows[str(photos / n)] for n in ("two.jpg", "one.jpg", "none.jpg"))
@@ -391,3 +392,15 @@ def test_yolo_labels_equal_the_training_path(ray_local, yolo_weights, folder, ch
     for uri in ok:
         np.testing.assert_allclose(rows[uri]["face_box"], want[uri]["face_box"], rtol=1e-5)
         np.testing.assert_allclose(rows[uri]["probs"], want[uri]["probs"], atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_half_precision_agrees_with_cpu(labelled):
+    cfg, _ = labelled
+    photos = snapshot(cfg)[0]
+    cpu = LabelPhotos(dataclasses.asdict(dataclasses.replace(cfg, device="cpu")))(photos).to_pylist()
+    gpu = LabelPhotos(dataclasses.asdict(dataclasses.replace(cfg, device="cuda:0")))(photos).to_pylist()
+    assert [r["status"] for r in gpu] == [r["status"] for r in cpu]
+    for a, b in zip(cpu, gpu):
+        if a["status"] == "ok":
+            np.testing.assert_allclose(b["probs"], a["probs"], atol=0.02)  # bf16/fp16 autocast vs fp32
