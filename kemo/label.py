@@ -72,7 +72,8 @@ class LabelConfig:
     decode_min_side: int = field(default=1000, metadata={"help": "DCT-reduce JPEGs while the short side stays >= this"})
     max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "refuse larger photos as too_large"})
     max_bytes: int = field(default=256 << 20, metadata={"help": "refuse larger files as too_large, unread"})
-    rows_per_part: int = field(default=20000, metadata={"help": "rows per Parquet part (a killed run keeps its parts)"})
+    rows_per_part: int = field(default=20000, metadata={
+        "help": "rows per Parquet part, at least: whole actor calls (a killed run keeps the parts it wrote)"})
     smoke_test: bool = field(default=False, metadata={"help": f"only the first {SMOKE_ROWS} files"})
 
 
