@@ -28,7 +28,7 @@ import torch
 
 from kemo import storage
 from kemo.classes import CLASS_NAMES
-from kemo.models import MODELS
+from kemo.models import KEMOTIONNET_BLOCKS, MODELS
 from kemo.models.checkpoint import load_checkpoint, preprocess
 from kemo.models.data import load_splits
 from kemo.models.metrics import classification_report, confusion_matrix
@@ -178,8 +178,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if unknown or not models:
         raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
     learning_rate(RunSpec(schedule=cfg.schedule), 0)  # an unknown schedule fails here, not in every worker
-    arguments = {"kemotionnet": {"blocks": [int(b) for b in cfg.blocks.split(",")]}}
-    MODELS["kemotionnet"](**arguments["kemotionnet"])  # a bad layout fails here too
+    blocks = [int(b) for b in cfg.blocks.split(",")]
+    MODELS["kemotionnet"](blocks=blocks)  # a bad layout fails here, not in every worker
+    # the default layout is the architecture's own default (no argument), as timm records its models' defaults
+    arguments = {"kemotionnet": {} if tuple(blocks) == KEMOTIONNET_BLOCKS else {"blocks": blocks}}
     runs_dir = storage.join(cfg.output, "runs")
     shard_list = [x.strip() for x in cfg.shards.split(",") if x.strip()]
     tags = [_tag(x) for x in shard_list]
