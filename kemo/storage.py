@@ -95,6 +95,12 @@ class FileEntry:
     etag: str | None = None  # S3 with etags=True: changes with the content even within LastModified's second
 
 
+def _below(path: str, base: str) -> str:
+    """An S3 key relative to the listed prefix, verbatim: ``posixpath.relpath`` would fold ``a/../x`` into ``x``
+    (two keys, one name) and needs a current directory, which a job's unpacked working dir may no longer be."""
+    return path[len(base):].lstrip("/") if path.startswith(base) else path
+
+
 def list_files(root: str, etags: bool = False) -> list[FileEntry]:
     """Every file under ``root`` (recursive), sorted by key. S3 "folder" marker keys are not files.
 
@@ -111,13 +117,13 @@ def list_files(root: str, etags: bool = False) -> list[FileEntry]:
             for obj in page.get("Contents", []):
                 if not obj["Key"].endswith("/"):
                     path = f"{bucket}/{obj['Key']}"
-                    out.append(FileEntry(posixpath.relpath(path, base), f"s3://{path}", int(obj["Size"]),
+                    out.append(FileEntry(_below(path, base), f"s3://{path}", int(obj["Size"]),
                                          int(obj["LastModified"].timestamp()) * 10**9, obj["ETag"].strip('"')))
     elif is_s3(root):
         fs, base = resolve(root)
         for info in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=False)):
             if info.type == pafs.FileType.File and not info.path.endswith("/"):
-                out.append(FileEntry(posixpath.relpath(info.path, base), f"s3://{info.path}", int(info.size or 0),
+                out.append(FileEntry(_below(info.path, base), f"s3://{info.path}", int(info.size or 0),
                                      info.mtime_ns))
     else:
         base = os.path.abspath(root)
