@@ -220,7 +220,7 @@ def fit(train: Any, val: Any, spec: RunSpec, storage_uri: str, name: str, worker
     import dataclasses
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fs, path = storage.resolve(storage_uri)
@@ -236,8 +236,6 @@ def fit(train: Any, val: Any, spec: RunSpec, storage_uri: str, name: str, worker
         run_config=RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=max_failures),
-            # Ray Train's own per-report INFO lines stay in its log files; the console gets kemo's progress line
-            logging_config=LoggingConfig(log_level="WARNING"),
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_accuracy",
                                                checkpoint_score_order="max")))
     return trainer.fit()
