@@ -1,9 +1,12 @@
-"""Benchmark kemo's stages against plain per-image loops, on this machine (see kemo/benchmark.py).
+"""Benchmark kemo's stages against plain per-image loops and the hardware, on this machine (see kemo/benchmark.py).
 
-    python jobs/benchmark.py [--images 300] [--size 2000x1500] [--detectors annotations,none,haar] [--output DIR]
+    python jobs/benchmark.py [--stages decode,detect,preprocess,scaling,train,label] [--images 300] [--size 2000x1500]
+        [--decode-sizes 2000x1500,4000x3000] [--detectors annotations,none,haar,yolo --weights face.pt] [--output DIR]
     ray job submit --working-dir . -- python jobs/benchmark.py --output /tmp/bench
 
-About 2 minutes for 300 photos and three detectors on 2 cores. Writes benchmark.json and benchmark.md.
+About 6 minutes with the defaults on 2 cores (300 generated 3 MP photos; training alone is about half of it).
+Writes benchmark.json, benchmark.md and scaling.png; prints the Markdown. On a GPU node give yolo weights, and
+e.g. --train-images 8192 --train-batch 256 so that training steps are long enough to time.
 """
 
 import logging

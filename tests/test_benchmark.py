@@ -3,10 +3,13 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
-from kemo.benchmark import BenchmarkConfig, decode_methods, run
+from kemo.benchmark import BenchmarkConfig, decode_methods, parse_stages, plain_train, run, worker_counts
 from tests.photos import jpeg, scene
+
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_steady_rate_excludes_start_up():
@@ -22,32 +25,116 @@ def test_decode_methods_cover_cv2_pil_and_reduced():
     assert all(v > 0 for v in ms.values())
 
 
+def test_stages_and_worker_counts():
+    assert parse_stages("train, decode") == ["decode", "train"]  # run in pipeline order, whatever the order asked
+    for bad in ("train,fly", " , "):
+        with pytest.raises(ValueError, match="unknown stages"):
+            parse_stages(bad)
+    assert [worker_counts(n) for n in (1, 2, 3, 6, 16)] == [[1], [1, 2], [1, 2, 3], [1, 2, 4, 6], [1, 2, 4, 8, 16]]
+
+
+def _check_sampled(s, worker):
+    """Peak memory was sampled from this run's own workers, ``worker`` among them; no GPU fields on CPU."""
+    assert s["samples"] >= 1 and s["peak_rss_mib"] > 0
+    assert s["peak_rss_mib"] == max(w["peak_rss_mib"] for w in s["peak_rss_mib_per_worker"])
+    for w in s["peak_rss_mib_per_worker"]:  # named by what they were started for, not by the method they ran last
+        assert w["name"].startswith("ray::") and w["name"] != "ray::IDLE"
+        assert not w["name"].endswith((".submit", ".__init__")), w["name"]
+    assert any(worker in w["name"] for w in s["peak_rss_mib_per_worker"]), s["peak_rss_mib_per_worker"]
+    assert (s["gpu_utilization_pct_mean"], s["gpu_utilization_pct_max"], s["gpu_memory_used_mib_max"]) == (None,) * 3
+
+
 def test_benchmark_report(ray_local, tmp_path):
-    cfg = BenchmarkConfig(stages="preprocess", images=21, size="320x240", detectors="none,annotations",
-                          output=str(tmp_path / "b"), crop_size=64, decode_min_side=100)
+    cfg = BenchmarkConfig(stages="decode,detect,preprocess,scaling,label", images=21, size="320x240",
+                          decode_sizes="320x240,400x300", detectors="annotations,haar", output=str(tmp_path / "b"),
+                          crop_size=64, decode_min_side=100, label_image_size=32)
     report = run(cfg)
-    assert report["photos"] == 21 and report["machine"]["cores"] == 2
-    for name in ("none", "annotations"):
+    assert report["stages"] == ["decode", "detect", "preprocess", "scaling", "label"] and "train" not in report
+    m = report["machine"]
+    assert (m["cores"], m["gpu"], m["gpus"]) == (2, "no GPU", 0) and m["cpu"] and m["memory_gib"] > 0
+
+    assert list(report["decode"]) == ["320x240", "400x300"]
+    for d in report["decode"].values():
+        assert 0 < d["photos"] <= 40 and d["decoder"] == "kemo.decode(min_side=100)"
+        assert d["kemo_photos_per_s_one_core"] == round(1000 / d["ms_per_photo_one_core"][d["decoder"]], 2)
+        assert d["plain_photos_per_s_one_core"] == round(1000 / d["ms_per_photo_one_core"]["cv2 full, straight to RGB"],
+                                                         2)
+        assert d["ratio_vs_plain"] == round(d["kemo_photos_per_s_one_core"] / d["plain_photos_per_s_one_core"], 2)
+        assert d["kemo_photos_per_s_all_cores"] == round(2 * d["kemo_photos_per_s_one_core"], 2)
+
+    assert list(report["detect"]) == ["haar"]  # annotations looks at no pixels
+    h = report["detect"]["haar"]
+    assert (h["photos"], h["batch"], h["device"], h["half_precision"], h["threads"]) == (21, 16, "cpu", False, 1)
+    assert h["ratio_vs_plain"] == round(h["kemo_images_per_s"] / h["plain_images_per_s"], 2)
+    assert h["prepare_ms_per_photo_one_core"] > 0
+
+    assert report["photos"] == 21
+    for name in ("annotations", "haar"):
         d = report["detectors"][name]
-        assert d["statuses"] == {"ok": 21}
+        assert sum(d["statuses"].values()) == 21
         assert d["ratio_vs_plain"] == round(d["kemo_photos_per_s"] / d["plain_loop_photos_per_s"], 2)
         steady = d["kemo_steady_photos_per_s"] / d["plain_loop_steady_photos_per_s"]
         assert d["steady_ratio_vs_plain"] == round(steady, 2)
         assert d["kemo_fixed_cost_s"] >= 0
         c = d["stage_ceilings_photos_per_s"]
         assert {"read bytes", "decode", "crop + encode", "all stages on all cores"} <= set(c)
+        assert ("detect" in c) == (name == "haar")
         assert d["slowest_stage"] in c and c["all stages on all cores"] <= c[d["slowest_stage"]]
+        assert d["resources"] == {"actors": 2, "decoders": 1, "gpus_per_actor": 0.0, "batch_size": 16,
+                                  "calls_per_actor": 1}
+        _check_sampled(d["sampled"], "CropPhotos")
+    assert report["detectors"]["annotations"]["statuses"] == {"ok": 21}
+
+    s = report["scaling"]
+    assert (s["photos"], s["cpu_detector"], s["gpu"], s["gpu_note"]) == (21, "annotations", None, "no GPU")
+    assert [p["workers"] for p in s["cpu"]] == [1, 2]
+    for p in s["cpu"]:
+        assert (p["resources"]["actors"], p["resources"]["decoders"]) == (p["workers"], 1)
+        assert p["speedup"] == round(p["photos_per_s"] / s["cpu"][0]["photos_per_s"], 2)
+        assert p["efficiency"] == round(p["speedup"] / p["workers"], 2)
+        _check_sampled(p["sampled"], "CropPhotos")
+    assert s["cpu"][0]["speedup"] == 1.0
+    with open(os.path.join(cfg.output, s["plot"]), "rb") as f:
+        assert s["plot"] == "scaling.png" and f.read(8) == PNG
+
+    lab = report["label"]
+    assert (lab["detector"], lab["classifier"], lab["image_size"], lab["photos"]) == ("haar", "kemotionnet", 32, 21)
+    assert sum(lab["statuses"].values()) == 21
+    assert lab["ratio_vs_plain"] == round(lab["kemo_photos_per_s"] / lab["plain_loop_photos_per_s"], 2)
+    steady = lab["kemo_steady_photos_per_s"] / lab["plain_loop_steady_photos_per_s"]
+    assert lab["steady_ratio_vs_plain"] == round(steady, 2)
+    assert lab["kemo_fixed_cost_s"] >= 0 and lab["resources"]["actors"] == 2
+    _check_sampled(lab["sampled"], "LabelPhotos")
+
     saved = json.load(open(os.path.join(cfg.output, "benchmark.json")))
-    assert saved["detectors"].keys() == report["detectors"].keys()
+    assert saved["detectors"].keys() == report["detectors"].keys() and saved["scaling"] == report["scaling"]
     md = open(os.path.join(cfg.output, "benchmark.md")).read()
-    assert "| none |" in md and "| annotations |" in md and "cv2 reduced 1/2" in md
+    for part in ("no GPU", "| 320x240 ms | 400x300 ms |", "cv2 reduced 1/2", "| haar | cpu | no | 1 | 16 |",
+                 "| annotations |", "| 1 CPU | annotations | 1 × 1, 0 |", "| 2 CPU | annotations | 2 × 1, 0 |",
+                 "GPU scaling: no GPU.", "(scaling.png)", "Labelling 21 photos", "| preprocess, haar |",
+                 "| scaling, 2 CPU |", "| label |", "MapWorker(MapBatches(LabelPhotos))"):
+        assert part in md, part
+
+
+def test_plain_train_channels_last():
+    """The channels_last path (timed on GPU only) trains on CPU too, and leaves torch's threads as it found them."""
+    import torch
+
+    from kemo.models.train import RunSpec
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), rng.integers(0, 7, 8).astype(np.int64)
+    threads = torch.get_num_threads()
+    rates = plain_train(x, y, RunSpec(model="resnet18", epochs=1, batch_size=4, image_size=32), 1, channels_last=True)
+    assert len(rates) == 1 and rates[0] > 0 and torch.get_num_threads() == threads
 
 
 def test_training_benchmark_report(ray_local, tmp_path):
     cfg = BenchmarkConfig(stages="train", train_model="resnet18", train_images=48, train_image_size=32,
                           train_epochs=3, train_batch=16, output=str(tmp_path / "t"))
     report = run(cfg)
-    assert "detectors" not in report  # only the stages asked for
+    assert "detectors" not in report and "scaling" not in report  # only the stages asked for
+    assert not os.path.exists(os.path.join(cfg.output, "scaling.png"))
     t = report["train"]
     assert (t["model"], t["image_size"], t["images"], t["epochs"], t["device"]) == ("resnet18", 32, 48, 3,
                                                                                       "cpu (2 threads)")
@@ -55,7 +142,11 @@ def test_training_benchmark_report(ray_local, tmp_path):
     assert t["ratio_vs_plain"] == round(t["kemo_images_per_s"] / t["plain_loop_images_per_s"], 2)
     assert 0 < t["kemo_epoch_images_per_s"] <= t["kemo_images_per_s"]  # an epoch also validates and checkpoints
     assert 0 <= t["kemo_fixed_cost_s"] < t["kemo_wall_s"]
+    assert (t["precision"], t["plain_loop_channels_last_images_per_s"], t["channels_last_ratio_vs_plain"]) == (
+        "fp32", None, None)
+    _check_sampled(t["sampled"], "RayTrainWorker")
     md = open(os.path.join(cfg.output, "benchmark.md")).read()
     assert "plain PyTorch loop" in md and f"| {t['kemo_images_per_s']} | {t['ratio_vs_plain']}× |" in md
+    assert "channels_last: no GPU" in md and "| train |" in md
     with pytest.raises(ValueError, match="unknown stages"):
         run(BenchmarkConfig(stages="train,fly", output=str(tmp_path / "x")))
