@@ -4,9 +4,9 @@
         [--decode-sizes 2000x1500,4000x3000] [--detectors annotations,none,haar,yolo --weights face.pt] [--output DIR]
     ray job submit --working-dir . -- python jobs/benchmark.py --output /tmp/bench
 
-About 6 minutes with the defaults on 2 cores (300 generated 3 MP photos; training alone is about half of it).
-Writes benchmark.json, benchmark.md and scaling.png; prints the Markdown. On a GPU node give yolo weights, and
-e.g. --train-images 8192 --train-batch 256 so that training steps are long enough to time.
+About 6 minutes with the defaults on 2 cores (300 generated 3 MP photos; training 128 images at 64², three times, is
+almost half of it). Writes benchmark.json, benchmark.md and scaling.png; prints the Markdown. On a GPU node give yolo
+weights (--weights, and yolo in --detectors): the GPU scaling runs and the label stage then use them.
 """
 
 import logging
