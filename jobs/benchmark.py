@@ -4,9 +4,9 @@
         [--decode-sizes 2000x1500,4000x3000] [--detectors annotations,none,haar,yolo --weights face.pt] [--output DIR]
     ray job submit --working-dir . -- python jobs/benchmark.py --output /tmp/bench
 
-About 6 minutes with the defaults on 2 cores (300 generated 3 MP photos; training 128 images at 64², three times, is
-almost half of it). Writes benchmark.json, benchmark.md and scaling.png; prints the Markdown. On a GPU node give yolo
-weights (--weights, and yolo in --detectors): the GPU scaling runs and the label stage then use them.
+About 5–6 minutes with the defaults on 2 quiet cores (300 generated 3 MP photos; training, 512 images at 64² three
+times over, is almost half of it). Writes benchmark.json, benchmark.md and scaling.png; prints the Markdown. On a
+GPU node give yolo weights (--weights, and yolo in --detectors): the GPU scaling runs and the label stage use them.
 """
 
 import logging
