@@ -50,6 +50,9 @@ def test_benchmark_report(ray_local, tmp_path):
                           crop_size=64, decode_min_side=100, label_detector="none", label_image_size=32)
     report = run(cfg)
     assert report["stages"] == ["decode", "detect", "preprocess", "scaling", "label"] and "train" not in report
+    seconds = report["seconds"]
+    assert list(seconds) == ["photos", *report["stages"], "total"] and seconds["total"] >= sum(
+        v for k, v in seconds.items() if k != "total") - 0.5  # each rounded to 0.1 s
     m = report["machine"]
     assert (m["cores"], m["gpu"], m["gpus"]) == (2, "no GPU", 0) and m["cpu"] and m["memory_gib"] > 0
 
@@ -134,6 +137,7 @@ def test_training_benchmark_report(ray_local, tmp_path):
                           train_epochs=3, train_batch=16, output=str(tmp_path / "t"))
     report = run(cfg)
     assert "detectors" not in report and "scaling" not in report  # only the stages asked for
+    assert list(report["seconds"]) == ["train", "total"]  # no photos are made for training alone
     assert not os.path.exists(os.path.join(cfg.output, "scaling.png"))
     t = report["train"]
     assert (t["model"], t["image_size"], t["images"], t["epochs"], t["device"]) == ("resnet18", 32, 48, 3,
