@@ -497,8 +497,8 @@ def _unchanged(output: str, files: list[str]) -> bool:
 
 
 def label_one_by_one(cfg: LabelConfig, photos: pa.Table) -> pa.Table:
-    """The plain per-image loop a benchmark compares against: the same models and code, one photo at a time in this
-    process, no Ray, no batching, one decoder thread."""
+    """The same models and code, one photo at a time in this process, no Ray, no batching, one decoder thread: what
+    tests compare the Ray job's rows with (jobs/benchmark.py times its own cv2.imread loop instead)."""
     udf = LabelPhotos(dataclasses.asdict(dataclasses.replace(cfg, decoders=1, batch_size=1)))
     return pa.concat_tables([udf(photos.slice(i, 1)) for i in range(photos.num_rows)]) if photos.num_rows \
         else LABELS.empty_table()
