@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kemo.models.checkpoint import load_checkpoint, preprocess
-from kemo.models.train import TRAIN_STATE, RunSpec, augment, fit, learning_rate, random_erasing
+from kemo.models.train import TRAIN_STATE, RunSpec, augment, fit, keeps_checkpoint, learning_rate, random_erasing
 
 pytestmark = pytest.mark.slow
 SPEC = RunSpec(model="resnet18", epochs=3, batch_size=32, image_size=32)
@@ -66,6 +66,17 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_where_an_unin
         return {k: v for k, v in m.items() if k not in timing}
 
     assert learned(result.metrics) == learned(uninterrupted.metrics)  # same seeds, same data order: the same run
+
+
+def test_checkpoints_at_each_new_best_every_n_epochs_and_the_last():
+    val = [0.2, 0.5, 0.4, 0.5, 0.6, 0.3, 0.3, 0.1]  # val accuracy of epochs 1..8
+    best, kept = -1.0, []
+    for epoch, accuracy in enumerate(val, 1):
+        if keeps_checkpoint(epoch, len(val), 3, accuracy > best):
+            kept.append(epoch)
+        best = max(best, accuracy)
+    assert kept == [1, 2, 3, 5, 6, 8]  # bests 1, 2, 5; every third 3, 6; the last 8 (a tie at 4 is no new best)
+    assert [e for e in range(1, 9) if keeps_checkpoint(e, 8, 1, False)] == list(range(1, 9))
 
 
 def test_learning_rate_follows_the_epoch_alone():

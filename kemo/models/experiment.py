@@ -63,6 +63,8 @@ class TrainConfig:
     init_weights: str | None = field(default=None, metadata={
         "help": "start every run from this weights file (path or s3://; matching names and shapes are copied)"})
     max_failures: int = field(default=3, metadata={"help": "worker-group restarts per run"})
+    checkpoint_every: int = field(default=10, metadata={
+        "help": "a checkpoint to resume from every N epochs, besides each new best and the last (1 = every epoch)"})
     smoke_test: bool = field(default=False, metadata={"help": f"a quick check: {SMOKE}"})
 
 
@@ -178,6 +180,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if unknown or not models:
         raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
     learning_rate(RunSpec(schedule=cfg.schedule), 0)  # an unknown schedule fails here, not in every worker
+    if cfg.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be at least 1 epoch, not {cfg.checkpoint_every}")
     blocks = [int(b) for b in cfg.blocks.split(",")]
     MODELS["kemotionnet"](blocks=blocks)  # a bad layout fails here, not in every worker
     # the default layout is the architecture's own default (no argument), as timm records its models' defaults
@@ -221,7 +225,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     continue
                 log.info("training %s", name)
                 result = fit(train, val, spec, runs_dir, name, workers=cfg.workers, use_gpu=cfg.use_gpu,
-                             max_failures=cfg.max_failures, data_report=data_report, cpus_per_worker=cpus)
+                             max_failures=cfg.max_failures, data_report=data_report, cpus_per_worker=cpus,
+                             checkpoint_every=cfg.checkpoint_every)
                 (best, best_metrics), = result.best_checkpoints
                 with best.as_directory() as d:
                     tested = test_checkpoint(d, test.images, test.labels)

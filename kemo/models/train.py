@@ -4,9 +4,10 @@ The arrays of :func:`kemo.models.data.load_splits` are put in Ray's object store
 (zero-copy) and takes its share of a seeded permutation each epoch. Augmentation runs on batched tensors on the
 worker's device: a per-photo horizontal flip and light random resized crop in one ``grid_sample``, then the paper's
 Random Erasing. Adam; bf16 autocast on GPU; validation accuracy every epoch, summed over workers. Every epoch reports
-a checkpoint (DESIGN §4 ``model.pt`` + ``meta.json``, plus ``train_state.pt`` for resuming): Ray keeps the best by
-validation accuracy and the latest, a failed worker restarts the group from the latest (``FailureConfig``), and a
-relaunch with the same output and run name resumes from it too.
+its metrics; a checkpoint (DESIGN §4 ``model.pt`` + ``meta.json``, plus ``train_state.pt`` for resuming) comes with
+each new best validation accuracy, every ``checkpoint_every`` epochs and the last: Ray keeps the best by validation
+accuracy and the latest, a failed worker restarts the group from the latest (``FailureConfig``), and a relaunch with
+the same output and run name resumes from it too.
 """
 
 from __future__ import annotations
@@ -119,6 +120,24 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, im
     return sums
 
 
+def keeps_checkpoint(epoch: int, epochs: int, every: int, improved: bool) -> bool:
+    """Whether epoch ``epoch`` (1-based) of ``epochs`` writes a checkpoint: at each new best validation accuracy (the
+    checkpoint that is tested), every ``every`` epochs (where a restart resumes) and at the last (whose history has
+    every epoch). K-EmotionNet's weights and Adam state are ~400 MB: 60 GB to S3 a 150-epoch run if every epoch."""
+    return improved or epoch % max(1, every) == 0 or epoch == epochs
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train 2.60 logs every report (with its whole metrics dict) and every checkpoint at INFO on the driver's
+    console: three lines an epoch that say again what the progress line says. Keep its warnings and errors."""
+    from ray.train.v2._internal.execution import context
+    from ray.train.v2._internal.execution import storage as train_storage
+
+    for logger in (getattr(context, "logger", None), getattr(train_storage, "logger", None)):
+        if logger is not None:
+            logger.setLevel(logging.WARNING)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop (every worker runs it)."""
     import ray
@@ -126,6 +145,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    _quiet_report_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     spec = RunSpec(**config["spec"])
@@ -187,6 +207,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if world > 1:
             torch.distributed.all_reduce(sums)
         val_accuracy = float(sums[2] / sums[3]) if sums[3] else 0.0
+        keep = keeps_checkpoint(epoch + 1, spec.epochs, int(config.get("checkpoint_every", 1)), val_accuracy > best)
         best = max(best, val_accuracy)
         metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)), "val_accuracy": val_accuracy,
                    "best_val_accuracy": best,
@@ -199,7 +220,7 @@ def train_loop(config: dict[str, Any]) -> None:
             log.info("%s seed %d epoch %d/%d | loss %.3f | val acc %.3f | best %.3f | %s img/s", spec.model, spec.seed,
                      epoch + 1, spec.epochs, metrics["train_loss"], val_accuracy, best, metrics["train_images_per_s"])
         with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
+            if rank == 0 and keep:
                 save_checkpoint(d, net, spec.model, spec.arguments, image_size=spec.image_size,
                                 training={**config["spec"], "workers": world}, metrics=metrics,
                                 data=config.get("data_report"))
@@ -212,11 +233,12 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def fit(train: Any, val: Any, spec: RunSpec, storage_uri: str, name: str, workers: int = 1, use_gpu: bool = False,
         max_failures: int = 3, data_report: dict[str, Any] | None = None, cpus_per_worker: float = 0,
-        _fail_once: dict[str, Any] | None = None):
+        checkpoint_every: int = 1, _fail_once: dict[str, Any] | None = None):
     """Train one run under ``storage_uri/name`` (relaunching with the same two resumes it); returns Ray's Result,
     whose ``best_checkpoints`` hold the best-validation checkpoint. ``train`` and ``val`` are (images, labels)
     pairs, or ObjectRefs of them so that a grid of runs shares one copy in the object store. ``cpus_per_worker``
-    (0 = Ray's default of 1) is what each worker reserves and, on CPU, how many threads its torch uses."""
+    (0 = Ray's default of 1) is what each worker reserves and, on CPU, how many threads its torch uses. A checkpoint
+    is written at every new best validation accuracy, every ``checkpoint_every`` epochs and at the last epoch."""
     import dataclasses
 
     import ray
@@ -226,7 +248,7 @@ def fit(train: Any, val: Any, spec: RunSpec, storage_uri: str, name: str, worker
     fs, path = storage.resolve(storage_uri)
     refs = [x if isinstance(x, ray.ObjectRef) else ray.put(x) for x in (train, val)]
     config = {"spec": dataclasses.asdict(spec), "train": refs[0], "val": refs[1],
-              "data_report": data_report, "cpus_per_worker": cpus_per_worker}
+              "data_report": data_report, "cpus_per_worker": cpus_per_worker, "checkpoint_every": checkpoint_every}
     if _fail_once:
         config["_fail_once"] = _fail_once
     trainer = TorchTrainer(
