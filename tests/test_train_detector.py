@@ -11,7 +11,7 @@ import cv2
 import pytest
 
 from kemo import storage
-from kemo.detector.train import KIND, TrainDetectorConfig, resolve_source, run, split_counts
+from kemo.detector.train import KIND, TrainDetectorConfig, photos_to_use, resolve_source, run, split_counts
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +24,12 @@ def small(**kw) -> TrainDetectorConfig:
 def test_split_counts_are_the_papers_8_1_1():
     assert split_counts(3500) == (2800, 350, 350)
     assert split_counts(300) == (240, 30, 30)
+
+
+def test_an_index_smaller_than_images_is_split_as_a_whole():
+    boxes = [[10, 10, 50, 50]] * 400 + [None, [0, 0, 0, 0]] * 10  # 400 usable face boxes, 20 unusable
+    assert photos_to_use(3500, boxes) == 400 and split_counts(400) == (320, 40, 40)
+    assert photos_to_use(300, boxes) == 300
 
 
 def test_the_source_is_weights_or_a_yaml_never_both_nor_neither(tmp_path):

@@ -38,6 +38,7 @@ import numpy as np
 
 from kemo import storage
 from kemo.config import code_version
+from kemo.crop import valid_box
 from kemo.detector import modules
 from kemo.detector.export import STAMP, ExportConfig
 from kemo.detector.export import run as export
@@ -83,6 +84,12 @@ def split_counts(images: int) -> tuple[int, int, int]:
     """8:1:1, as the paper's 2,800/350/350."""
     train, val = round(images * 0.8), round(images * 0.1)
     return train, val, images - train - val
+
+
+def photos_to_use(requested: int, boxes: list[Any]) -> int:
+    """``--images``, or every photo with a usable face box when there are fewer: a smaller index is split 8:1:1 as
+    a whole instead of filling the training split and leaving validation and test empty."""
+    return min(requested, sum(valid_box(b) for b in boxes))
 
 
 def resolve_device(device: str) -> str:
@@ -370,7 +377,11 @@ def run(cfg: TrainDetectorConfig, callbacks: dict[str, Any] | None = None) -> di
 
     work, device = work_dir(cfg), resolve_device(cfg.device)
     dataset = os.path.join(work, "dataset")
-    exported = export(ExportConfig(input=cfg.input, output=dataset, counts=",".join(map(str, split_counts(cfg.images))),
+    images = photos_to_use(cfg.images, manifest.column("box").to_pylist())
+    if images < cfg.images:
+        log.warning("%s: %d photos have a face box, fewer than --images %d: splitting those 8:1:1", cfg.input, images,
+                    cfg.images)
+    exported = export(ExportConfig(input=cfg.input, output=dataset, counts=",".join(map(str, split_counts(images))),
                                    max_side=cfg.max_side or 2 * cfg.imgsz, seed=cfg.seed), manifest=manifest)
     counts = exported["counts"]
     if counts["train"] == 0 or counts["val"] == 0 or counts["test"] == 0:
