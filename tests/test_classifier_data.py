@@ -1,10 +1,15 @@
 """Crop shards → in-memory training arrays: what is kept, what is left out and why, pixels and labels."""
 
+import os
+
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 
+from kemo import storage
 from kemo.data import aihub
 from kemo.models.data import decode_crop, load_splits
+from kemo.preprocess import KIND, read_crops
 
 
 def test_load_splits_keeps_labelled_agreed_crops_and_counts_the_rest(corpus_index, annotation_crops):
@@ -33,3 +38,20 @@ def test_decode_crop_resizes_to_the_training_size_and_refuses_garbage():
     small = decode_crop(jpeg.tobytes(), 32)
     assert small.shape == (32, 32, 3) and small[16, 4, 0] > 200 and small[16, 4, 2] < 50 and small[16, 28, 0] < 50
     assert decode_crop(b"not a jpeg", 32) is None
+
+
+def test_the_shards_row_order_never_reaches_training(annotation_crops, tmp_path):
+    """Ray Data writes rows in an order that varies between runs; the arrays (and so a seeded run) must not."""
+    table = read_crops(annotation_crops)
+    shuffled = str(tmp_path / "shuffled")
+    os.makedirs(os.path.join(shuffled, "shards"))
+    order = np.random.default_rng(0).permutation(table.num_rows)
+    pq.write_table(table.take(order[:40]), os.path.join(shuffled, "shards", "b.parquet"))
+    pq.write_table(table.take(order[40:]), os.path.join(shuffled, "shards", "a.parquet"))
+    storage.commit(shuffled, ["shards/b.parquet", "shards/a.parquet"], {}, KIND)
+    original, _ = load_splits(annotation_crops, image_size=32, jobs=2)
+    again, _ = load_splits(shuffled, image_size=32, jobs=2)
+    for name in original:
+        assert again[name].image_ids == original[name].image_ids == sorted(original[name].image_ids)
+        assert np.array_equal(again[name].images, original[name].images)
+        assert np.array_equal(again[name].labels, original[name].labels)

@@ -66,6 +66,7 @@ def load_splits(shards: str, image_size: int = 224, min_agree: int = 2,
             left_out[f"split {r['split']}"] += 1
     splits: dict[str, Split] = {}
     for name, rows in usable.items():
+        rows.sort(key=lambda i: meta[i]["image_id"])  # the shards' row order varies between preprocessing runs
         images = np.empty((len(rows), image_size, image_size, 3), np.uint8)  # decoded straight into place
 
         def fill(k: int, rows: list[int] = rows, images: np.ndarray = images) -> bool:
