@@ -3,8 +3,8 @@
     python jobs/demo.py [--out out/demo] [--per-class 60] [--size 1600x1200]
 
 Generates a corpus, indexes it, trains a face detector, preprocesses with none/haar/yolo/annotations, trains
-K-EmotionNet and ResNet18 on each, labels held-out photos, and prints a Table-5-shaped summary. The data is
-generated: no figure printed here is the paper's.
+K-EmotionNet and ResNet18 on the none, haar and yolo crops, labels held-out photos, and prints a Table-5-shaped
+summary. The data is generated: no figure printed here is the paper's.
 """
 
 import logging
