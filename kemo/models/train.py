@@ -129,7 +129,7 @@ def keeps_checkpoint(epoch: int, epochs: int, every: int, improved: bool) -> boo
 
 def _quiet_report_logs() -> None:
     """Ray Train 2.60 logs every report (with its whole metrics dict) and every checkpoint at INFO on the driver's
-    console: three lines an epoch that say again what the progress line says. Keep its warnings and errors. These
+    console: two lines an epoch that say again what the progress line says. Keep its warnings and errors. These
     are Ray's internal modules: when another Ray moves them, the lines come back and nothing else changes."""
     try:
         from ray.train.v2._internal.execution import context
