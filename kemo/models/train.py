@@ -210,7 +210,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if world > 1:
             torch.distributed.all_reduce(sums)
         val_accuracy = float(sums[2] / sums[3]) if sums[3] else 0.0
-        keep = keeps_checkpoint(epoch + 1, spec.epochs, int(config.get("checkpoint_every", 1)), val_accuracy > best)
+        keep = keeps_checkpoint(epoch + 1, spec.epochs, config["checkpoint_every"], val_accuracy > best)
         best = max(best, val_accuracy)
         metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)), "val_accuracy": val_accuracy,
                    "best_val_accuracy": best,
