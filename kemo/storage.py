@@ -38,7 +38,7 @@ def is_s3(uri: str) -> bool:
 def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
     kwargs: dict[str, Any] = {}
     if endpoint:
-        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        parts = urlsplit(endpoint)
         kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme)
     if region:
         kwargs["region"] = region
@@ -51,7 +51,10 @@ def _bucket_region(bucket: str) -> str:
 
 
 def _s3_settings(bucket: str) -> tuple[str | None, str | None]:
+    """(endpoint URL with its scheme, https when none is given; region) for pyarrow's and boto3's clients alike."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "://" not in endpoint:
+        endpoint = f"https://{endpoint}"  # boto3 refuses a bare host:port; pyarrow assumed https
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if not endpoint and not region:
         region = _bucket_region(bucket)
@@ -98,7 +101,7 @@ class FileEntry:
 def _below(path: str, base: str) -> str:
     """An S3 key relative to the listed prefix, verbatim: ``posixpath.relpath`` would fold ``a/../x`` into ``x``
     (two keys, one name) and needs a current directory, which a job's unpacked working dir may no longer be."""
-    return path[len(base):].lstrip("/") if path.startswith(base) else path
+    return path[len(base):].removeprefix("/") if path.startswith(base) else path
 
 
 def list_files(root: str, etags: bool = False) -> list[FileEntry]:
@@ -143,14 +146,14 @@ def read_bytes(uri: str) -> bytes:
     if not is_s3(uri):
         with open(uri, "rb") as f:
             return f.read()
-    fs, path = resolve(uri)
-    bucket, _, key = path.partition("/")
+    bucket, _, key = uri[len("s3://"):].partition("/")
     if not _pyarrow_addressable(key):
         client = _boto3_s3(*_s3_settings(bucket))
         try:
-            return client.get_object(Bucket=bucket, Key=uri[len("s3://"):].partition("/")[2])["Body"].read()
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
         except client.exceptions.NoSuchKey as e:
             raise FileNotFoundError(f"no such object: {uri}") from e
+    fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
 

@@ -58,3 +58,21 @@ def test_s3_round_trip_with_awkward_keys(s3_bucket, moto_endpoint):
     assert storage.committed(root, "test")["files"][0]["path"] == "c.json"
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(f"s3://{s3_bucket}/nope")
+
+
+def test_s3_keys_that_differ_only_in_slashes_keep_their_own_names(s3_bucket, moto_endpoint):
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    for key, body in {"in/x.jpg": b"one", "in//x.jpg": b"two", "in/a/../x.jpg": b"three"}.items():
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=body)
+    entries = storage.list_files(f"s3://{s3_bucket}/in", etags=True)
+    assert sorted(e.rel for e in entries) == ["/x.jpg", "a/../x.jpg", "x.jpg"]  # three keys, three names
+    assert {e.rel: storage.read_bytes(e.uri) for e in entries} == {"x.jpg": b"one", "/x.jpg": b"two",
+                                                                  "a/../x.jpg": b"three"}
+
+
+def test_an_endpoint_without_a_scheme_means_https_for_both_s3_clients(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "minio.internal:9000")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    assert storage._s3_settings("bucket") == ("https://minio.internal:9000", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
+    assert storage._s3_settings("bucket") == ("http://127.0.0.1:9000", "us-east-1")
