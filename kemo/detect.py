@@ -87,13 +87,12 @@ class YoloDetector:
                  device: str = "auto", conf: float = 0.25, iou: float = 0.5, max_det: int = 30, **_: Any):
         if not weights:
             raise ValueError("--detector yolo needs --weights PATH_OR_URI (no weights are downloaded)")
-        import torch
         from ultralytics import YOLO
 
         import kemo.detector.modules  # noqa: F401  (registers MultiSEAM/C3RFEM: YOLO-Face-v2-style checkpoints load)
 
         path, self.sha256 = fetch_weights(weights, weights_sha256)
-        self.device = ("cuda:0" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = torch_device(device)
         self.half = self.device.startswith("cuda")
         self.model = YOLO(path, task="detect")
         self.imgsz, self.conf, self.iou, self.max_det = imgsz, conf, iou, max_det
@@ -190,6 +189,23 @@ class AnnotationBoxes:
 
 
 DETECTORS = {"yolo": YoloDetector, "haar": HaarDetector, "none": WholePhoto, "annotations": AnnotationBoxes}
+
+
+def check_detector(name: str, weights: str | None, choices: tuple[str, ...] = tuple(DETECTORS)) -> None:
+    """Fail on the driver, before any actor starts: a detector not in ``choices``, or yolo without weights."""
+    if name not in choices:
+        raise ValueError(f"unknown detector {name!r}; choose from {', '.join(choices)}")
+    if name == "yolo" and not weights:
+        raise ValueError("--detector yolo needs --weights PATH_OR_URI (kemo downloads no weights)")
+
+
+def torch_device(device: str) -> str:
+    """``auto`` is the first CUDA GPU when there is one, else the CPU; anything else is taken as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 def create_detector(name: str, **kwargs: Any):

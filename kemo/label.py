@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from kemo import storage
 from kemo.crop import encode_jpeg, primary_face
-from kemo.detect import DETECTORS
+from kemo.detect import check_detector, torch_device
 from kemo.image import MAX_PIXELS
 from kemo.preprocess import RETRY, SMOKE_ROWS, CropPhotos, Prepared, read_shards, resolve_resources
 from kemo.schema import LABELS
@@ -115,8 +115,7 @@ class LabelPhotos(CropPhotos):
         self.cfg = LabelConfig(**cfg)
         self._start()
         torch.set_num_threads(max(1, self.cfg.decoders))  # the actor's CPU share, not the whole node
-        self.device = ("cuda:0" if torch.cuda.is_available() else "cpu") if self.cfg.device == "auto" \
-            else self.cfg.device
+        self.device = torch_device(self.cfg.device)
         self.model, self.meta = load_checkpoint(self.cfg.checkpoint, self.device)
         self.autocast = _autocast_dtype(self.cfg.precision, self.device)
         self.classify_lock = threading.Lock()  # with calls_per_actor > 1, batches share the model
@@ -206,12 +205,6 @@ class LabelPhotos(CropPhotos):
 # --------------------------------------------------------------------------------------------------- the input
 
 
-def _os_metadata(rel: str) -> bool:
-    """Files an OS leaves beside photos (macOS resource forks and folder views, Windows thumbnails): never rows."""
-    parts = rel.split("/")
-    return "__MACOSX" in parts or parts[-1].startswith("._") or parts[-1] in (".DS_Store", "Thumbs.db")
-
-
 def _contains(parent: str, child: str) -> bool:
     if storage.is_s3(parent) != storage.is_s3(child):
         return False
@@ -225,7 +218,7 @@ def snapshot(cfg: LabelConfig) -> tuple[pa.Table, int]:
     """(every file under the input as ``PHOTO`` rows sorted by uri, OS metadata files left out). Content decides
     what is a photo: every other file gets a row, a non-image one with status decode_error."""
     entries = storage.list_files(cfg.input, etags=True)
-    kept = [e for e in entries if not _os_metadata(e.rel)]
+    kept = [e for e in entries if not storage.os_metadata(e.rel)]
     rows = [{"uri": e.uri, "size": e.size, "mtime_ns": e.mtime_ns, "etag": e.etag} for e in kept]
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["uri"]), schema=PHOTO)
     return (table.slice(0, SMOKE_ROWS) if cfg.smoke_test else table), len(entries) - len(kept)
@@ -314,10 +307,7 @@ def _check(cfg: LabelConfig) -> list[str]:
     if cfg.detector == "annotations":
         raise ValueError("--detector annotations needs the annotators' boxes from an AI-Hub manifest, which new "
                          "photos do not have: use yolo, haar or none")
-    if cfg.detector not in DETECTORS:
-        raise ValueError(f"unknown detector {cfg.detector!r}; choose from yolo, haar, none")
-    if cfg.detector == "yolo" and not cfg.weights:
-        raise ValueError("--detector yolo needs --weights PATH_OR_URI (kemo downloads no weights)")
+    check_detector(cfg.detector, cfg.weights, ("yolo", "haar", "none"))
     formats = [f.strip() for f in cfg.format.split(",") if f.strip()]
     if not set(formats) <= set(FORMATS):
         raise ValueError(f"--format {cfg.format!r}: choose from {', '.join(FORMATS)}")

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from kemo import storage
 from kemo.crop import clip_box, crop_region, crop_square, encode_jpeg, iou, primary_face, resize_whole, valid_box
-from kemo.detect import DETECTORS, create_detector
+from kemo.detect import check_detector, create_detector
 from kemo.image import MAX_PIXELS, Decoded, DecodeError, decode, largest_reduction
 from kemo.schema import CROP, IDENTITY
 
@@ -374,10 +374,7 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     import ray
 
     t0 = time.perf_counter()
-    if cfg.detector not in DETECTORS:  # fail here, not later inside every actor's constructor
-        raise ValueError(f"unknown detector {cfg.detector!r}; choose from {', '.join(DETECTORS)}")
-    if cfg.detector == "yolo" and not cfg.weights:
-        raise ValueError("--detector yolo needs --weights PATH_OR_URI (kemo downloads no weights)")
+    check_detector(cfg.detector, cfg.weights)  # here, not later inside every actor's constructor
     manifest = load_input(cfg)
     if cfg.smoke_test:
         manifest = manifest.slice(0, SMOKE_ROWS)

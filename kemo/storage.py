@@ -98,6 +98,12 @@ class FileEntry:
     etag: str | None = None  # S3 with etags=True: changes with the content even within LastModified's second
 
 
+def os_metadata(rel: str) -> bool:
+    """Files an OS leaves beside photos (macOS resource forks and folder views, Windows thumbnails): never inputs."""
+    parts = rel.split("/")
+    return "__MACOSX" in parts or parts[-1].startswith("._") or parts[-1] in (".DS_Store", "Thumbs.db")
+
+
 def _below(path: str, base: str) -> str:
     """An S3 key relative to the listed prefix, verbatim: ``posixpath.relpath`` would fold ``a/../x`` into ``x``
     (two keys, one name) and needs a current directory, which a job's unpacked working dir may no longer be."""

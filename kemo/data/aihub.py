@@ -207,11 +207,6 @@ def _valid_utf8(text: str) -> bool:
         return False
 
 
-def _is_junk(rel: str) -> bool:
-    parts = rel.split("/")
-    return "__MACOSX" in parts or parts[-1].startswith("._") or parts[-1] in (".DS_Store", "Thumbs.db")
-
-
 def _is_label_file(rel_nfc: str) -> bool:
     name = posixpath.basename(rel_nfc)
     return name.lower().endswith(".json") and ("[라벨]" in rel_nfc or name.startswith("img_emotion"))
@@ -274,7 +269,7 @@ def balanced_sample(rows: list[dict[str, Any]], per_class: int, seed: int) -> tu
 def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
           per_class: int = 0) -> tuple[pa.Table, dict[str, Any]]:
     """(manifest table, report) for an AI-Hub root. Nothing is written."""
-    entries = [e for e in storage.list_files(root) if not _is_junk(e.rel)]
+    entries = [e for e in storage.list_files(root) if not storage.os_metadata(e.rel)]
     images: dict[str, list[storage.FileEntry]] = defaultdict(list)
     label_files, undecodable = [], []
     for e in entries:
