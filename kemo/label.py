@@ -420,6 +420,8 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     formats = _check(cfg)
     fingerprint = _fingerprint(cfg)
     new_output = _claim(cfg.output, fingerprint)
+    if fingerprint["weights_sha256"]:  # actors load exactly the weights fingerprinted here, from fetch_weights' cache
+        cfg = dataclasses.replace(cfg, weights_sha256=fingerprint["weights_sha256"])
     photos, ignored = snapshot(cfg)
     if photos.num_rows == 0:
         raise ValueError(f"no files under {cfg.input}")

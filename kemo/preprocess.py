@@ -381,7 +381,10 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     cfg = resolve_resources(cfg, ray.cluster_resources())
     check_output_reachable(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))
     shards_dir = storage.join(cfg.output, "shards")
-    _claim(cfg, _fingerprint(cfg, manifest))
+    fingerprint = _fingerprint(cfg, manifest)
+    _claim(cfg, fingerprint)
+    if fingerprint["weights_sha256"]:  # actors load exactly the weights fingerprinted here, from fetch_weights' cache
+        cfg = dataclasses.replace(cfg, weights_sha256=fingerprint["weights_sha256"])
     storage.uncommit(cfg.output)
     done, retried = resume(shards_dir)
     if retried:
