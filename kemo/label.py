@@ -107,13 +107,14 @@ class LabelPhotos(CropPhotos):
     batch. Each photo yields its rows together (one, or one per face with ``all_faces``).
     """
 
+    config = LabelConfig
+
     def __init__(self, cfg: dict[str, Any]):
         import torch
 
         from kemo.models.checkpoint import load_checkpoint
 
-        self.cfg = LabelConfig(**cfg)
-        self._start()
+        super().__init__(cfg)
         torch.set_num_threads(max(1, self.cfg.decoders))  # the actor's CPU share, not the whole node
         self.device = torch_device(self.cfg.device)
         self.model, self.meta = load_checkpoint(self.cfg.checkpoint, self.device)

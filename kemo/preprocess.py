@@ -108,13 +108,11 @@ class Prepared:
 class CropPhotos:
     """Ray Data class UDF: a batch of manifest rows → the same rows as crop-shard rows (``CROP``), one each."""
 
-    def __init__(self, cfg: dict[str, Any]):
-        self.cfg = PreprocessConfig(**cfg)
-        self._start()
+    config = PreprocessConfig  # kemo.label.LabelPhotos shares this whole front end with its own config class
 
-    def _start(self) -> None:
-        """Detector, decoder threads and lock from ``self.cfg``; kemo.label.LabelPhotos shares this whole front end
-        (any config with the detector, decode and crop fields of PreprocessConfig)."""
+    def __init__(self, cfg: dict[str, Any]):
+        """Detector, decoder threads and lock from ``cfg`` (``self.config``'s fields as a dict)."""
+        self.cfg = self.config(**cfg)
         cv2.setNumThreads(max(1, self.cfg.decoders))  # the actor's CPU share, not every core of the node
         if self.cfg.detector == "yolo":
             import torch
