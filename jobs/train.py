@@ -14,8 +14,8 @@ import logging
 
 import ray
 
+from kemo.classifier.experiment import TrainConfig, run
 from kemo.config import parse
-from kemo.models.experiment import TrainConfig, run
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -1,6 +1,7 @@
 """Job configs are dataclasses whose defaults are the paper's recipe; command-line flags are generated from fields.
 
 ``parse(Cfg)`` turns ``--per-class 7000`` into ``Cfg(per_class=7000)``; a field's ``metadata["help"]`` is its help.
+A ``tuple[X, ...]`` field takes a comma-separated list (``--models kemotionnet,resnet18``); X is int, float or str.
 ``asdict(cfg)`` crosses the driver→worker boundary and ``Cfg(**d)`` rebuilds it there.
 """
 
@@ -29,6 +30,29 @@ def _scalar_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _list_of(tp: Any) -> Any | None:
+    """X for ``tuple[X, ...]`` (or ``list[X]``), else None."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    if origin is list and len(args) == 1:
+        return args[0]
+    return None
+
+
+def list_parser(item: type) -> Any:
+    """An argparse ``type=`` for a comma-separated list of ``item`` (empty entries dropped)."""
+
+    def parse_list(text: str) -> tuple:
+        try:
+            return tuple(item(x.strip()) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {item.__name__}") from None
+
+    parse_list.__name__ = f"list of {item.__name__}"
+    return parse_list
+
+
 def parser_for(cls: type, description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().splitlines()[0])
     hints = typing.get_type_hints(cls)
@@ -39,7 +63,12 @@ def parser_for(cls: type, description: str | None = None) -> argparse.ArgumentPa
         default = None if required else (field.default if field.default is not dataclasses.MISSING
                                          else field.default_factory())
         help_ = field.metadata.get("help", "")
-        if tp is bool:
+        item = _list_of(tp)
+        if item in (int, float, str):
+            shown = ",".join(map(str, default)) if default is not None else None
+            parser.add_argument(flag, type=list_parser(item), default=default, required=required,
+                                help=f"{help_} (default: {shown})" if not required else help_)
+        elif tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif tp in (int, float, str):
             parser.add_argument(flag, type=tp, default=default, required=required,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import logging
 import os
@@ -24,16 +23,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kemo import storage
+from kemo import outputs, storage
 from kemo.crop import encode_jpeg, primary_face
-from kemo.detect import check_detector, torch_device
-from kemo.image import MAX_PIXELS
-from kemo.preprocess import RETRY, SMOKE_ROWS, CropPhotos, Prepared, read_shards, resolve_resources
+from kemo.detector.base import Faces
+from kemo.detector.registry import check_detector
+from kemo.device import torch_device
+from kemo.frontend import FrontEnd, Prepared
+from kemo.preprocess import RETRY, SMOKE_ROWS
+from kemo.resources import ActorResources, resolve_resources
 from kemo.schema import LABELS
+from kemo.settings import CropSettings, DetectorSettings
 
 log = logging.getLogger(__name__)
-KIND = "labels"
-RUN = "_run.json"  # what makes a row: model, detector, crop settings; rows of another setup are never mixed in
+KIND = outputs.LABELS
 PARTS = "parts"
 CSV = "labels.csv"
 FORMATS = ("parquet", "csv")
@@ -41,36 +43,18 @@ PHOTO = pa.schema([LABELS.field(n) for n in ("uri", "size", "mtime_ns", "etag")]
 KEYS = ["uri", "size", "mtime_ns", "etag", "face", "status", "label_name"]  # what the skip rule and summary read
 
 
-@dataclass
-class LabelConfig:
+@dataclass(kw_only=True)
+class LabelConfig(DetectorSettings, CropSettings, ActorResources):
     """Label every photo of a folder or S3 prefix with the emotion of its face."""
 
     input: str = field(metadata={"help": "folder or s3:// prefix of photos (recursive; photos are known by content)"})
     output: str = field(metadata={"help": "label directory (local or s3://); earlier runs' labels are kept"})
     checkpoint: str = field(metadata={"help": "classifier checkpoint directory (model.pt + meta.json), or s3://"})
-    detector: str = field(default="yolo", metadata={"help": "yolo, haar or none (whole photo)"})
-    weights: str | None = field(default=None, metadata={"help": "YOLO face weights: path or s3:// URI"})
-    weights_sha256: str | None = field(default=None, metadata={"help": "refuse weights with another SHA-256"})
     all_faces: bool = field(default=False, metadata={"help": "one row per detected face, not only the primary one"})
-    format: str = field(default="parquet,csv", metadata={
+    format: tuple[str, ...] = field(default=FORMATS, metadata={
         "help": "parquet (the label store, always written) and csv (labels.csv: every current row)"})
-    crop_size: int = field(default=500, metadata={"help": "crop side in pixels, as preprocessing cut them"})
-    margin: float = field(default=0.25, metadata={"help": "background kept on each side, as a share of the face"})
-    imgsz: int = field(default=640, metadata={"help": "detector input side"})
-    conf: float = field(default=0.25, metadata={"help": "yolo: minimum face confidence"})
-    jpeg_quality: int = field(default=95, metadata={
-        "help": "crops go through JPEG at this quality before the classifier, as training crops did (0 = not)"})
-    batch_size: int = field(default=0, metadata={"help": "photos per actor call = detector batch; 0 = 16 CPU, 64 GPU"})
-    actors: int = field(default=0, metadata={"help": "actor pool size; 0 = one per GPU, else CPUs / decoders"})
-    decoders: int = field(default=0, metadata={"help": "CPU decoder threads (and CPUs) per actor; 0 = 1 CPU, 8 GPU"})
-    gpus_per_actor: float = field(default=-1, metadata={"help": "GPUs per actor; -1 = 1 when the cluster has GPUs"})
-    calls_per_actor: int = field(default=0, metadata={
-        "help": "batches in flight per actor, so decoding overlaps the models; 0 = 2 with GPUs, else 1"})
-    device: str = field(default="auto", metadata={"help": "detector and classifier device: auto, cpu, cuda:0"})
     precision: str = field(default="auto", metadata={
         "help": "classifier on GPU: auto (bf16 where supported, else fp16), bf16, fp16 or fp32; CPU runs fp32"})
-    decode_min_side: int = field(default=1000, metadata={"help": "DCT-reduce JPEGs while the short side stays >= this"})
-    max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "refuse larger photos as too_large"})
     max_bytes: int = field(default=256 << 20, metadata={"help": "refuse larger files as too_large, unread"})
     rows_per_part: int = field(default=20000, metadata={
         "help": "rows per Parquet part, at least: whole actor calls (a killed run keeps the parts it wrote)"})
@@ -99,7 +83,7 @@ def _autocast_dtype(precision: str, device: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-class LabelPhotos(CropPhotos):
+class LabelPhotos:
     """Ray Data class UDF: a batch of listed photos (``PHOTO`` columns) → their ``LABELS`` rows.
 
     ``LabelPhotos(dataclasses.asdict(cfg))`` loads the detector and the classifier once; calling it on a pyarrow
@@ -107,14 +91,13 @@ class LabelPhotos(CropPhotos):
     batch. Each photo yields its rows together (one, or one per face with ``all_faces``).
     """
 
-    config = LabelConfig
-
     def __init__(self, cfg: dict[str, Any]):
         import torch
 
-        from kemo.models.checkpoint import load_checkpoint
+        from kemo.classifier.checkpoint import load_checkpoint
 
-        super().__init__(cfg)
+        self.cfg = LabelConfig(**cfg)
+        self.front = FrontEnd(self.cfg, self.cfg, self.cfg.decoders, max_bytes=self.cfg.max_bytes)
         torch.set_num_threads(max(1, self.cfg.decoders))  # the actor's CPU share, not the whole node
         self.device = torch_device(self.cfg.device)
         self.model, self.meta = load_checkpoint(self.cfg.checkpoint, self.device)
@@ -123,14 +106,9 @@ class LabelPhotos(CropPhotos):
         log.info("classifier %s (%s, %d² input) on %s%s", self.cfg.checkpoint, self.meta["architecture"],
                  self.meta["image_size"], self.device, f" {self.autocast}" if self.autocast else "")
 
-    def _load(self, row: dict[str, Any]) -> Prepared:
-        if row["size"] > self.cfg.max_bytes:  # known from the listing: not even read
-            return Prepared("too_large", f"file of {row['size']} bytes exceeds the {self.cfg.max_bytes}-byte limit")
-        return super()._load(row)
-
     def _pixels(self, crop: np.ndarray) -> np.ndarray:
         """The classifier's input pixels for a crop, made as training made them from a crop shard's JPEG."""
-        from kemo.models.data import decode_crop, resize_square
+        from kemo.classifier.data import decode_crop, resize_square
 
         size = self.meta["image_size"]
         if not self.cfg.jpeg_quality:
@@ -140,26 +118,27 @@ class LabelPhotos(CropPhotos):
             raise RuntimeError("the crop's JPEG does not decode")
         return pixels
 
-    def _photo(self, row: dict[str, Any], prep: Prepared, faces: Any
+    def _photo(self, row: dict[str, Any], prep: Prepared, faces: Faces | None
                ) -> tuple[list[dict[str, Any]], list[np.ndarray | None]]:
         """A photo's rows before classification, and each row's classifier input (None: nothing to classify)."""
         base = {k: row[k] for k in PHOTO.names}
-        base.update(status=prep.status or "ok", error=prep.error, detector=self.detector.name,
+        front = self.front
+        base.update(status=prep.status or "ok", error=prep.error, detector=front.detector.name,
                     model=self.meta["model_sha256"], orig_width=prep.header[0], orig_height=prep.header[1])
         dec = prep.decoded
         if dec is None:
             return [base], [None]
         try:
-            if self.detector.whole_photo:
+            if front.detector.whole_photo:
                 box = [0.0, 0.0, float(dec.width), float(dec.height)]
-                return [{**base, "face": 0, "face_box": box}], [self._pixels(self._crop(dec, None))]
-            boxes, scores = self._faces(prep, faces)
+                return [{**base, "face": 0, "face_box": box}], [self._pixels(front.crop(dec, None))]
+            boxes, scores = front.faces(prep, faces)
             base["n_faces"] = len(boxes)
             order = _ranked(boxes, scores)[:None if self.cfg.all_faces else 1]
             if not order:
-                return [{**base, "status": "no_face", "error": f"{self.detector.name} found no face"}], [None]
+                return [{**base, "status": "no_face", "error": f"{front.detector.name} found no face"}], [None]
             rows = [{**base, "face": k, "face_box": boxes[i], "face_score": scores[i]} for k, i in enumerate(order)]
-            return rows, [self._pixels(self._crop(dec, boxes[i])) for i in order]
+            return rows, [self._pixels(front.crop(dec, boxes[i])) for i in order]
         except Exception as e:
             log.exception("cropping %s failed", row["uri"])
             return [{**base, "status": "error", "error": f"{type(e).__name__}: {e}"}], [None]
@@ -168,7 +147,7 @@ class LabelPhotos(CropPhotos):
         """(N, C) float32 class probabilities, in chunks of the batch size (with all_faces a batch holds more)."""
         import torch
 
-        from kemo.models.checkpoint import preprocess
+        from kemo.classifier.checkpoint import preprocess
 
         chunk = max(1, self.cfg.batch_size or 16)
         out = []
@@ -181,10 +160,10 @@ class LabelPhotos(CropPhotos):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        prepared, faces = self._detect(rows)
+        prepared, faces = self.front.detect(rows)
         out: list[dict[str, Any]] = []
         inputs: list[np.ndarray | None] = []
-        for photo_rows, photo_inputs in self.pool.map(self._photo, rows, prepared, faces):
+        for photo_rows, photo_inputs in self.front.pool.map(self._photo, rows, prepared, faces):
             out.extend(photo_rows)
             inputs.extend(photo_inputs)
         todo = [i for i, x in enumerate(inputs) if x is not None]
@@ -228,17 +207,16 @@ def snapshot(cfg: LabelConfig) -> tuple[pa.Table, int]:
 # --------------------------------------------------------------------------------------------------- the output
 
 
-def part_name(table: pa.Table) -> str:
-    """Named after its rows' photo versions (never after a key): rewriting the same rows gives the same file."""
-    ids = sorted("\0".join(str(v) for v in r.values()) for r in table.select(PHOTO.names + ["face"]).to_pylist())
-    return f"part-{hashlib.sha1(chr(1).join(ids).encode()).hexdigest()[:20]}.parquet"
+def _versions(table: pa.Table) -> list[str]:
+    """Each row's photo version and face as one key: a part is named after these, never after a key alone, so
+    rewriting the same rows gives the same file."""
+    return ["\0".join(str(v) for v in r.values()) for r in table.select(PHOTO.names + ["face"]).to_pylist()]
 
 
-def write_part(table: pa.Table, parts_dir: str) -> str:
+def write_part(table: pa.Table, output: str) -> str:
+    """Write one part of label rows (sorted by uri and face) through the output store; returns its name."""
     table = table.sort_by([("uri", "ascending"), ("face", "ascending")])
-    name = part_name(table)
-    storage.write_parquet(table, storage.join(parts_dir, name))
-    return name
+    return outputs.write_part(output, PARTS, table, _versions(table)).path.rsplit("/", 1)[-1]
 
 
 def _choose(tables: dict[str, pa.Table], current: dict[str, tuple]) -> tuple[dict[str, np.ndarray], set[str]]:
@@ -293,12 +271,7 @@ def _csv_bytes(table: pa.Table, classes: list[str]) -> bytes:
 
 def read_labels(output: str, columns: list[str] | None = None) -> pa.Table:
     """Every current row of a committed label output, from the parts its commit manifest names."""
-    manifest = storage.committed(output, KIND)
-    parts = [storage.read_parquet_columns(storage.join(output, f["path"]), columns)
-             for f in manifest["files"] if f["path"].startswith(f"{PARTS}/")]
-    if parts:
-        return pa.concat_tables(parts)
-    return LABELS.empty_table().select(columns) if columns else LABELS.empty_table()
+    return outputs.Output(output, KIND).read_table(PARTS, columns, LABELS)
 
 
 # --------------------------------------------------------------------------------------------------- the job
@@ -308,10 +281,10 @@ def _check(cfg: LabelConfig) -> list[str]:
     if cfg.detector == "annotations":
         raise ValueError("--detector annotations needs the annotators' boxes from an AI-Hub manifest, which new "
                          "photos do not have: use yolo, haar or none")
-    check_detector(cfg.detector, cfg.weights, ("yolo", "haar", "none"))
-    formats = [f.strip() for f in cfg.format.split(",") if f.strip()]
+    check_detector(cfg, ("yolo", "haar", "none"))
+    formats = list(cfg.format)
     if not set(formats) <= set(FORMATS):
-        raise ValueError(f"--format {cfg.format!r}: choose from {', '.join(FORMATS)}")
+        raise ValueError(f"--format {','.join(formats)}: choose from {', '.join(FORMATS)}")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ValueError(f"--precision {cfg.precision!r}: choose from auto, bf16, fp16, fp32")
     if _contains(cfg.input, cfg.output):
@@ -321,12 +294,12 @@ def _check(cfg: LabelConfig) -> list[str]:
 
 
 def _fingerprint(cfg: LabelConfig) -> dict[str, Any]:
-    from kemo.models.checkpoint import META
+    from kemo.classifier.checkpoint import META
 
     meta = storage.read_json(storage.join(cfg.checkpoint, META))  # meta.json only: no model is built here
     weights_sha = None
     if cfg.detector == "yolo":
-        from kemo.detect import fetch_weights
+        from kemo.detector.weights import fetch_weights
 
         weights_sha = fetch_weights(cfg.weights, cfg.weights_sha256)[1]
     # everything that changes a row; resource knobs, precision and the code version do not
@@ -335,19 +308,6 @@ def _fingerprint(cfg: LabelConfig) -> dict[str, Any]:
             "all_faces": cfg.all_faces, "crop_size": cfg.crop_size, "margin": cfg.margin, "imgsz": cfg.imgsz,
             "conf": cfg.conf, "jpeg_quality": cfg.jpeg_quality, "decode_min_side": cfg.decode_min_side,
             "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes}
-
-
-def _claim(output: str, fingerprint: dict[str, Any]) -> bool:
-    """Refuse an output labelled with another model or setup; True when this output is new (nothing written)."""
-    try:
-        previous = storage.read_json(storage.join(output, RUN))
-    except FileNotFoundError:
-        return True
-    if previous != fingerprint:
-        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
-        raise ValueError(f"{output} holds labels of another setup (differs in {', '.join(changed)}); "
-                         "use a new --output")
-    return False
 
 
 def _check_reachable(cfg: LabelConfig, alive_nodes: int) -> None:
@@ -360,7 +320,7 @@ def _check_reachable(cfg: LabelConfig, alive_nodes: int) -> None:
                              "other nodes cannot read it; give an s3:// URI")
 
 
-def _label_pending(cfg: LabelConfig, pending: pa.Table, parts_dir: str) -> tuple[int, Counter]:
+def _label_pending(cfg: LabelConfig, pending: pa.Table) -> tuple[int, Counter]:
     """Stream the pending photos through the actor pool; the driver writes whole photos' rows into parts as they
     come (rows are small: crops never leave the actors). Returns (photos labelled, their statuses)."""
     import ray
@@ -378,7 +338,7 @@ def _label_pending(cfg: LabelConfig, pending: pa.Table, parts_dir: str) -> tuple
     def flush() -> None:
         nonlocal buffered, rows
         table = pa.concat_tables(buffered)
-        name = write_part(table, parts_dir)
+        name = write_part(table, cfg.output)
         log.info("%s: %d rows — %d/%d photos", name, table.num_rows, photos, pending.num_rows)
         buffered, rows = [], 0
 
@@ -420,73 +380,82 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     formats = _check(cfg)
     fingerprint = _fingerprint(cfg)
-    new_output = _claim(cfg.output, fingerprint)
+    out = outputs.Output(cfg.output, KIND)
+    out.check_claim(fingerprint)  # another setup's labels are refused before anything is listed or written
     if fingerprint["weights_sha256"]:  # actors load exactly the weights fingerprinted here, from fetch_weights' cache
         cfg = dataclasses.replace(cfg, weights_sha256=fingerprint["weights_sha256"])
     photos, ignored = snapshot(cfg)
     if photos.num_rows == 0:
         raise ValueError(f"no files under {cfg.input}")
     current = {r["uri"]: (r["size"], r["mtime_ns"], r["etag"]) for r in photos.to_pylist()}
-    parts_dir = storage.join(cfg.output, PARTS)
-    tables = read_shards(parts_dir, KEYS)
-    _, done = _choose(tables, current)
+    tables = outputs.read_parts(cfg.output, PARTS, KEYS)
+    keep, done = _choose(tables, current)
     pending = photos.filter(pc.invert(pc.is_in(photos.column("uri"), pa.array(sorted(done), pa.string()))))
     log.info("%d files under %s (%d OS metadata files left out): %d already labelled, %d to label",
              photos.num_rows, cfg.input, ignored, photos.num_rows - pending.num_rows, pending.num_rows)
-    labelled, run_statuses = 0, Counter()
-    if pending.num_rows:
-        cfg = resolve_resources(cfg, ray.cluster_resources())
-        _check_reachable(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
-        log.info("labelling with %s + %s: %d actors × %d decoders, %g GPU each, batch %d", cfg.detector,
-                 fingerprint["architecture"], cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size)
-        if new_output:  # claimed before any part exists, so a killed run's parts are never taken for another setup's
-            storage.write_json(storage.join(cfg.output, RUN), fingerprint)
-        labelled, run_statuses = _label_pending(cfg, pending, parts_dir)
-        tables = read_shards(parts_dir, KEYS)
-
-    keep, _ = _choose(tables, current)
-    rewrite = sorted(n for n, mask in keep.items() if not mask.all())
-    final = sorted(n for n, mask in keep.items() if mask.all())
-    tail = ([CSV] if "csv" in formats else []) + ["summary.json", RUN]
-    seconds = time.perf_counter() - t0
-    summary = {"input": cfg.input, "output": cfg.output, "model": fingerprint["model"], "detector": cfg.detector,
-               "listed": photos.num_rows, "ignored": ignored, "skipped": photos.num_rows - pending.num_rows,
-               "processed": labelled, "processed_statuses": dict(sorted(run_statuses.items())),
-               **_tally(tables, keep), "parts": len(final) + len(rewrite), "seconds": round(seconds, 2),
-               "photos_per_s": round(labelled / seconds, 2) if labelled and seconds else None}
-    if not pending.num_rows and not rewrite and _unchanged(cfg.output, [f"{PARTS}/{n}" for n in final] + tail):
+    tail = ([CSV] if "csv" in formats else []) + [outputs.SUMMARY, outputs.RUN]
+    if not pending.num_rows and all(m.all() for m in keep.values()) and _unchanged(out, sorted(tables), tail):
         log.info("nothing to label and the committed output is current: nothing written")
-        return summary
+        # what this run did (nothing), over the committed output's tallies
+        return {**out.read_json(outputs.SUMMARY), "listed": photos.num_rows, "ignored": ignored,
+                "skipped": photos.num_rows, "processed": 0, "processed_statuses": {},
+                "seconds": round(time.perf_counter() - t0, 2), "photos_per_s": None}
 
-    for name in rewrite:  # parts that lost rows to newer versions or duplicates: the rest of their rows, re-named
-        kept = storage.read_parquet(storage.join(parts_dir, name)).filter(pa.array(keep[name]))
-        if kept.num_rows:
-            final.append(write_part(kept, parts_dir))
-    final = sorted(set(final))
-    summary["parts"] = len(final)
-    if "csv" in formats:
-        table = pa.concat_tables([storage.read_parquet(storage.join(parts_dir, n)) for n in final]) if final \
-            else LABELS.empty_table()
-        table = table.sort_by([("uri", "ascending"), ("face", "ascending")])
-        storage.write_bytes(storage.join(cfg.output, CSV), _csv_bytes(table, fingerprint["classes"]))
-    storage.write_json(storage.join(cfg.output, "summary.json"), summary)
-    if not storage.exists(storage.join(cfg.output, RUN)):
-        storage.write_json(storage.join(cfg.output, RUN), fingerprint)
-    storage.commit(cfg.output, [f"{PARTS}/{n}" for n in final] + tail, dataclasses.asdict(cfg), KIND)
-    for name in set(tables) - set(final):  # only now: readers of the previous commit had them until here
-        storage.delete(storage.join(parts_dir, name))
+    labelled, run_statuses = 0, Counter()
+    with out.lease() as lease:
+        out.claim(fingerprint)
+        if pending.num_rows:
+            cfg = resolve_resources(cfg, ray.cluster_resources())
+            _check_reachable(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
+            log.info("labelling with %s + %s: %d actors × %d decoders, %g GPU each, batch %d", cfg.detector,
+                     fingerprint["architecture"], cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size)
+            labelled, run_statuses = _label_pending(cfg, pending)
+            tables = outputs.read_parts(cfg.output, PARTS, KEYS)
+        keep, _ = _choose(tables, current)
+        final = sorted(n for n, mask in keep.items() if mask.all())
+        for name in sorted(n for n, mask in keep.items() if not mask.all()):
+            # parts that lost rows to newer versions or duplicates: the rest of their rows, re-named
+            kept = storage.read_parquet(storage.join(cfg.output, PARTS, name)).filter(pa.array(keep[name]))
+            if kept.num_rows:
+                final.append(write_part(kept, cfg.output))
+        final = sorted(set(final))
+        seconds = time.perf_counter() - t0
+        summary = {"input": cfg.input, "output": cfg.output, "model": fingerprint["model"], "detector": cfg.detector,
+                   "listed": photos.num_rows, "ignored": ignored, "skipped": photos.num_rows - pending.num_rows,
+                   "processed": labelled, "processed_statuses": dict(sorted(run_statuses.items())),
+                   **_tally(tables, keep), "parts": len(final), "seconds": round(seconds, 2),
+                   "photos_per_s": round(labelled / seconds, 2) if labelled and seconds else None}
+        outputs.sweep(cfg.output, PARTS)
+        present = outputs.parts(cfg.output, PARTS)
+        files = [present[n] for n in final]
+        out.uncommit()
+        if "csv" in formats:
+            table = pa.concat_tables([storage.read_parquet(storage.join(cfg.output, PARTS, n)) for n in final]) \
+                if final else LABELS.empty_table()
+            table = table.sort_by([("uri", "ascending"), ("face", "ascending")])
+            files.append(outputs.write_file(cfg.output, CSV, _csv_bytes(table, fingerprint["classes"])))
+        files += [outputs.write_json(cfg.output, outputs.SUMMARY, summary), out.claim_receipt()]
+        lease.check()
+        out.commit(files, dataclasses.asdict(cfg), fingerprint)
+        for name in set(present) - set(final):  # only now: readers of the previous commit had them until here
+            outputs.delete_part(cfg.output, PARTS, name)
     log.info("committed %d rows of %d photos in %d parts to %s: %s", summary["rows"], summary["photos"],
              len(final), cfg.output, summary["statuses"])
     return summary
 
 
-def _unchanged(output: str, files: list[str]) -> bool:
-    """Whether the committed output names exactly ``files`` (the parts present among them)."""
+def _unchanged(out: outputs.Output, parts: list[str], tail: list[str]) -> bool:
+    """Whether the output is committed, intact, and names exactly ``parts`` and ``tail``."""
     try:
-        manifest = storage.committed(output, KIND)
-    except (FileNotFoundError, ValueError):
+        manifest = out.committed()
+    except FileNotFoundError:
         return False
-    return sorted(f["path"] for f in manifest["files"] if f["path"] != storage.CONFIG) == sorted(files)
+    except ValueError as e:
+        if "holds a" in str(e):
+            raise
+        return False
+    wanted = sorted([f"{PARTS}/{n}" for n in parts] + tail)
+    return sorted(f["path"] for f in manifest["files"] if f["path"] != outputs.CONFIG) == wanted
 
 
 def label_one_by_one(cfg: LabelConfig, photos: pa.Table) -> pa.Table:
@@ -495,4 +464,3 @@ def label_one_by_one(cfg: LabelConfig, photos: pa.Table) -> pa.Table:
     udf = LabelPhotos(dataclasses.asdict(dataclasses.replace(cfg, decoders=1, batch_size=1)))
     return pa.concat_tables([udf(photos.slice(i, 1)) for i in range(photos.num_rows)]) if photos.num_rows \
         else LABELS.empty_table()
-

@@ -1,16 +1,14 @@
-"""Local paths and ``s3://`` URIs behind one pyarrow filesystem API, and the commit manifest of every output.
+"""Local paths and ``s3://`` URIs behind one filesystem API: list, read, write whole files, and the two conditional
+writes that a lease needs (create only if absent, replace only if unchanged).
 
-S3 goes through pyarrow's S3 client; ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` selects a custom endpoint (a moto
-server in tests, MinIO on premises). Every output directory is committed by ``_commit.json``, written last, which names
-its files with sizes and SHA-256: readers read what it names, never a glob, so a crashed run leaves nothing that a
-reader can mistake for output (DESIGN §4).
+S3 goes through pyarrow's S3 client (boto3 where pyarrow cannot: ETags, odd keys, conditional writes);
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` selects a custom endpoint (a moto server in tests, MinIO on premises).
+How outputs are committed is :mod:`kemo.outputs`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
-import hashlib
 import io
 import json
 import os
@@ -23,11 +21,6 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-from kemo.config import code_version
-
-COMMIT = "_commit.json"
-CONFIG = "config.json"
 
 
 def is_s3(uri: str) -> bool:
@@ -209,44 +202,90 @@ def exists(uri: str) -> bool:
 
 
 def delete(uri: str) -> None:
-    fs, path = resolve(uri)
-    fs.delete_file(path)
+    if is_s3(uri):
+        # boto3, not pyarrow: deleting the last object under a prefix, pyarrow leaves a "prefix/" marker object
+        client, bucket, key = _s3_object(uri)
+        if not exists(uri):
+            raise FileNotFoundError(f"no such object: {uri}")
+        client.delete_object(Bucket=bucket, Key=key)
+        return
+    os.remove(os.path.abspath(uri))
 
 
-def uncommit(out_dir: str) -> None:
-    """Remove the commit marker before rewriting an output, so a crash mid-rewrite leaves no valid-looking output."""
-    if exists(join(out_dir, COMMIT)):
-        delete(join(out_dir, COMMIT))
+def _s3_object(uri: str) -> tuple[Any, str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return _boto3_s3(*_s3_settings(bucket)), bucket, key
 
 
-def commit(out_dir: str, files: list[str], config: dict[str, Any], kind: str) -> dict[str, Any]:
-    """Write the resolved config, then ``_commit.json`` naming every file of the output (paths relative to out_dir)."""
-    write_json(join(out_dir, CONFIG), {"kind": kind, "code_version": code_version(), "config": config})
-    entries = []
-    for rel in [*files, CONFIG]:
-        data = read_bytes(join(out_dir, rel))
-        entries.append({"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    manifest = {
-        "kind": kind,
-        "code_version": code_version(),
-        "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "files": entries,
-    }
-    write_json(join(out_dir, COMMIT), manifest)
-    return manifest
+def _local_version(path: str) -> str:
+    st = os.stat(path)
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
 
 
-def committed(out_dir: str, kind: str | None = None) -> dict[str, Any]:
-    """The commit manifest of an output directory; raises if it is missing, of another kind, or names a lost file."""
+def create_exclusive(uri: str, data: bytes) -> tuple[bool, str | None]:
+    """Create ``uri`` only if nothing is there: (created, version). S3: a PUT with ``If-None-Match: *``; locally an
+    ``O_EXCL`` create."""
+    if is_s3(uri):
+        client, bucket, key = _s3_object(uri)
+        try:
+            answer = client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except client.exceptions.ClientError as e:
+            if e.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False, None
+            raise
+        return True, answer["ETag"]
+    path = os.path.abspath(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
-        manifest = read_json(join(out_dir, COMMIT))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{out_dir} holds no committed output ({COMMIT} missing)") from e
-    if kind is not None and manifest.get("kind") != kind:
-        raise ValueError(f"{out_dir} holds a {manifest.get('kind')!r} output, not {kind!r}")
-    for entry in manifest["files"]:
-        fs, path = resolve(join(out_dir, entry["path"]))
-        info = fs.get_file_info(path)
-        if info.type != pafs.FileType.File or info.size != entry["bytes"]:
-            raise ValueError(f"{out_dir}: committed file {entry['path']} is missing or changed")
-    return manifest
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False, None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True, _local_version(path)
+
+
+def read_with_version(uri: str) -> tuple[bytes, str]:
+    """(content, version) of one small file; the version is what ``replace_if_version`` compares."""
+    if is_s3(uri):
+        client, bucket, key = _s3_object(uri)
+        try:
+            answer = client.get_object(Bucket=bucket, Key=key)
+        except client.exceptions.NoSuchKey as e:
+            raise FileNotFoundError(f"no such object: {uri}") from e
+        return answer["Body"].read(), answer["ETag"]
+    path = os.path.abspath(uri)
+    with open(path, "rb") as f:
+        version = f"{os.fstat(f.fileno()).st_ino}:{os.fstat(f.fileno()).st_mtime_ns}:{os.fstat(f.fileno()).st_size}"
+        return f.read(), version
+
+
+def replace_if_version(uri: str, data: bytes, version: str | None) -> tuple[bool, str | None]:
+    """Replace ``uri`` only if it is still at ``version``: (replaced, new version). S3: a PUT with ``If-Match``.
+    Locally the file is renamed aside (one rename wins), checked, and the new one created exclusively."""
+    if version is None:
+        return False, None
+    if is_s3(uri):
+        client, bucket, key = _s3_object(uri)
+        try:
+            answer = client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=version)
+        except client.exceptions.ClientError as e:
+            if e.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                return False, None
+            raise
+        return True, answer["ETag"]
+    path = os.path.abspath(uri)
+    aside = f"{path}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False, None
+    if _local_version(aside) != version:  # another writer replaced it first: put theirs back
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+        os.unlink(aside)
+        return False, None
+    os.unlink(aside)
+    return create_exclusive(uri, data)

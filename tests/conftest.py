@@ -120,7 +120,7 @@ def yolo_weights(corpus_index, tmp_path_factory):
     from kemo.detector.export import run as export
 
     work = tmp_path_factory.mktemp("yolo")
-    export(ExportConfig(input=corpus_index, output=str(work / "data"), counts="48,16,0", max_side=320))
+    export(ExportConfig(input=corpus_index, output=str(work / "data"), counts=(48, 16, 0), max_side=320))
     data = str(work / "data" / "data.yaml")
     model = YOLO("yolo11n.yaml")
     model.train(data=data, epochs=2, imgsz=224, batch=16, device="cpu", workers=0, plots=False, amp=False,

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kemo import storage
+from kemo import outputs, storage
 from kemo.classes import UNKNOWN
 from kemo.crop import iou
 from kemo.data import aihub, synth
@@ -349,20 +349,32 @@ def test_run_commits_output_and_rerun_replaces_it(tmp_path):
     root = make_root(tmp_path / "root", [rec(fname(n=i)) for i in range(4)])
     out = str(tmp_path / "out")
     run(IndexConfig(root=root, output=out))
-    manifest = storage.committed(out, "index")
+    manifest = outputs.Output(out, "index").committed()
     assert {f["path"] for f in manifest["files"]} == {"manifest.parquet", "report.json", "config.json"}
     first = load_manifest(out)
+    mtimes = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+    run(IndexConfig(root=root, output=out))  # the same corpus: nothing written
+    assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)} == mtimes
+    make_root(tmp_path / "root", [rec(fname(n=i)) for i in range(5)])  # the corpus grew: indexed again
     run(IndexConfig(root=root, output=out))
-    assert load_manifest(out).num_rows == first.num_rows == 4
+    assert load_manifest(out).num_rows == 5 and first.num_rows == 4
+    make_root(tmp_path / "root", [rec(fname(n=i)) for i in range(4)])
+    run(IndexConfig(root=root, output=out))
     assert load_manifest(os.path.join(out, "manifest.parquet")).equals(first)
     assert storage.read_json(os.path.join(out, "config.json"))["config"]["root"] == root
+
+
+def test_smoke_test_reads_one_label_file(tmp_path):
+    root = make_root(tmp_path / "root", [rec(fname(n=i)) for i in range(3)])
+    report = run(IndexConfig(root=root, output=str(tmp_path / "out"), smoke_test=True))
+    assert len(report["label_files"]) == 1 and load_manifest(str(tmp_path / "out")).num_rows == 3
 
 
 def test_uncommitted_output_is_refused(tmp_path):
     root = make_root(tmp_path / "root", [rec(fname())])
     out = str(tmp_path / "out")
     run(IndexConfig(root=root, output=out))
-    os.remove(os.path.join(out, storage.COMMIT))
+    os.remove(os.path.join(out, outputs.COMMIT))
     with pytest.raises(FileNotFoundError, match="no committed output"):
         load_manifest(out)
 

@@ -8,9 +8,9 @@ import torch
 
 from kemo import storage
 from kemo.classes import CLASS_NAMES
-from kemo.models import create_model
-from kemo.models.checkpoint import load_checkpoint, preprocess, save_checkpoint
-from kemo.models.metrics import classification_report, confusion_matrix
+from kemo.classifier import create_model
+from kemo.classifier.checkpoint import load_checkpoint, preprocess, save_checkpoint
+from kemo.classifier.metrics import classification_report, confusion_matrix
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -35,7 +35,7 @@ def test_a_checkpoint_reloads_to_identical_logits_and_class_order(where, tmp_pat
     assert not any(k.startswith("module.") for k in state)
     with pytest.raises(ValueError, match="uint8"):
         preprocess(images.astype(np.float32), meta)
-    from kemo.models.data import resize_square
+    from kemo.classifier.data import resize_square
 
     same = resize_square(images[0], 64).astype(np.float32) / 255  # the training data's resize, exactly
     mean, std = np.array(meta["normalize"]["mean"]), np.array(meta["normalize"]["std"])

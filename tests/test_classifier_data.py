@@ -1,14 +1,12 @@
 """Crop shards → in-memory training arrays: what is kept, what is left out and why, pixels and labels."""
 
-import os
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
 
-from kemo import storage
+from kemo import outputs
+from kemo.classifier.data import decode_crop, load_splits
 from kemo.data import aihub
-from kemo.models.data import decode_crop, load_splits
 from kemo.preprocess import KIND, read_crops
 
 
@@ -44,11 +42,10 @@ def test_the_shards_row_order_never_reaches_training(annotation_crops, tmp_path)
     """Ray Data writes rows in an order that varies between runs; the arrays (and so a seeded run) must not."""
     table = read_crops(annotation_crops)
     shuffled = str(tmp_path / "shuffled")
-    os.makedirs(os.path.join(shuffled, "shards"))
     order = np.random.default_rng(0).permutation(table.num_rows)
-    pq.write_table(table.take(order[:40]), os.path.join(shuffled, "shards", "b.parquet"))
-    pq.write_table(table.take(order[40:]), os.path.join(shuffled, "shards", "a.parquet"))
-    storage.commit(shuffled, ["shards/b.parquet", "shards/a.parquet"], {}, KIND)
+    parts = [outputs.write_part(shuffled, "shards", table.take(order[:40]), ["b"]),
+             outputs.write_part(shuffled, "shards", table.take(order[40:]), ["a"])]
+    outputs.Output(shuffled, KIND).commit(parts, {})
     original, _ = load_splits(annotation_crops, image_size=32, jobs=2)
     again, _ = load_splits(shuffled, image_size=32, jobs=2)
     for name in original:

@@ -6,18 +6,29 @@ import os
 
 import pytest
 
-from kemo import storage
-from kemo.models.experiment import KIND, TrainConfig, run
+from kemo import outputs, preprocess
+from kemo.classifier.experiment import KIND, TrainConfig, run
 
 pytestmark = pytest.mark.slow
+
+
+def snapshot(root: str) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``root``: (mtime in ns, bytes)."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            out[path] = (os.stat(path).st_mtime_ns, open(path, "rb").read())
+    return out
 
 
 def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops, tmp_path):
     shards = annotation_crops
     out = str(tmp_path / "classify")
-    cfg = TrainConfig(shards=shards, output=out, models="resnet18", seeds=2, epochs=1, image_size=32, batch_size=32)
+    cfg = TrainConfig(shards=(shards,), output=out, models=("resnet18",), seeds=2, epochs=1, image_size=32,
+                      batch_size=32)
     report = run(cfg)
-    storage.committed(out, KIND)
+    outputs.Output(out, KIND).committed()
     (row,) = report["rows"]
     assert row["preprocessing"] == "annotations" and row["model"] == "resnet18" and row["accuracy"]["n"] == 2
     accuracies = [r["test"]["accuracy"] for r in report["runs"]]
@@ -31,23 +42,28 @@ def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops
         assert open(os.path.join(out, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     name = report["runs"][0]["name"]
     assert name.startswith("annotations-resnet18-seed0-")
-    finished = json.load(open(os.path.join(out, "runs", name, "result.json")))
-    again = run(cfg)  # both runs finished: nothing is trained again
+    finished = json.load(open(os.path.join(out, "results", f"{name}.json")))
+    # preprocess again (the crops are committed: a no-op) and train again: nothing is trained, nothing written
+    before = snapshot(out) | snapshot(shards)
+    preprocess.run(preprocess.PreprocessConfig(**outputs.Output(shards, preprocess.KIND).read_json("config.json")
+                                               ["config"]))
+    again = run(cfg)
     assert again["runs"] == report["runs"] and finished["checkpoint"] == report["runs"][0]["checkpoint"]
+    assert snapshot(out) | snapshot(shards) == before  # every file byte-identical, every mtime unchanged
     other = run(dataclasses.replace(cfg, seeds=1, lr=5e-4))  # other settings: a new run, never the old one resumed
-    fresh = json.load(open(os.path.join(out, "runs", other["runs"][0]["name"], "result.json")))
+    fresh = json.load(open(os.path.join(out, "results", f"{other['runs'][0]['name']}.json")))
     assert fresh["name"] != name and [h["epoch"] for h in fresh["history"]] == [1] and fresh["spec"]["lr"] == 5e-4
     with pytest.raises(ValueError, match="unknown models"):
-        run(TrainConfig(shards=shards, output=out, models="resnet50"))
+        run(TrainConfig(shards=(shards,), output=out, models=("resnet50",)))
 
 
 def test_cpu_workers_reserve_their_share_of_the_node():
-    from kemo.models.experiment import cpus_per_worker
+    from kemo.classifier.experiment import cpus_per_worker
 
     def node(cpus, alive=True):
         return {"Alive": alive, "Resources": {"CPU": cpus}}
 
-    cfg = TrainConfig(shards="s", output="o")
+    cfg = TrainConfig(shards=("s",), output="o")
     assert cpus_per_worker(cfg, [node(2)]) == 2  # one worker: every core, not Ray's default of one
     assert cpus_per_worker(dataclasses.replace(cfg, workers=2), [node(2)]) == 1
     assert cpus_per_worker(dataclasses.replace(cfg, workers=2), [node(16), node(16), node(64, alive=False)]) == 16
@@ -58,14 +74,14 @@ def test_cpu_workers_reserve_their_share_of_the_node():
 
 
 def test_kemotionnet_layout_from_the_command_line_reaches_the_checkpoint(annotation_crops, tmp_path):
-    from kemo.models import weighted_layers
-    from kemo.models.checkpoint import load_checkpoint
+    from kemo.classifier import weighted_layers
+    from kemo.classifier.checkpoint import load_checkpoint
 
-    cfg = TrainConfig(shards=annotation_crops, output=str(tmp_path / "k"), models="kemotionnet", blocks="1,1,1,1",
-                      seeds=1, epochs=1, image_size=32, batch_size=32)
+    cfg = TrainConfig(shards=(annotation_crops,), output=str(tmp_path / "k"), models=("kemotionnet",),
+                      blocks=(1, 1, 1, 1), seeds=1, epochs=1, image_size=32, batch_size=32)
     (entry,) = run(cfg)["runs"]
     assert entry["spec"]["arguments"] == {"blocks": [1, 1, 1, 1]}
     model, meta = load_checkpoint(entry["checkpoint"])
     assert meta["arguments"] == {"blocks": [1, 1, 1, 1]} and weighted_layers(model) == 10
     with pytest.raises(ValueError, match="four stages"):
-        run(dataclasses.replace(cfg, blocks="3,4,16"))
+        run(dataclasses.replace(cfg, blocks=(3, 4, 16)))

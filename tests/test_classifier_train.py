@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kemo.models.checkpoint import load_checkpoint, preprocess
-from kemo.models.train import TRAIN_STATE, RunSpec, augment, fit, keeps_checkpoint, learning_rate, random_erasing
+from kemo.classifier.checkpoint import load_checkpoint, preprocess
+from kemo.classifier.train import TRAIN_STATE, RunSpec, augment, fit, keeps_checkpoint, learning_rate, random_erasing
 
 pytestmark = pytest.mark.slow
 SPEC = RunSpec(model="resnet18", epochs=3, batch_size=32, image_size=32)

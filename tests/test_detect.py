@@ -1,4 +1,5 @@
-"""Detectors: Haar on a real human face, YOLO trained on generated data, the oracle and whole-photo baselines."""
+"""Detectors (kemo.detector.registry and its detectors): Haar on a real human face, YOLO trained on generated data, the
+oracle and whole-photo baselines, and what each asks of the decoder."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from matplotlib import cbook
 
 from kemo import storage
 from kemo.crop import iou
-from kemo.detect import AnnotationBoxes, HaarDetector, WholePhoto, create_detector, fetch_weights
+from kemo.detector.annotations import AnnotationBoxes
+from kemo.detector.base import DecodeHint
+from kemo.detector.haar import HaarDetector
+from kemo.detector.registry import create_detector
+from kemo.detector.weights import fetch_weights
+from kemo.detector.whole_photo import WholePhoto
+from kemo.settings import CropSettings, DetectorSettings
 
 
 def grace_hopper() -> np.ndarray:
@@ -38,21 +45,40 @@ def test_haar_finds_a_real_face_composed_into_a_cluttered_scene():
     assert ((faces.scores > 0) & (faces.scores < 1)).all()
 
 
+def test_imgsz_is_haars_input_side():
+    """--imgsz reaches Haar (it used to be swallowed by **kwargs, while it was part of the run fingerprint)."""
+    frame = np.zeros((1200, 1600, 3), np.uint8)
+    small = create_detector(DetectorSettings(detector="haar", imgsz=320))
+    large = create_detector(DetectorSettings(detector="haar", imgsz=800))
+    assert small.prepare(frame, (1.0, 1.0))[0].shape == (240, 320)
+    assert large.prepare(frame, (1.0, 1.0))[0].shape == (600, 800)
+
+
+def test_each_detector_says_how_far_a_photo_may_be_reduced():
+    crop = CropSettings(crop_size=500, margin=0.25, decode_min_side=1000)
+    assert create_detector(DetectorSettings(detector="haar")).decode_hint({}, crop) == DecodeHint(1000, 8)
+    assert create_detector(DetectorSettings(detector="none")).decode_hint({}, crop) == DecodeHint(500, 8)
+    oracle = create_detector(DetectorSettings(detector="annotations"))
+    assert oracle.decode_hint({"box": None}, crop) == DecodeHint(1, 8)
+    # a 1000-pixel face with its margin is a 1500-pixel square: halving keeps 750 >= 500 pixels, quartering does not
+    assert oracle.decode_hint({"box": [0, 0, 1000, 1000]}, crop) == DecodeHint(1, 2)
+
+
 def test_annotations_and_whole_photo():
-    det = create_detector("annotations")
+    det = create_detector(DetectorSettings(detector="annotations"))
     assert det.prepare(np.zeros((10, 10, 3), np.uint8), (4.0, 4.0)) == (None, (1.0, 1.0))
     out = det.detect([None, None], [{"box": [1, 2, 3, 4]}, {"box": None}])
     assert out[0].boxes.tolist() == [[1, 2, 3, 4]] and len(out[1].boxes) == 0
-    assert isinstance(det, AnnotationBoxes) and isinstance(create_detector("none"), WholePhoto)
-    assert create_detector("none").whole_photo
+    none = create_detector(DetectorSettings(detector="none"))
+    assert isinstance(det, AnnotationBoxes) and isinstance(none, WholePhoto) and none.whole_photo
     with pytest.raises(ValueError, match="unknown detector"):
-        create_detector("mtcnn")
+        create_detector(DetectorSettings(detector="mtcnn"))
     with pytest.raises(ValueError, match="needs --weights"):
-        create_detector("yolo")
+        create_detector(DetectorSettings(detector="yolo"))
 
 
 def test_yolo_detects_in_batches_of_mixed_sizes(yolo_weights):
-    det = create_detector("yolo", weights=yolo_weights, imgsz=320, device="cpu")
+    det = create_detector(DetectorSettings(detector="yolo", weights=yolo_weights, imgsz=320, device="cpu"))
     frames = [np.zeros((300, 500, 3), np.uint8), np.full((640, 480, 3), 90, np.uint8), np.zeros((50, 60, 3), np.uint8)]
     prepared = [det.prepare(f, (2.0, 2.0)) for f in frames]
     assert [max(p[0].shape[:2]) for p in prepared] == [320, 320, 60]

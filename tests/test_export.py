@@ -42,7 +42,7 @@ def test_yolo_line():
 def test_export_round_trips_to_the_upright_consensus_boxes(corpus_index, corpus, tmp_path):
     root, _ = corpus
     out = str(tmp_path / "faces")
-    summary = run(ExportConfig(input=corpus_index, output=out, counts="60,20,20", max_side=160, jobs=2))
+    summary = run(ExportConfig(input=corpus_index, output=out, counts=(60, 20, 20), max_side=160, jobs=2))
     assert summary["counts"] == {"train": 60, "val": 20, "test": 20}
     assert summary["statuses"] == {"exported": 100}
     truth = {t["image_id"]: t for t in synth.read_truth(root).to_pylist()}
@@ -76,7 +76,7 @@ def test_export_round_trips_to_the_upright_consensus_boxes(corpus_index, corpus,
 
 def test_export_resumes_and_skips_what_is_done(corpus_index, tmp_path):
     out = str(tmp_path / "faces")
-    cfg = ExportConfig(input=corpus_index, output=out, counts="20,5,5", max_side=128, jobs=2)
+    cfg = ExportConfig(input=corpus_index, output=out, counts=(20, 5, 5), max_side=128, jobs=2)
     run(cfg)
     victim = sorted(os.listdir(os.path.join(out, "labels", "train")))[0]
     os.remove(os.path.join(out, "labels", "train", victim))  # as if killed before this label was written
@@ -86,8 +86,8 @@ def test_export_resumes_and_skips_what_is_done(corpus_index, tmp_path):
 
 def test_export_with_other_settings_leaves_only_the_new_selection(corpus_index, tmp_path):
     out = str(tmp_path / "faces")
-    run(ExportConfig(input=corpus_index, output=out, counts="20,5,5", max_side=128, seed=0, jobs=2))
-    again = run(ExportConfig(input=corpus_index, output=out, counts="12,4,4", max_side=128, seed=1, jobs=2))
+    run(ExportConfig(input=corpus_index, output=out, counts=(20, 5, 5), max_side=128, seed=0, jobs=2))
+    again = run(ExportConfig(input=corpus_index, output=out, counts=(12, 4, 4), max_side=128, seed=1, jobs=2))
     assert again["statuses"]["removed_stale"] > 0
     for split, n in (("train", 12), ("val", 4), ("test", 4)):
         images = {f[:-4] for f in os.listdir(os.path.join(out, "images", split))}
@@ -98,8 +98,8 @@ def test_export_with_other_settings_leaves_only_the_new_selection(corpus_index, 
 def test_export_redoes_pairs_whose_size_or_box_changed(corpus_index, tmp_path):
     out = str(tmp_path / "faces")
     manifest = aihub.load_manifest(corpus_index)
-    run(ExportConfig(input=corpus_index, output=out, counts="8,2,2", max_side=96, jobs=2), manifest=manifest)
-    again = run(ExportConfig(input=corpus_index, output=out, counts="8,2,2", max_side=128, jobs=2), manifest=manifest)
+    run(ExportConfig(input=corpus_index, output=out, counts=(8, 2, 2), max_side=96, jobs=2), manifest=manifest)
+    again = run(ExportConfig(input=corpus_index, output=out, counts=(8, 2, 2), max_side=128, jobs=2), manifest=manifest)
     assert again["statuses"] == {"exported": 12, "removed_stale": 12}  # a crashed run at another size: all redone
     for name in os.listdir(os.path.join(out, "images", "train")):
         assert max(cv2.imread(os.path.join(out, "images", "train", name)).shape[:2]) == 128
@@ -109,7 +109,7 @@ def test_export_redoes_pairs_whose_size_or_box_changed(corpus_index, tmp_path):
         if file_id(r["image_id"]) == moved:
             r["box"] = [r["box"][0] + 10, r["box"][1], r["box"][2] + 10, r["box"][3]]  # re-indexed, corrected box
     before = open(os.path.join(out, "labels", "train", moved + ".txt")).read()
-    third = run(ExportConfig(input=corpus_index, output=out, counts="8,2,2", max_side=128, jobs=2),
+    third = run(ExportConfig(input=corpus_index, output=out, counts=(8, 2, 2), max_side=128, jobs=2),
                 manifest=pa.Table.from_pylist(rows, schema=manifest.schema))
     assert third["statuses"] == {"exported": 1, "skipped": 11, "removed_stale": 1}
     assert open(os.path.join(out, "labels", "train", moved + ".txt")).read() != before

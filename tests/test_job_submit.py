@@ -277,9 +277,9 @@ def test_label_job(cluster, small_corpus, moto_endpoint, s3_bucket, upload_tree,
     import torch
 
     from kemo.classes import CLASS_NAMES
+    from kemo.classifier import create_model
+    from kemo.classifier.checkpoint import save_checkpoint
     from kemo.label import read_labels
-    from kemo.models import create_model
-    from kemo.models.checkpoint import save_checkpoint
 
     root, photos = small_corpus
     new = tmp_path / "new"

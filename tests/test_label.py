@@ -16,13 +16,13 @@ import pyarrow.csv as pacsv
 import pytest
 import torch
 
-from kemo import storage
+from kemo import outputs, storage
 from kemo.classes import CLASS_NAMES
+from kemo.classifier import create_model
+from kemo.classifier.checkpoint import load_checkpoint, preprocess, save_checkpoint
+from kemo.classifier.data import decode_crop
 from kemo.data import synth
-from kemo.label import LabelConfig, LabelPhotos, label_one_by_one, read_labels, run, snapshot
-from kemo.models import create_model
-from kemo.models.checkpoint import load_checkpoint, preprocess, save_checkpoint
-from kemo.models.data import decode_crop
+from kemo.label import LabelConfig, LabelPhotos, label_one_by_one, read_labels, run, snapshot, write_part
 from kemo.preprocess import CropPhotos, PreprocessConfig
 from kemo.schema import LABELS, MANIFEST
 from tests.photos import bad_inputs, jpeg, scene
@@ -69,7 +69,8 @@ def tree_state(root) -> dict[str, tuple[bytes, int]]:
 
 
 def committed_parts(out: str) -> list[str]:
-    return sorted(f["path"] for f in storage.committed(out, "labels")["files"] if f["path"].startswith("parts/"))
+    files = outputs.Output(out, "labels").committed()["files"]
+    return sorted(f["path"] for f in files if f["path"].startswith("parts/"))
 
 
 def by_uri(out: str) -> dict[str, list[dict]]:
@@ -164,7 +165,7 @@ def test_every_file_gets_one_row_with_its_status(folder, labelled):
     ok = next(r for r in csv if r["status"] == "ok")
     assert [ok[f"p_{c}"] for c in CLASS_NAMES] == pytest.approx(rows[ok["uri"]][0]["probs"], abs=1e-6)
     assert ok["face_x2"] == pytest.approx(rows[ok["uri"]][0]["face_box"][2])
-    files = [f["path"] for f in storage.committed(cfg.output, "labels")["files"]]
+    files = [f["path"] for f in outputs.Output(cfg.output, "labels").committed()["files"]]
     assert all(PART.fullmatch(f) for f in files if f.startswith("parts/"))
     assert sorted(f for f in files if not f.startswith("parts/")) == [
         "_run.json", "config.json", "labels.csv", "summary.json"]
@@ -256,8 +257,9 @@ def test_an_interrupted_output_resumes_without_duplicates(labelled, folder, tmp_
     uris = table.column("uri").to_pylist()
     assert target in uris
     status = [("read_error" if u == target else s) for u, s in zip(uris, table.column("status").to_pylist())]
-    storage.write_parquet(table.set_column(table.schema.get_field_index("status"), "status", pa.array(status)), part)
-    shutil.copy(part, os.path.join(out, "parts", "part-" + "0" * 20 + ".parquet"))
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
+    assert os.path.join(out, "parts", write_part(table, out)) == part  # the same rows: the same part, rewritten
+    outputs.write_part(out, "parts", table, ["the same block, retried"])  # and a copy under another name
     with pytest.raises(FileNotFoundError):
         read_labels(out)
     summary = run(resumed)
@@ -295,9 +297,11 @@ def test_s3_in_and_out_with_awkward_and_path_traversal_keys(ray_local, checkpoin
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]]
     written = sorted(k for k in keys if k not in photos and k not in others)
     assert all(k.startswith("labels/") for k in written)
-    assert {k[len("labels/"):] for k in written if not k.startswith("labels/parts/")} == {
+    parts = [k for k in written if k.startswith(("labels/parts/", "labels/_receipts/"))]
+    assert {k[len("labels/"):] for k in written if k not in parts} == {
         "_commit.json", "_run.json", "config.json", "labels.csv", "summary.json"}
-    assert all(PART.fullmatch(k[len("labels/"):]) for k in written if k.startswith("labels/parts/"))
+    assert all(PART.fullmatch(k[len("labels/"):].removeprefix("_receipts/").removesuffix(".json")) for k in parts)
+    assert len(parts) == 2 * len([k for k in parts if k.startswith("labels/parts/")])  # a receipt for each part
 
     # the same keys into a local output: every file lands under it, nothing beside it
     work = tmp_path / "work"
@@ -352,7 +356,7 @@ def test_refusals(labelled, checkpoint, tmp_path):
     with pytest.raises(ValueError, match="inside --input"):
         run(dataclasses.replace(cfg, output=os.path.join(cfg.input, "labels")))
     with pytest.raises(ValueError, match="--format"):
-        run(dataclasses.replace(cfg, format="parquet,xlsx"))
+        run(dataclasses.replace(cfg, format=("parquet", "xlsx")))
     other = str(tmp_path / "other")
     torch.manual_seed(1)
     save_checkpoint(other, create_model("kemotionnet", blocks=[1, 1, 1, 1]), "kemotionnet", {"blocks": [1, 1, 1, 1]},

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kemo.models import MODELS, create_model, kemotionnet, load_initial_weights, weighted_layers
+from kemo.classifier import MODELS, create_model, kemotionnet, load_initial_weights, weighted_layers
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

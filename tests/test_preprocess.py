@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import cv2
@@ -15,7 +17,7 @@ import pyarrow as pa
 import pytest
 import ray
 
-from kemo import storage
+from kemo import outputs, storage
 from kemo.crop import iou
 from kemo.data import aihub, synth
 from kemo.preprocess import CropPhotos, PreprocessConfig, read_crops, run
@@ -34,6 +36,16 @@ def manifest_of(paths: dict[str, str], boxes: dict[str, list[float]] | None = No
 def write_manifest(table: pa.Table, path: str) -> str:
     storage.write_parquet(table, path)
     return path
+
+
+def snapshot(root: str) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``root``: (mtime in ns, bytes)."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            out[path] = (os.stat(path).st_mtime_ns, open(path, "rb").read())
+    return out
 
 
 def decode_crop(data: bytes) -> np.ndarray:
@@ -76,7 +88,7 @@ def test_every_input_gets_one_row_with_its_status(ray_local, zoo, tmp_path):
         assert (r["crop"] is not None) == (r["status"] == "ok")
         assert (r["error"] is None) == (r["status"] == "ok")
     assert summary["statuses"]["ok"] == sum(s == "ok" for s in expected.values())
-    shards = [f["path"] for f in storage.committed(out, "crops")["files"] if f["path"].startswith("shards/")]
+    shards = [f["path"] for f in outputs.Output(out, "crops").committed()["files"] if f["path"].startswith("shards/")]
     sizes = [storage.read_parquet(os.path.join(out, s)).num_rows for s in shards]
     assert len(shards) == summary["shards"] >= 3 and max(sizes) <= 10 and sum(sizes) == len(expected)
     # EXIF 1–8: the same upright crop whatever the stored orientation
@@ -121,16 +133,18 @@ def test_annotations_crops_match_the_ground_truth_and_rerun_adds_nothing(ray_loc
     for r in rows:
         assert iou(r["face_box"], truth[r["image_id"]]["face_box"]) >= 0.9, r["image_id"]
         assert decode_crop(r["crop"]).shape == (96, 96, 3)
-    shards = sorted(f["path"] for f in storage.committed(out, "crops")["files"])
+    shards = sorted(f["path"] for f in outputs.Output(out, "crops").committed()["files"])
+    before = snapshot(out)
     again = run(cfg)
+    assert snapshot(out) == before  # nothing written: every file byte-identical, every mtime unchanged
     assert again["processed"] == 0 and again["skipped"] == first["inputs"]
-    assert sorted(f["path"] for f in storage.committed(out, "crops")["files"]) == shards
+    assert sorted(f["path"] for f in outputs.Output(out, "crops").committed()["files"]) == shards
     assert read_crops(out).num_rows == len(rows)
     with pytest.raises(ValueError, match="another run"):
         run(dataclasses.replace(cfg, detector="none"))
     with pytest.raises(ValueError, match="needs --weights"):
         run(dataclasses.replace(cfg, detector="yolo", output=str(tmp_path / "y")))
-    storage.uncommit(os.path.join(out, "index"))  # as if indexing had crashed before its commit
+    outputs.Output(os.path.join(out, "index"), "index").uncommit()  # as if indexing had crashed before its commit
     with pytest.raises(ValueError, match="never committed"):
         run(dataclasses.replace(cfg, input=os.path.join(out, "index"), output=str(tmp_path / "other")))
 
@@ -172,7 +186,7 @@ def test_s3_in_and_out(ray_local, corpus, s3_bucket, upload_tree):
     rows = read_crops(out).to_pylist()
     assert len(rows) == summary["inputs"] == 21 and {r["status"] for r in rows} == {"ok"}
     assert all(r["uri"].startswith(f"s3://{s3_bucket}/aihub/") for r in rows)
-    assert storage.committed(f"s3://{s3_bucket}/crops/none/index", "index")
+    assert outputs.Output(f"s3://{s3_bucket}/crops/none/index", "index").committed()
     assert decode_crop(rows[0]["crop"]).shape == (32, 32, 3)
 
 
@@ -191,8 +205,6 @@ def test_transient_failures_are_retried_on_rerun(ray_local, tmp_path):
 
 
 def test_duplicate_rows_left_by_a_retried_batch_are_dropped_at_commit(ray_local, tmp_path):
-    from kemo.preprocess import shard_name
-
     paths = {}
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         (tmp_path / name).write_bytes(jpeg(scene()))
@@ -201,16 +213,51 @@ def test_duplicate_rows_left_by_a_retried_batch_are_dropped_at_commit(ray_local,
                            output=str(tmp_path / "out"), detector="none", crop_size=32)
     run(cfg)
     rows = read_crops(cfg.output)
-    # a retried batch regrouped differently: a second shard holding a.jpg and b.jpg again
+    # a retried batch regrouped differently: a second shard holding a.jpg and b.jpg again, and a stray file of a
+    # writer killed before its receipt, as a crashed rerun leaves them (uncommitted)
     extra = rows.filter(pa.compute.is_in(rows.column("image_id"), pa.array(["a.jpg", "b.jpg"])))
-    storage.write_parquet(extra, os.path.join(cfg.output, "shards", shard_name(["x"])))
+    outputs.write_part(cfg.output, "shards", extra, ["x"])
+    storage.write_parquet(extra, os.path.join(cfg.output, "shards", outputs.part_name(["y"])))
+    outputs.Output(cfg.output, "crops").uncommit()
     again = run(cfg)
     assert again["processed"] == 0 and again["statuses"] == {"ok": 3}
     assert sorted(read_crops(cfg.output).column("image_id").to_pylist()) == ["a.jpg", "b.jpg", "c.jpg"]
     # whichever file keeps a row, no file is left behind that the commit does not name
-    committed = {f["path"] for f in storage.committed(cfg.output, "crops")["files"] if f["path"].startswith("shards/")}
+    files = outputs.Output(cfg.output, "crops").committed()["files"]
+    committed = {f["path"] for f in files if f["path"].startswith("shards/")}
     assert {f"shards/{n}" for n in os.listdir(os.path.join(cfg.output, "shards"))} == committed
     assert len(committed) == again["shards"] in (1, 2)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_runs_into_one_output_one_commits_and_the_other_is_refused(where, ray_local, tmp_path, request):
+    """A user submits the same job twice: the second is refused at once, naming the first, and writes nothing; the
+    first commits an output that reads back with exactly one row per input."""
+    paths = {}
+    for i in range(24):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(scene(160, 120)))
+        paths[f"{i:02d}.jpg"] = str(tmp_path / f"{i}.jpg")
+    out = str(tmp_path / "out") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/crops"
+    cfg = PreprocessConfig(input=write_manifest(manifest_of(paths), str(tmp_path / "m.parquet")), output=out,
+                           detector="none", crop_size=32, rows_per_shard=4, batch_size=2)
+    first: dict = {}
+    worker = threading.Thread(target=lambda: first.update(run(cfg)))
+    worker.start()
+    try:
+        deadline = time.time() + 60
+        while not storage.exists(storage.join(out, outputs.LEASE)) and time.time() < deadline and worker.is_alive():
+            time.sleep(0.01)
+        holder = json.loads(storage.read_bytes(storage.join(out, outputs.LEASE)))
+        started = time.perf_counter()
+        with pytest.raises(outputs.OutputBusy, match=f"being written by run {holder['run']} .pid {os.getpid()} on "):
+            run(cfg)
+        assert time.perf_counter() - started < 5  # at once, not after a wait
+    finally:
+        worker.join(timeout=300)
+    assert first["inputs"] == 24 and first["statuses"] == {"ok": 24}
+    rows = read_crops(out).column("image_id").to_pylist()
+    assert sorted(rows) == sorted(paths)  # exactly one row per input
+    assert not storage.exists(storage.join(out, outputs.LEASE))
 
 
 def test_local_output_is_refused_on_a_multi_node_cluster():

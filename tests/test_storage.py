@@ -1,4 +1,4 @@
-"""Local and S3 (moto over HTTP) reads, writes, listings and the commit manifest."""
+"""Local and S3 (moto over HTTP) reads, writes, listings and the conditional writes a lease needs."""
 
 import os
 
@@ -11,7 +11,7 @@ from kemo import storage
 KEYS = ["a/기쁨 사진 & 친구.jpg", "a/b/x+y.jpeg", "c.json"]
 
 
-def test_local_round_trip_listing_and_commit(tmp_path):
+def test_local_round_trip_and_listing(tmp_path):
     root = str(tmp_path / "root")
     for i, key in enumerate(KEYS):
         storage.write_bytes(storage.join(root, key), bytes([i]) * (i + 1))
@@ -22,18 +22,7 @@ def test_local_round_trip_listing_and_commit(tmp_path):
     assert not [p for p in os.listdir(tmp_path / "root" / "a") if ".tmp-" in p]
 
     storage.write_parquet(pa.table({"x": [1, 2]}), storage.join(root, "t.parquet"))
-    manifest = storage.commit(root, ["t.parquet"], {"k": 1}, "test")
-    assert [f["path"] for f in manifest["files"]] == ["t.parquet", "config.json"]
-    assert storage.committed(root, "test")["files"] == manifest["files"]
     assert storage.read_parquet(storage.join(root, "t.parquet")).column("x").to_pylist() == [1, 2]
-    with pytest.raises(ValueError, match="not 'other'"):
-        storage.committed(root, "other")
-    storage.write_bytes(storage.join(root, "t.parquet"), b"truncated")
-    with pytest.raises(ValueError, match="missing or changed"):
-        storage.committed(root)
-    storage.uncommit(root)
-    with pytest.raises(FileNotFoundError):
-        storage.committed(root)
 
 
 def test_missing_file_raises_file_not_found(tmp_path):
@@ -54,8 +43,6 @@ def test_s3_round_trip_with_awkward_keys(s3_bucket, moto_endpoint):
     # what pyarrow wrote, boto3 reads under the same key: no mangling of Hangul, spaces, '&' or '+'
     body = boto3.client("s3", endpoint_url=moto_endpoint).get_object(Bucket=s3_bucket, Key="pre fix/" + KEYS[0])
     assert body["Body"].read() == b"v0"
-    storage.commit(root, ["c.json"], {}, "test")
-    assert storage.committed(root, "test")["files"][0]["path"] == "c.json"
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(f"s3://{s3_bucket}/nope")
 
@@ -76,3 +63,20 @@ def test_an_endpoint_without_a_scheme_means_https_for_both_s3_clients(monkeypatc
     assert storage._s3_settings("bucket") == ("https://minio.internal:9000", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
     assert storage._s3_settings("bucket") == ("http://127.0.0.1:9000", "us-east-1")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_conditional_writes_create_once_and_replace_only_an_unchanged_file(where, tmp_path, request):
+    """The two primitives of the output lease. On S3 they are ``If-None-Match: *`` and ``If-Match`` PUTs, which the
+    moto server honours (a second conditional create answers 412 PreconditionFailed), as AWS S3 does."""
+    root = str(tmp_path) if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}"
+    uri = storage.join(root, "out", "_lease.json")
+    created, v1 = storage.create_exclusive(uri, b"first")
+    assert created and v1
+    assert storage.create_exclusive(uri, b"second") == (False, None)
+    data, version = storage.read_with_version(uri)
+    assert data == b"first" and version == v1
+    replaced, v2 = storage.replace_if_version(uri, b"third", v1)
+    assert replaced and v2 != v1 and storage.read_bytes(uri) == b"third"
+    assert storage.replace_if_version(uri, b"fourth", v1) == (False, None)  # v1 is gone: refused, unchanged
+    assert storage.read_bytes(uri) == b"third"

@@ -10,7 +10,7 @@ import sys
 import cv2
 import pytest
 
-from kemo import storage
+from kemo import outputs, storage
 from kemo.detector.train import KIND, TrainDetectorConfig, photos_to_use, resolve_source, run, split_counts
 
 pytestmark = pytest.mark.slow
@@ -66,7 +66,7 @@ def test_trains_from_a_yaml_resumes_after_a_crash_and_commits(corpus, tmp_path, 
     assert meta["train"]["resumed_at_epoch"] == 1  # continued from last.pt, not from scratch
     epochs = open(os.path.join(out, "work", "runs", "train", "results.csv")).read().strip().splitlines()[1:]
     assert [int(line.split(",")[0]) for line in epochs] == [1, 2]
-    manifest = storage.committed(out, KIND)
+    manifest = outputs.Output(out, KIND).committed()
     assert {f["path"] for f in manifest["files"]} == {"best.pt", "best.pt.sha256", "meta.json", "table4.md",
                                                       "config.json"}
     best = open(os.path.join(out, "best.pt"), "rb").read()
@@ -114,16 +114,16 @@ def test_killed_after_the_last_epoch_but_before_ultralytics_finished(corpus_inde
         run(cfg, callbacks={"on_fit_epoch_end": kill})
     meta = run(cfg)  # ultralytics would refuse to resume a finished run; kemo finishes it instead
     assert meta["train"]["reused_finished_run"] is True and meta["train"]["resumed_at_epoch"] is None
-    storage.committed(out, KIND)
+    outputs.Output(out, KIND).committed()
 
 
 def test_fine_tunes_face_weights_into_s3_and_the_pipeline_loads_the_result(corpus_index, yolo_weights, s3_bucket,
                                                                               tmp_path):
-    from kemo.detect import YoloDetector
+    from kemo.detector.yolo import YoloDetector
 
     out = f"s3://{s3_bucket}/detector"
     meta = run(small(input=corpus_index, output=out, weights=yolo_weights, work=str(tmp_path / "work")))
-    storage.committed(out, KIND)
+    outputs.Output(out, KIND).committed()
     before, after = meta["metrics"]["before"], meta["metrics"]["after"]
     assert before["photos"] == after["photos"] == 4 and before["max_abs_diff"] < 1e-9
     sha = storage.read_bytes(f"{out}/best.pt.sha256").decode().split()[0]
@@ -140,7 +140,7 @@ def test_yolo_face_v2_yaml_trains_an_epoch_offline_and_its_checkpoint_loads_else
                                                                                       monkeypatch):
     import requests
 
-    from kemo.detect import YoloDetector
+    from kemo.detector.yolo import YoloDetector
 
     attempts = []
 
@@ -182,4 +182,4 @@ def test_the_job_script_runs_a_smoke_test(corpus_index, tmp_path):
     assert lines[-2].startswith(" after: mAP@0.5 ") and "(4 test photos)" in lines[-2]
     sha = hashlib.sha256((out / "best.pt").read_bytes()).hexdigest()
     assert lines[-1].startswith(f"best.pt sha256 {sha}; trained in ")
-    storage.committed(str(out), KIND)
+    outputs.Output(str(out), KIND).committed()

@@ -5,7 +5,7 @@
 The label is the annotators' majority, never the folder. Every string is NFC-normalised; JSON may be UTF-8 (with or
 without BOM) or cp949; annotator keys may be ``annot_*`` or ``faceBB_*``. Images are split 8:1:1 by person (the
 64-hex file-name prefix), so no person is in two splits. Records without an image and images without a record are
-reported, not fatal.
+reported, not fatal. A rerun that finds the same manifest committed writes nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from kemo import storage
+from kemo import outputs, storage
 from kemo.classes import EMOTIONS, KOREAN_NAMES, UNKNOWN, class_index
 from kemo.schema import MANIFEST, SPLITS
 
@@ -37,7 +37,9 @@ MAX_COORD = 65535  # no JPEG is larger: a coordinate beyond it is a broken box, 
 AGE_RANGE = (0, 120)
 _PERSON = re.compile(r"^([0-9a-fA-F]{64})(?:_|$)")
 _EMOTION_IN_NAME = re.compile(r"EMOIMG_([^_\]/]+)_|\(([^)]+)\)\.json$")
-KIND = "index"
+KIND = outputs.INDEX
+MANIFEST_FILE = "manifest.parquet"
+REPORT = "report.json"
 
 
 @dataclass
@@ -48,7 +50,9 @@ class IndexConfig:
     output: str = field(metadata={"help": "output directory (local or s3://): manifest.parquet, report.json"})
     per_class: int = field(default=0, metadata={"help": "balanced sample of N per class, unanimous first; 0 = all"})
     seed: int = field(default=0, metadata={"help": "seed of the person split and of the sample"})
-    split: str = field(default="0.8,0.1,0.1", metadata={"help": "train,val,test shares, by person"})
+    split: tuple[float, ...] = field(default=(0.8, 0.1, 0.1), metadata={"help": "train,val,test shares, by person"})
+    smoke_test: bool = field(default=False, metadata={
+        "help": "list the root but read only its first label file: checks the layout and the credentials quickly"})
 
 
 def nfc(value: Any) -> Any:
@@ -267,7 +271,7 @@ def balanced_sample(rows: list[dict[str, Any]], per_class: int, seed: int) -> tu
 
 
 def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
-          per_class: int = 0) -> tuple[pa.Table, dict[str, Any]]:
+          per_class: int = 0, label_files_limit: int = 0) -> tuple[pa.Table, dict[str, Any]]:
     """(manifest table, report) for an AI-Hub root. Nothing is written."""
     entries = [e for e in storage.list_files(root) if not storage.os_metadata(e.rel)]
     images: dict[str, list[storage.FileEntry]] = defaultdict(list)
@@ -285,6 +289,8 @@ def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
         elif _is_label_file(rel):
             label_files.append(e)
     log.info("%s: %d label files, %d images", root, len(label_files), sum(len(v) for v in images.values()))
+    if label_files_limit:
+        label_files = sorted(label_files, key=lambda e: e.rel)[:label_files_limit]
 
     report: dict[str, Any] = {"root": root, "label_files": [], "bad_records": [], "missing_images": [],
                               "duplicate_records": [], "ambiguous_images": [], "boxes": Counter(),
@@ -391,16 +397,34 @@ def summarize(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _table_sha256(table: pa.Table) -> str:
+    """A table's content hash (its Arrow IPC stream: the same rows and schema give the same bytes)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
 def run(cfg: IndexConfig) -> dict[str, Any]:
     """Index ``cfg.root`` and commit ``manifest.parquet`` and ``report.json`` under ``cfg.output``."""
-    shares = tuple(float(x) for x in cfg.split.split(","))
+    shares = tuple(float(x) for x in cfg.split)
     if len(shares) != len(SPLITS) or min(shares) < 0 or sum(shares) <= 0:
         raise ValueError(f"--split needs three non-negative shares, got {cfg.split!r}")
-    table, report = index(cfg.root, cfg.seed, shares, cfg.per_class)
-    storage.uncommit(cfg.output)
-    storage.write_parquet(table, storage.join(cfg.output, "manifest.parquet"))
-    storage.write_json(storage.join(cfg.output, "report.json"), report)
-    storage.commit(cfg.output, ["manifest.parquet", "report.json"], dataclasses.asdict(cfg), KIND)
+    out = outputs.Output(cfg.output, KIND)
+    out.manifest()  # another kind of output is refused before the corpus is listed
+    table, report = index(cfg.root, cfg.seed, shares, cfg.per_class, label_files_limit=1 if cfg.smoke_test else 0)
+    settings = dataclasses.asdict(cfg)
+    settings.pop("output")
+    fingerprint = {"settings": settings, "manifest_sha256": _table_sha256(table)}
+    if out.current(fingerprint) is not None:
+        log.info("%s already holds this index, committed: nothing written", cfg.output)
+    else:
+        with out.lease() as lease:
+            out.uncommit()
+            files = [outputs.write_file(cfg.output, MANIFEST_FILE, outputs.parquet_bytes(table)),
+                     outputs.write_json(cfg.output, REPORT, report)]
+            lease.check()
+            out.commit(files, dataclasses.asdict(cfg), fingerprint)
     log.info("%s", summarize(report))
     return report
 
@@ -409,32 +433,36 @@ def load_manifest(uri: str) -> pa.Table:
     """A manifest from an index output directory (through its commit manifest) or from a Parquet file."""
     if uri.endswith(".parquet"):
         return storage.read_parquet(uri)
-    storage.committed(uri, KIND)
-    return storage.read_parquet(storage.join(uri, "manifest.parquet"))
+    out = outputs.Output(uri, KIND)
+    out.committed()
+    return storage.read_parquet(out.path(MANIFEST_FILE))
 
 
-
-def load_or_index(input: str, index_dir: str, per_class: int = 0, seed: int = 0) -> pa.Table:
+def load_or_index(input: str, index_dir: str, per_class: int = 0, seed: int = 0, index: bool = True
+                  ) -> pa.Table | None:
     """The manifest a job works on: ``input`` is a manifest .parquet, an index output, or an AI-Hub root, which is
-    then indexed into ``index_dir`` (once: a resumed job reuses its own index and refuses one of other settings)."""
+    then indexed into ``index_dir`` (once: a resumed job reuses its own index and refuses one of other settings).
+    ``index=False``: None where indexing would be needed, so that nothing is written."""
     if input.endswith(".parquet"):
         return load_manifest(input)
     try:
         return load_manifest(input)  # an index output directory
     except FileNotFoundError:
-        if storage.exists(storage.join(input, "manifest.parquet")):
+        if storage.exists(storage.join(input, MANIFEST_FILE)):
             raise ValueError(f"{input} holds an index that was never committed (crashed?): "
                              "run jobs/index.py again") from None
     wanted = IndexConfig(root=input, output=index_dir, per_class=per_class, seed=seed)
     try:  # a different index would silently change the inputs
-        storage.committed(index_dir, KIND)
-        previous = storage.read_json(storage.join(index_dir, storage.CONFIG))["config"]
+        previous = outputs.Output(index_dir, KIND).committed()["fingerprint"]["settings"]
     except FileNotFoundError:
         previous = None
+    expected = {k: v for k, v in dataclasses.asdict(wanted).items() if k != "output"}
     if previous is None:
+        if not index:
+            return None
         log.info("indexing %s into %s", input, index_dir)
         run(wanted)
-    elif previous != dataclasses.asdict(wanted):
+    elif outputs.plain(expected) != previous:
         raise ValueError(f"{index_dir} indexes {previous['root']} with per_class={previous['per_class']}, "
                          f"seed={previous['seed']}; use a new --output for other inputs")
     return load_manifest(index_dir)

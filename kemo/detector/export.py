@@ -38,7 +38,8 @@ class ExportConfig:
 
     input: str = field(metadata={"help": "index output directory or manifest .parquet (local or s3://)"})
     output: str = field(metadata={"help": "local directory for the ultralytics dataset"})
-    counts: str = field(default="2800,350,350", metadata={"help": "photos for train,val,test (the paper's split)"})
+    counts: tuple[int, ...] = field(default=(2800, 350, 350), metadata={
+        "help": "photos for train,val,test (the paper's split)"})
     max_side: int = field(default=1280, metadata={"help": "longer side of exported photos (2× a 640 input)"})
     seed: int = field(default=0, metadata={"help": "seed of the person order"})
     jobs: int = field(default=0, metadata={"help": "export threads; 0 = all cores"})
@@ -164,7 +165,7 @@ def run(cfg: ExportConfig, manifest: pa.Table | None = None) -> dict[str, Any]:
 
     if storage.is_s3(cfg.output):
         raise ValueError("ultralytics trains from a local directory: give a local --output")
-    counts = tuple(int(c) for c in cfg.counts.split(","))
+    counts = tuple(cfg.counts)
     if len(counts) != len(SPLITS) or min(counts) < 0:
         raise ValueError(f"--counts needs three non-negative numbers, got {cfg.counts!r}")
     if manifest is None:

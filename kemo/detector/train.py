@@ -8,11 +8,11 @@ directory (:mod:`kemo.detector.export`, resumable) → evaluation of the startin
 ultralytics training (offline; resumes an interrupted run from its ``last.pt``) → evaluation of ``best.pt`` → output:
 ``best.pt``, ``best.pt.sha256``, ``meta.json``, ``table4.md``, ``config.json`` and, last, ``_commit.json``.
 
-Evaluation runs the detector the way ``jobs/preprocess.py --detector yolo`` does (:class:`kemo.detect.YoloDetector`)
-on the exported upright test photos and reports mAP@0.5, mAP@0.5:0.95 (:mod:`kemo.detector.metrics`, checked against
-ultralytics' matcher and ``ap_per_class`` on the same predictions, and beside ultralytics' own ``val`` of the split)
-and primary-face recall: the share of photos where the face the pipeline would crop overlaps the annotated one with
-IoU ≥ 0.5.
+Evaluation runs the detector the way ``jobs/preprocess.py --detector yolo`` does
+(:class:`kemo.detector.yolo.YoloDetector`) on the exported upright test photos and reports mAP@0.5, mAP@0.5:0.95
+(:mod:`kemo.detector.metrics`, checked against ultralytics' matcher and ``ap_per_class`` on the same predictions, and
+beside ultralytics' own ``val`` of the split) and primary-face recall: the share of photos where the face the pipeline
+would crop overlaps the annotated one with IoU ≥ 0.5.
 
 Multi-GPU: ultralytics' own DDP on one machine (``--device 0,1,...``; ``auto`` takes every visible GPU). Its trainer
 owns the mosaic data loader, EMA, per-epoch validation and best-checkpoint choice, which Ray Train would make us
@@ -36,7 +36,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from kemo import storage
+from kemo import outputs, storage
 from kemo.config import code_version
 from kemo.crop import valid_box
 from kemo.detector import modules
@@ -45,9 +45,8 @@ from kemo.detector.export import run as export
 from kemo.detector.metrics import Predictions, detection_map, primary_face_recall, ultralytics_map
 
 log = logging.getLogger(__name__)
-KIND = "detector"
+KIND = outputs.DETECTOR
 SMOKE = {"images": 40, "epochs": 1, "imgsz": 160}
-FILES = ("best.pt", "best.pt.sha256", "meta.json", "table4.md")
 # ultralytics arguments that kemo sets itself (flags, or where its output goes)
 RESERVED = ("data", "epochs", "imgsz", "batch", "device", "workers", "seed", "project", "name", "exist_ok", "resume",
             "model", "mode", "task", "save", "save_dir", "cfg")
@@ -130,7 +129,7 @@ def resolve_source(cfg: TrainDetectorConfig) -> dict[str, Any]:
         raise ValueError("give exactly one of --weights PATH_OR_URI (face weights to fine-tune) "
                          "or --model YAML (train from a model definition)")
     if cfg.weights:
-        from kemo.detect import fetch_weights
+        from kemo.detector.weights import fetch_weights
 
         path, sha = fetch_weights(cfg.weights, cfg.weights_sha256)
         return {"kind": "weights", "uri": cfg.weights, "path": path, "sha256": sha,
@@ -266,7 +265,7 @@ def predict(weights: str, dataset: str, split: str, imgsz: int, device: str, con
     """Two sets of detections on a split's photos, with the annotated faces, in each exported photo's pixels, by the
     pipeline's detector class in fp32: as ultralytics validates (score ≥ 0.001, NMS IoU 0.7, up to 300) for mAP, and
     as ``jobs/preprocess.py`` detects (score ≥ ``conf``, NMS IoU 0.5, up to 30) for primary-face recall."""
-    from kemo.detect import YoloDetector
+    from kemo.detector.yolo import YoloDetector
 
     index = storage.read_parquet(os.path.join(dataset, "index.parquet")).to_pylist()
     files = [r["file"] for r in index if r["split"] == split]
@@ -363,17 +362,21 @@ def run(cfg: TrainDetectorConfig, callbacks: dict[str, Any] | None = None) -> di
     source = resolve_source(cfg)
     manifest = aihub.load_or_index(cfg.input, storage.join(cfg.output, "index"), seed=cfg.seed)
     fingerprint = _fingerprint(cfg, source, manifest.column("image_id").to_pylist())
-    try:
-        storage.committed(cfg.output, KIND)
-        previous = storage.read_json(storage.join(cfg.output, "meta.json"))
-    except FileNotFoundError:
-        previous = None
-    if previous is not None:
-        if previous["fingerprint"] != fingerprint:
+    out = outputs.Output(cfg.output, KIND)
+    manifest_before = out.manifest()
+    if manifest_before is not None:
+        if out.current(fingerprint) is None:
             raise ValueError(f"{cfg.output} holds a detector trained with other inputs or settings; "
                              "use a new --output")
         log.info("%s already holds this detector: nothing to do", cfg.output)
-        return previous
+        return out.read_json("meta.json")
+    with out.lease() as lease:
+        return _train_and_commit(cfg, out, lease, source, manifest, fingerprint, callbacks, t0)
+
+
+def _train_and_commit(cfg: TrainDetectorConfig, out: outputs.Output, lease: outputs.Lease, source: dict[str, Any],
+                      manifest: Any, fingerprint: dict[str, Any], callbacks: dict[str, Any] | None, t0: float
+                      ) -> dict[str, Any]:
 
     work, device = work_dir(cfg), resolve_device(cfg.device)
     dataset = os.path.join(work, "dataset")
@@ -381,7 +384,7 @@ def run(cfg: TrainDetectorConfig, callbacks: dict[str, Any] | None = None) -> di
     if images < cfg.images:
         log.warning("%s: %d photos have a face box, fewer than --images %d: splitting those 8:1:1", cfg.input, images,
                     cfg.images)
-    exported = export(ExportConfig(input=cfg.input, output=dataset, counts=",".join(map(str, split_counts(images))),
+    exported = export(ExportConfig(input=cfg.input, output=dataset, counts=split_counts(images),
                                    max_side=cfg.max_side or 2 * cfg.imgsz, seed=cfg.seed), manifest=manifest)
     counts = exported["counts"]
     if counts["train"] == 0 or counts["val"] == 0 or counts["test"] == 0:
@@ -416,13 +419,14 @@ def run(cfg: TrainDetectorConfig, callbacks: dict[str, Any] | None = None) -> di
         "use": f"jobs/preprocess.py --detector yolo --weights {storage.join(cfg.output, 'best.pt')} "
                f"--weights-sha256 {sha}",
     }
-    storage.uncommit(cfg.output)
-    storage.write_bytes(storage.join(cfg.output, "best.pt"), best)
-    storage.write_bytes(storage.join(cfg.output, "best.pt.sha256"), f"{sha}  best.pt\n".encode())
-    storage.write_json(storage.join(cfg.output, "meta.json"), meta)
-    storage.write_bytes(storage.join(cfg.output, "table4.md"),
-                        table4(source, before, after, "test", exported["persons"]["test"], cfg.conf).encode())
-    storage.commit(cfg.output, list(FILES), dataclasses.asdict(cfg), KIND)
+    out.uncommit()
+    files = [outputs.write_file(cfg.output, "best.pt", best),
+             outputs.write_file(cfg.output, "best.pt.sha256", f"{sha}  best.pt\n".encode()),
+             outputs.write_json(cfg.output, "meta.json", meta),
+             outputs.write_file(cfg.output, "table4.md",
+                                table4(source, before, after, "test", exported["persons"]["test"], cfg.conf).encode())]
+    lease.check()
+    out.commit(files, dataclasses.asdict(cfg), fingerprint)
     log.info("detector committed to %s (best.pt sha256 %s) in %.0f s", cfg.output, sha[:12], meta["seconds"])
     return meta
 

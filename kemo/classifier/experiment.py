@@ -1,15 +1,16 @@
-"""The paper's Table 5 and Figure 4 (issue 5): every (crop shards × model × seed) run, tested, and reported.
+"""The paper's Table 5 and Figure 4: every (crop shards × model × seed) run, tested, and reported.
 
-    from kemo.models.experiment import TrainConfig, run
-    run(TrainConfig(shards="out/crops/yolo,out/crops/none", output="out/classify"))
+    from kemo.classifier.experiment import TrainConfig, run
+    run(TrainConfig(shards=("out/crops/yolo", "out/crops/none"), output="out/classify"))
 
-For each crop output the usable crops are decoded once (:mod:`kemo.models.data`); each model is trained once per
-seed on Ray Train (:func:`kemo.models.train.fit`, under ``OUTPUT/runs/<preprocessing>-<model>-seed<k>``), and its
-best-validation checkpoint is evaluated on the test split. A run that finished is not trained again (its
-``result.json``); an interrupted one resumes from its last checkpoint. Output: ``report.json`` (data used, every
-run, accuracy and macro-F1 mean ± std over seeds, per-class precision/recall/F1 and confusion matrix of the best run
-of each row), ``table5.md``, ``confusion.png`` and ``curves.png`` (the best run overall), ``config.json``, and last
-``_commit.json``.
+For each crop output the usable crops are decoded once (:mod:`kemo.classifier.data`); each model is trained once per
+seed on Ray Train (:func:`kemo.classifier.train.fit`, under ``OUTPUT/runs/<preprocessing>-<model>-seed<k>``), and its
+best-validation checkpoint is evaluated on the test split. A run is named after its spec and the crops' content, so
+other settings or other crops never resume it; one that finished is not trained again (its ``results/<run>.json``),
+an interrupted one resumes from its last checkpoint, and a rerun that finds the same report committed writes nothing.
+Output: ``report.json`` (data used, every run, accuracy and macro-F1 mean ± std over seeds, per-class
+precision/recall/F1 and confusion matrix of the best run of each row), ``table5.md``, ``confusion.png`` and
+``curves.png`` (the best run overall), ``config.json``, and last ``_commit.json``.
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from kemo import storage
+from kemo import outputs, storage
 from kemo.classes import CLASS_NAMES
-from kemo.models import KEMOTIONNET_BLOCKS, MODELS
-from kemo.models.checkpoint import load_checkpoint, preprocess
-from kemo.models.data import load_splits
-from kemo.models.metrics import classification_report, confusion_matrix
-from kemo.models.train import TRAIN_STATE, RunSpec, fit, learning_rate
+from kemo.classifier import KEMOTIONNET_BLOCKS, MODELS
+from kemo.classifier.checkpoint import load_checkpoint, preprocess
+from kemo.classifier.data import load_splits
+from kemo.classifier.metrics import classification_report, confusion_matrix
+from kemo.classifier.train import TRAIN_STATE, RunSpec, fit, learning_rate
 
 log = logging.getLogger(__name__)
-KIND = "classifier-report"
+KIND = outputs.CLASSIFIER
+RESULTS = "results"  # results/<run>.json per finished run: a file of the output, and what a rerun skips
+REPORT = "report.json"
 SMOKE = {"epochs": 2, "seeds": 1, "image_size": 64}
 
 
@@ -43,10 +46,11 @@ SMOKE = {"epochs": 2, "seeds": 1, "image_size": 64}
 class TrainConfig:
     """Train K-EmotionNet and its baselines on crop shards; report the paper's Table 5 and Figure 4."""
 
-    shards: str = field(metadata={"help": "crop outputs of jobs/preprocess.py, comma-separated (local or s3://)"})
+    shards: tuple[str, ...] = field(metadata={"help": "crop outputs of jobs/preprocess.py, comma-separated (local or s3://)"})
     output: str = field(metadata={"help": "output directory (local or s3://)"})
-    models: str = field(default="kemotionnet,resnet18,vgg19", metadata={"help": f"from {', '.join(MODELS)}"})
-    blocks: str = field(default="3,4,16,3", metadata={
+    models: tuple[str, ...] = field(default=("kemotionnet", "resnet18", "vgg19"),
+                                    metadata={"help": f"from {', '.join(MODELS)}"})
+    blocks: tuple[int, ...] = field(default=KEMOTIONNET_BLOCKS, metadata={
         "help": "K-EmotionNet's basic blocks per stage (2 + 2 × their sum weighted layers: 3,4,16,3 → 54)"})
     seeds: int = field(default=3, metadata={"help": "runs per (shards, model), seeds 0..N-1"})
     epochs: int = field(default=150, metadata={"help": "epochs per run"})
@@ -71,7 +75,7 @@ class TrainConfig:
 def _tag(shards: str) -> str:
     """The preprocessing a crop output used (its detector), for names and tables."""
     try:
-        return storage.read_json(storage.join(shards, storage.CONFIG))["config"]["detector"]
+        return storage.read_json(storage.join(shards, outputs.CONFIG))["config"]["detector"]
     except (FileNotFoundError, KeyError):
         return os.path.basename(shards.rstrip("/"))
 
@@ -121,7 +125,7 @@ def table5(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(best: dict[str, Any], out: str) -> list[str]:
+def _plots(best: dict[str, Any], out: str) -> list[outputs.Receipt]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,8 +152,7 @@ def _plots(best: dict[str, Any], out: str) -> list[str]:
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=120)
         plt.close(figure)
-        storage.write_bytes(storage.join(out, name), buffer.getvalue())
-        written.append(name)
+        written.append(outputs.write_file(out, name, buffer.getvalue()))
     return written
 
 
@@ -175,54 +178,94 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.smoke_test:
         cfg = dataclasses.replace(cfg, epochs=SMOKE["epochs"], seeds=SMOKE["seeds"],
                                   image_size=min(cfg.image_size, SMOKE["image_size"]))
-    models = [m.strip() for m in cfg.models.split(",") if m.strip()]
+    models = list(cfg.models)
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
         raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
     learning_rate(RunSpec(schedule=cfg.schedule), 0)  # an unknown schedule fails here, not in every worker
     if cfg.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be at least 1 epoch, not {cfg.checkpoint_every}")
-    blocks = [int(b) for b in cfg.blocks.split(",")]
+    blocks = list(cfg.blocks)
     MODELS["kemotionnet"](blocks=blocks)  # a bad layout fails here, not in every worker
     # the default layout is the architecture's own default (no argument), as timm records its models' defaults
     arguments = {"kemotionnet": {} if tuple(blocks) == KEMOTIONNET_BLOCKS else {"blocks": blocks}}
-    runs_dir = storage.join(cfg.output, "runs")
-    shard_list = [x.strip() for x in cfg.shards.split(",") if x.strip()]
+    shard_list = list(cfg.shards)
     tags = [_tag(x) for x in shard_list]
     tags = [t if tags.count(t) == 1 else f"{t}-{os.path.basename(x.rstrip('/'))}" for t, x in zip(tags, shard_list)]
     if len(set(tags)) != len(tags):
         raise ValueError(f"crop outputs must differ in detector or folder name: {shard_list}")
-    import ray
-
-    cpus = cpus_per_worker(cfg, ray.nodes())
-    rows, all_runs, data_reports = [], [], {}
+    plan = {tag: [] for tag in tags}  # tag → [(model, seed, spec, run name)]
     for shards, tag in zip(shard_list, tags):
-        splits, data_report = load_splits(shards, cfg.image_size, cfg.min_agree)
-        data_reports[tag] = data_report
-        if not len(splits["train"].labels) or not len(splits["val"].labels) or not len(splits["test"].labels):
-            raise ValueError(f"{shards}: a split has no usable photo: {data_report['splits']}")
-        # what a run's result depends on besides its spec: these shards (their commit) and the label filter
-        data_key = hashlib.sha256(storage.read_bytes(storage.join(shards, storage.COMMIT))
-                                  + f"{shards}\0{cfg.min_agree}".encode()).hexdigest()
-        # one copy in the object store for every run of these shards; the driver keeps only the test split
-        train = ray.put((splits["train"].images, splits["train"].labels))
-        val = ray.put((splits["val"].images, splits["val"].labels))
-        test = splits["test"]
-        del splits
+        data_key = _data_key(shards, cfg.min_agree)
         for model in models:
-            runs = []
             for seed in range(cfg.seeds):
                 spec = RunSpec(model=model, arguments=arguments.get(model, {}), seed=seed, epochs=cfg.epochs,
-                               batch_size=cfg.batch_size, lr=cfg.lr,
-                               erasing=cfg.erasing, image_size=cfg.image_size, init_weights=cfg.init_weights,
-                               schedule=cfg.schedule)
-                spec_dict = dataclasses.asdict(spec)
-                key = hashlib.sha256(json.dumps([spec_dict, data_key], sort_keys=True).encode()).hexdigest()[:10]
-                name = f"{tag}-{model}-seed{seed}-{key}"  # other settings or data never resume this run
-                done = storage.join(runs_dir, name, "result.json")
-                if storage.exists(done):
-                    runs.append(storage.read_json(done))
-                    continue
+                               batch_size=cfg.batch_size, lr=cfg.lr, erasing=cfg.erasing,
+                               image_size=cfg.image_size, init_weights=cfg.init_weights, schedule=cfg.schedule)
+                key = hashlib.sha256(json.dumps([dataclasses.asdict(spec), data_key], sort_keys=True).encode())
+                # other settings or other crops never resume this run
+                plan[tag].append((model, seed, spec, f"{tag}-{model}-seed{seed}-{key.hexdigest()[:10]}"))
+    out = outputs.Output(cfg.output, KIND)
+    fingerprint = {"runs": [name for runs in plan.values() for *_, name in runs], "min_agree": cfg.min_agree}
+    if out.current(fingerprint) is not None:
+        log.info("%s already holds this report, committed: nothing trained, nothing written", cfg.output)
+        return out.read_json(REPORT)
+    with out.lease() as lease:
+        report, files = _train_and_test(cfg, out, dict(zip(tags, shard_list)), plan)
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        out.uncommit()
+        files += [outputs.write_json(cfg.output, REPORT, report),
+                  outputs.write_file(cfg.output, "table5.md", table5(report["rows"]).encode()),
+                  *_plots(max(report["best_of"], key=lambda r: r["best_val"]["val_accuracy"]), cfg.output)]
+        del report["best_of"]
+        lease.check()
+        out.commit(files, dataclasses.asdict(cfg), fingerprint)
+    return report
+
+
+def _data_key(shards: str, min_agree: int) -> str:
+    """What a run's result depends on besides its spec: the crops' content (their commit's file hashes, never a
+    time) and the label filter."""
+    content = outputs.Output(shards, outputs.CROPS).committed()["content_sha256"]
+    return hashlib.sha256(f"{content}\0{min_agree}".encode()).hexdigest()
+
+
+def _train_and_test(cfg: TrainConfig, out: outputs.Output, shard_of: dict[str, str],
+                    plan: dict[str, list[tuple[str, int, RunSpec, str]]]
+                    ) -> tuple[dict[str, Any], list[outputs.Receipt]]:
+    """Every planned run that has no result yet, trained and tested; returns the report (with ``best_of``, the
+    runs the plots may show) and the receipts of every run's result.json."""
+    import ray
+
+    runs_dir = out.path("runs")
+    cpus = cpus_per_worker(cfg, ray.nodes())
+    rows, all_runs, data_reports, receipts = [], [], {}, []
+    for tag, planned in plan.items():
+        shards = shard_of[tag]
+        results: dict[str, dict[str, Any]] = {}
+        for *_, name in planned:
+            try:
+                data = storage.read_bytes(out.path(RESULTS, f"{name}.json"))
+            except FileNotFoundError:
+                continue
+            results[name] = json.loads(data)
+            receipts.append(outputs.Receipt(f"{RESULTS}/{name}.json", len(data), hashlib.sha256(data).hexdigest()))
+        train = val = test = None
+        if len(results) < len(planned):  # decode the crops only when a run needs them
+            splits, data_report = load_splits(shards, cfg.image_size, cfg.min_agree)
+            if not len(splits["train"].labels) or not len(splits["val"].labels) or not len(splits["test"].labels):
+                raise ValueError(f"{shards}: a split has no usable photo: {data_report['splits']}")
+            # one copy in the object store for every run of these shards; the driver keeps only the test split
+            train = ray.put((splits["train"].images, splits["train"].labels))
+            val = ray.put((splits["val"].images, splits["val"].labels))
+            test = splits["test"]
+            del splits
+        else:
+            data_report = next(iter(results.values()))["data"]
+        data_reports[tag] = data_report
+        by_model: dict[str, list[dict[str, Any]]] = {}
+        for model, seed, spec, name in planned:
+            if name not in results:
                 log.info("training %s", name)
                 result = fit(train, val, spec, runs_dir, name, workers=cfg.workers, use_gpu=cfg.use_gpu,
                              max_failures=cfg.max_failures, data_report=data_report, cpus_per_worker=cpus,
@@ -232,11 +275,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     tested = test_checkpoint(d, test.images, test.labels)
                 with result.checkpoint.as_directory() as d:  # the latest: its history has every epoch
                     history = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)["history"]
-                entry = {"name": name, "preprocessing": tag, "model": model, "seed": seed, "spec": spec_dict,
-                         "checkpoint": _uri(best, cfg.output), "best_val": best_metrics, "test": tested,
-                         "history": history}
-                storage.write_json(done, entry)
-                runs.append(entry)
+                results[name] = {"name": name, "preprocessing": tag, "model": model, "seed": seed,
+                                 "spec": dataclasses.asdict(spec), "checkpoint": _uri(best, cfg.output),
+                                 "best_val": best_metrics, "test": tested, "history": history, "data": data_report}
+                receipts.append(outputs.write_json(cfg.output, f"{RESULTS}/{name}.json", results[name]))
+            by_model.setdefault(model, []).append(results[name])
+        del train, val
+        for model, runs in by_model.items():
             all_runs.extend(runs)
             top = max(runs, key=lambda r: r["best_val"]["val_accuracy"])
             rows.append({"preprocessing": tag, "model": model,
@@ -244,15 +289,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                          "macro_f1": _mean_std([r["test"]["macro_f1"] for r in runs]),
                          "best_run": top["name"], "per_class": top["test"]["per_class"],
                          "confusion_matrix": top["test"]["confusion_matrix"]})
-        del train, val
-    best = max(all_runs, key=lambda r: r["best_val"]["val_accuracy"])  # chosen on validation, never on test
-    report = {"rows": rows, "runs": [{k: v for k, v in r.items() if k != "history"} for r in all_runs],
+    report = {"rows": rows, "runs": [{k: v for k, v in r.items() if k not in ("history", "data")} for r in all_runs],
               "data": data_reports, "split": "test (person-disjoint, from the index)",
               "label_filter": f"annotators' majority with agree_n >= {cfg.min_agree}; unknown labels left out",
-              "config": dataclasses.asdict(cfg), "seconds": round(time.perf_counter() - t0, 1)}
-    storage.uncommit(cfg.output)
-    storage.write_json(storage.join(cfg.output, "report.json"), report)
-    storage.write_bytes(storage.join(cfg.output, "table5.md"), table5(rows).encode())
-    files = ["report.json", "table5.md", *_plots(best, cfg.output)]
-    storage.commit(cfg.output, files, dataclasses.asdict(cfg), KIND)
-    return report
+              "config": dataclasses.asdict(cfg), "best_of": all_runs}  # chosen on validation, never on test
+    return report, receipts

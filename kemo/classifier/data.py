@@ -17,7 +17,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from kemo import outputs
 from kemo.classes import CLASS_NAMES
+from kemo.schema import CROP
 
 COLUMNS = ["image_id", "split", "label", "agree_n", "status", "crop"]
 
@@ -46,9 +48,7 @@ def decode_crop(data: bytes | None, size: int) -> np.ndarray | None:
 def load_splits(shards: str, image_size: int = 224, min_agree: int = 2,
                 jobs: int = 0) -> tuple[dict[str, Split], dict[str, Any]]:
     """The train/val/test arrays of one committed crop output, and a report of what was kept and left out."""
-    from kemo.preprocess import read_crops
-
-    table = read_crops(shards, COLUMNS)
+    table = outputs.Output(shards, outputs.CROPS).read_table("shards", COLUMNS, CROP)
     meta = table.drop_columns(["crop"]).to_pylist()  # small columns as Python; the JPEGs stay in Arrow
     crops = table.column("crop")
     left_out: Counter[str] = Counter()

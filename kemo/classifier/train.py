@@ -1,6 +1,6 @@
 """One classifier training run on Ray Train (issue 5): in-memory crops → TorchTrainer (V2) → best checkpoint.
 
-The arrays of :func:`kemo.models.data.load_splits` are put in Ray's object store once; every worker maps them
+The arrays of :func:`kemo.classifier.data.load_splits` are put in Ray's object store once; every worker maps them
 (zero-copy) and takes its share of a seeded permutation each epoch. Augmentation runs on batched tensors on the
 worker's device: a per-photo horizontal flip and light random resized crop in one ``grid_sample``, then the paper's
 Random Erasing. Adam; bf16 autocast on GPU; validation accuracy every epoch, summed over workers. Every epoch reports
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from kemo import storage
 from kemo.classes import CLASS_NAMES
-from kemo.models import create_model, load_initial_weights
-from kemo.models.checkpoint import IMAGENET, save_checkpoint
+from kemo.classifier import create_model, load_initial_weights
+from kemo.classifier.checkpoint import IMAGENET, save_checkpoint
 
 log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"

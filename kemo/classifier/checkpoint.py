@@ -17,8 +17,8 @@ from torch import nn
 
 from kemo import storage
 from kemo.classes import CLASS_NAMES
+from kemo.classifier import create_model
 from kemo.config import code_version
-from kemo.models import create_model
 
 MODEL, META = "model.pt", "meta.json"
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -56,8 +56,8 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str
 def preprocess(images: np.ndarray | list[np.ndarray], meta: dict[str, Any], device: str | torch.device = "cpu"
                ) -> torch.Tensor:
     """uint8 RGB images (N, H, W, 3), any size → the normalised float (N, 3, S, S) batch the checkpoint expects,
-    resized exactly as the training data was (:func:`kemo.models.data.resize_square`)."""
-    from kemo.models.data import resize_square
+    resized exactly as the training data was (:func:`kemo.classifier.data.resize_square`)."""
+    from kemo.classifier.data import resize_square
 
     size = meta["image_size"]
     batch = []

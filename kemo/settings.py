@@ -1,0 +1,37 @@
+"""The settings that several jobs share, each written once: which detector finds the face, and how it is cropped.
+
+Job configs inherit them (``class PreprocessConfig(DetectorSettings, CropSettings, ActorResources)``), so a flag,
+its default and its help text exist in one place, and a function that needs only one part is typed on that part
+(``create_detector(settings: DetectorSettings, threads)``). Keyword-only, so required job fields may come after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kemo.image import MAX_PIXELS
+
+
+@dataclass(kw_only=True)
+class DetectorSettings:
+    """Which face detector runs, with which weights, at which input size."""
+
+    detector: str = field(default="yolo", metadata={"help": "yolo, haar, none (whole photo) or annotations"})
+    weights: str | None = field(default=None, metadata={"help": "YOLO face weights: path or s3:// URI"})
+    weights_sha256: str | None = field(default=None, metadata={"help": "refuse weights with another SHA-256"})
+    imgsz: int = field(default=640, metadata={"help": "detector input side (yolo's letterbox, haar's longer side)"})
+    conf: float = field(default=0.25, metadata={"help": "yolo: minimum face confidence"})
+    device: str = field(default="auto", metadata={"help": "model device: auto, cpu, cuda:0"})
+
+
+@dataclass(kw_only=True)
+class CropSettings:
+    """How a photo is decoded and its face cut out: what makes a crop the same at training and at labelling."""
+
+    crop_size: int = field(default=500, metadata={"help": "crop side in pixels"})
+    margin: float = field(default=0.25, metadata={"help": "background kept on each side, as a share of the face"})
+    jpeg_quality: int = field(default=95, metadata={
+        "help": "crop JPEG quality; labelling passes crops through it before the classifier, as training crops were "
+                "(0 = not)"})
+    decode_min_side: int = field(default=1000, metadata={"help": "DCT-reduce JPEGs while the short side stays >= this"})
+    max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "refuse larger photos as too_large"})

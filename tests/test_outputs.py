@@ -1,0 +1,169 @@
+"""The output store (kemo.outputs): parts and receipts, a commit that reads no data, and the one-run-at-a-time lease."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pytest
+
+from kemo import outputs, storage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def root_for(where: str, tmp_path, request) -> str:
+    return str(tmp_path / "out") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/out"
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """Every read of a file's bytes through kemo.storage, by path: what a commit must not do to data files."""
+    reads: list[str] = []
+    for name in ("read_bytes", "read_parquet", "read_parquet_columns"):
+        real = getattr(storage, name)
+
+        def counting(uri, *args, _real=real, **kwargs):
+            reads.append(uri)
+            return _real(uri, *args, **kwargs)
+
+        monkeypatch.setattr(storage, name, counting)
+    return reads
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_parts_receipts_commit_and_read_back(where, tmp_path, request, counted_reads):
+    root = root_for(where, tmp_path, request)
+    out = outputs.Output(root, "test")
+    a = outputs.write_part(root, "parts", pa.table({"k": ["b", "a"]}), ["b", "a"])
+    b = outputs.write_part(root, "parts", pa.table({"k": ["c"]}), ["c"])
+    assert a.path == f"parts/{outputs.part_name(['a', 'b'])}"  # named after its rows, whatever their order
+    assert set(outputs.parts(root, "parts")) == {a.path.split("/")[1], b.path.split("/")[1]}
+    counted_reads.clear()
+    manifest = out.commit([a, b], {"k": 1}, {"setup": 1})
+    assert counted_reads == []  # the commit hashes the bytes it is handed: it reads no file back
+    assert [f["path"] for f in manifest["files"]] == [a.path, b.path, outputs.CONFIG]
+    counted_reads.clear()
+    assert out.committed()["files"] == manifest["files"]
+    assert counted_reads == [out.path(outputs.COMMIT)]  # the manifest, then one listing: no data file read
+    assert sorted(out.read_table("parts", None, pa.schema([("k", pa.string())])).column("k").to_pylist()) == \
+        ["a", "b", "c"]
+    assert out.current({"setup": 1}) is not None and out.current({"setup": 2}) is None
+    with pytest.raises(ValueError, match="holds a 'test' output, not 'labels'"):
+        outputs.Output(root, "labels").committed()
+    storage.write_bytes(out.path(a.path), b"truncated")
+    with pytest.raises(ValueError, match="missing or changed"):
+        out.committed()
+    out.uncommit()
+    with pytest.raises(FileNotFoundError):
+        out.committed()
+
+
+def test_content_key_follows_the_data_files_never_the_time_or_the_config(tmp_path):
+    root = str(tmp_path / "out")
+    out = outputs.Output(root, "test")
+    part = outputs.write_part(root, "parts", pa.table({"k": ["a"]}), ["a"])
+    first = out.commit([part, outputs.write_json(root, outputs.SUMMARY, {"seconds": 1.0})], {"workers": 1})
+    time.sleep(1.1)
+    second = out.commit([part, outputs.write_json(root, outputs.SUMMARY, {"seconds": 9.0})], {"workers": 4})
+    assert first["committed_at"] != second["committed_at"]
+    assert first["content_sha256"] == second["content_sha256"]
+    other = outputs.write_part(root, "parts", pa.table({"k": ["a"], "v": [1]}), ["a"])
+    assert out.commit([other], {"workers": 1})["content_sha256"] != first["content_sha256"]
+
+
+def test_a_part_without_its_receipt_is_not_there(tmp_path):
+    """A writer killed between the part and its receipt leaves a file that resume must not count."""
+    root = str(tmp_path / "out")
+    kept = outputs.write_part(root, "parts", pa.table({"k": ["a"]}), ["a"])
+    storage.write_parquet(pa.table({"k": ["b"]}), storage.join(root, "parts", outputs.part_name(["b"])))
+    assert list(outputs.parts(root, "parts")) == [kept.path.split("/")[1]]
+
+
+def test_claim_refuses_another_setup_and_is_written_once(tmp_path):
+    out = outputs.Output(str(tmp_path / "out"), "test")
+    assert not out.check_claim({"a": (1, 2)})
+    out.claim({"a": (1, 2)})
+    mtime = os.stat(out.path(outputs.RUN)).st_mtime_ns
+    time.sleep(0.01)
+    out.claim({"a": (1, 2)})  # a tuple reads back as a list: still the same setup, and nothing rewritten
+    assert os.stat(out.path(outputs.RUN)).st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="another setup .differs in a."):
+        out.claim({"a": (1, 3)})
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_second_run_is_refused_with_the_holders_name(where, tmp_path, request):
+    root = root_for(where, tmp_path, request)
+    out = outputs.Output(root, "test")
+    with out.lease() as held:
+        with pytest.raises(outputs.OutputBusy, match=f"being written by run {held.body['run']} .pid {os.getpid()}"):
+            with outputs.Output(root, "test").lease():
+                pass
+        held.check()
+    assert not storage.exists(out.path(outputs.LEASE))  # released at the end
+    with out.lease():  # and free for the next run
+        pass
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_killed_runs_lease_is_taken_over_and_logged(where, tmp_path, request, caplog):
+    root = root_for(where, tmp_path, request)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom kemo import outputs\n"
+         f"with outputs.Output({root!r}, 'test').lease():\n    print('held', flush=True)\n    time.sleep(600)\n"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(outputs.OutputBusy, match=f"pid {holder.pid}"):  # alive: refused
+            with outputs.Output(root, "test").lease():
+                pass
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    left = json.loads(storage.read_bytes(storage.join(root, outputs.LEASE)))
+    assert left["pid"] == holder.pid  # killed: it never released
+    with caplog.at_level("WARNING", logger="kemo.outputs"):
+        with outputs.Output(root, "test").lease() as taken:
+            assert json.loads(storage.read_bytes(storage.join(root, outputs.LEASE)))["run"] == taken.body["run"]
+    assert f"took over the lease of run {left['run']}" in caplog.text and "its process is gone" in caplog.text
+
+
+def test_a_lease_not_renewed_for_too_long_is_stale_even_on_another_host(tmp_path):
+    root = str(tmp_path / "out")
+    stale = {"run": "elsewhere", "host": "another-host", "pid": 1, "started_at": "-", "renewed_at": "-",
+             "renewed_unix": time.time() - outputs.STALE_S - 5}
+    storage.write_bytes(storage.join(root, outputs.LEASE), json.dumps(stale).encode())
+    with outputs.Output(root, "test").lease() as taken:
+        assert taken.body["run"] != "elsewhere"
+    fresh = {**stale, "renewed_unix": time.time()}
+    storage.write_bytes(storage.join(root, outputs.LEASE), json.dumps(fresh).encode())
+    with pytest.raises(outputs.OutputBusy, match="run elsewhere .pid 1 on another-host"):
+        with outputs.Output(root, "test").lease():
+            pass
+
+
+def test_renewal_keeps_the_lease_and_notices_a_takeover(tmp_path):
+    uri = str(tmp_path / "out" / outputs.LEASE)
+    lease = outputs.Lease(uri, renew_s=0.05)
+    lease.acquire()
+    try:
+        first = json.loads(storage.read_bytes(uri))["renewed_unix"]
+        time.sleep(0.3)
+        assert json.loads(storage.read_bytes(uri))["renewed_unix"] > first and lease.lost is None
+        storage.write_bytes(uri, json.dumps({"run": "usurper"}).encode())  # another run replaced it
+        time.sleep(0.3)
+        assert lease.lost and json.loads(storage.read_bytes(uri))["run"] == "usurper"
+        with pytest.raises(outputs.OutputBusy, match="without committing"):
+            lease.check()
+    finally:
+        lease.release()
+    assert json.loads(storage.read_bytes(uri))["run"] == "usurper"  # a lost lease is not deleted
