@@ -6,17 +6,20 @@ import os
 import numpy as np
 import pytest
 
-from kemo.benchmark import BenchmarkConfig, decode_methods, parse_stages, plain_train, run, worker_counts
+from kemo.benchmark import BenchmarkConfig, run
+from kemo.benchmark.config import STAGES, effective, parse_stages
+from kemo.benchmark.loops import plain_train
+from kemo.benchmark.stages import decode_methods, worker_counts
 from tests.photos import jpeg, scene
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_steady_rate_excludes_start_up():
-    from kemo.preprocess import _steady
+    from kemo.preprocess import steady_rate
 
-    assert _steady([(10.0, 16), (11.0, 32), (12.0, 48)]) == 16.0  # start-up before the first shard is not counted
-    assert _steady([(1.0, 16), (2.0, 32)]) is None  # too few shards to say
+    assert steady_rate([(10.0, 16), (11.0, 32), (12.0, 48)]) == 16.0  # start-up before the first shard is not counted
+    assert steady_rate([(1.0, 16), (2.0, 32)]) is None  # too few shards to say
 
 
 def test_decode_methods_cover_cv2_pil_and_reduced():
@@ -26,11 +29,21 @@ def test_decode_methods_cover_cv2_pil_and_reduced():
 
 
 def test_stages_and_worker_counts():
-    assert parse_stages("train, decode") == ["decode", "train"]  # run in pipeline order, whatever the order asked
-    for bad in ("train,fly", " , "):
+    assert parse_stages(("train", "decode")) == ["decode", "train"]  # run in pipeline order, whatever the order asked
+    for bad in (("train", "fly"), ()):
         with pytest.raises(ValueError, match="unknown stages"):
             parse_stages(bad)
     assert [worker_counts(n) for n in (1, 2, 3, 6, 16)] == [[1], [1, 2], [1, 2, 3], [1, 2, 4, 6], [1, 2, 4, 8, 16]]
+
+
+def test_smoke_test_config():
+    """--smoke-test shrinks the work, not what runs; list fields are tuples, and a bare str is refused."""
+    cfg = effective(BenchmarkConfig(smoke_test=True, images=300, train_model="resnet18", detectors=("haar",)))
+    assert (cfg.images, cfg.size, cfg.train_epochs, cfg.train_images) == (14, "320x240", 2, 32)
+    assert (cfg.stages, cfg.detectors, cfg.train_model) == (STAGES, ("haar",), "resnet18")
+    assert effective(BenchmarkConfig(images=300)).images == 300
+    with pytest.raises(TypeError, match="tuple of str"):
+        BenchmarkConfig(detectors="haar")
 
 
 def _check_sampled(s, worker):
@@ -45,8 +58,9 @@ def _check_sampled(s, worker):
 
 
 def test_benchmark_report(ray_local, tmp_path):
-    cfg = BenchmarkConfig(stages="decode,detect,preprocess,scaling,label", images=21, size="320x240",
-                          decode_sizes="320x240,400x300", detectors="annotations,haar", output=str(tmp_path / "b"),
+    cfg = BenchmarkConfig(stages=("decode", "detect", "preprocess", "scaling", "label"), images=21, size="320x240",
+                          decode_sizes=("320x240", "400x300"), detectors=("annotations", "haar"),
+                          output=str(tmp_path / "b"),
                           crop_size=64, decode_min_side=100, label_detector="none", label_image_size=32)
     report = run(cfg)
     assert report["stages"] == ["decode", "detect", "preprocess", "scaling", "label"] and "train" not in report
@@ -110,6 +124,9 @@ def test_benchmark_report(ray_local, tmp_path):
     _check_sampled(lab["sampled"], "LabelPhotos")
 
     saved = json.load(open(os.path.join(cfg.output, "benchmark.json")))
+    commit = json.load(open(os.path.join(cfg.output, "_commit.json")))  # committed through the output store
+    assert commit["kind"] == "benchmark" and {f["path"] for f in commit["files"]} == {
+        "benchmark.json", "benchmark.md", "scaling.png", "config.json"}
     assert saved["detectors"].keys() == report["detectors"].keys() and saved["scaling"] == report["scaling"]
     md = open(os.path.join(cfg.output, "benchmark.md")).read()
     for part in ("no GPU", "| 320x240 ms | 400x300 ms |", "cv2 reduced 1/2", "| haar | cpu | no | 1 | 16 |",
@@ -123,7 +140,7 @@ def test_plain_train_channels_last():
     """The channels_last path (timed on GPU only) trains on CPU too, and leaves torch's threads as it found them."""
     import torch
 
-    from kemo.models.train import RunSpec
+    from kemo.classifier.train import RunSpec
 
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), rng.integers(0, 7, 8).astype(np.int64)
@@ -133,12 +150,14 @@ def test_plain_train_channels_last():
 
 
 def test_training_benchmark_report(ray_local, tmp_path):
-    cfg = BenchmarkConfig(stages="train", train_model="resnet18", train_images=48, train_image_size=32,
+    cfg = BenchmarkConfig(stages=("train",), train_model="resnet18", train_images=48, train_image_size=32,
                           train_epochs=3, train_batch=16, output=str(tmp_path / "t"))
     report = run(cfg)
     assert "detectors" not in report and "scaling" not in report  # only the stages asked for
     assert list(report["seconds"]) == ["train", "total"]  # no photos are made for training alone
     assert not os.path.exists(os.path.join(cfg.output, "scaling.png"))
+    commit = json.load(open(os.path.join(cfg.output, "_commit.json")))
+    assert {f["path"] for f in commit["files"]} == {"benchmark.json", "benchmark.md", "config.json"}
     t = report["train"]
     assert (t["model"], t["image_size"], t["images"], t["epochs"], t["device"]) == ("resnet18", 32, 48, 3,
                                                                                       "cpu (2 threads)")
@@ -153,4 +172,4 @@ def test_training_benchmark_report(ray_local, tmp_path):
     assert "plain PyTorch loop" in md and f"| {t['kemo_images_per_s']} | {t['ratio_vs_plain']}× |" in md
     assert "channels_last: no GPU" in md and "| train |" in md
     with pytest.raises(ValueError, match="unknown stages"):
-        run(BenchmarkConfig(stages="train,fly", output=str(tmp_path / "x")))
+        run(BenchmarkConfig(stages=("train", "fly"), output=str(tmp_path / "x")))
