@@ -8,18 +8,9 @@ import pytest
 
 from kemo import outputs, preprocess
 from kemo.classifier.experiment import KIND, TrainConfig, run
+from tests.tree import snapshot
 
 pytestmark = pytest.mark.slow
-
-
-def snapshot(root: str) -> dict[str, tuple[int, bytes]]:
-    """Every file under ``root``: (mtime in ns, bytes)."""
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            out[path] = (os.stat(path).st_mtime_ns, open(path, "rb").read())
-    return out
 
 
 def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops, tmp_path):

@@ -23,6 +23,7 @@ from kemo.data import aihub, synth
 from kemo.preprocess import CropPhotos, PreprocessConfig, read_crops, run
 from kemo.schema import CROP, MANIFEST
 from tests.photos import bad_inputs, jpeg, scene, unusual_inputs
+from tests.tree import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,16 +37,6 @@ def manifest_of(paths: dict[str, str], boxes: dict[str, list[float]] | None = No
 def write_manifest(table: pa.Table, path: str) -> str:
     storage.write_parquet(table, path)
     return path
-
-
-def snapshot(root: str) -> dict[str, tuple[int, bytes]]:
-    """Every file under ``root``: (mtime in ns, bytes)."""
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            out[path] = (os.stat(path).st_mtime_ns, open(path, "rb").read())
-    return out
 
 
 def decode_crop(data: bytes) -> np.ndarray:
