@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
-# Ultralytics must never download weights, fonts or pip packages at run time (DESIGN §5).
+# Ultralytics must never download weights, fonts or pip packages at run time: users give weight paths or URIs.
 export YOLO_OFFLINE := 1
 export YOLO_AUTOINSTALL := False
 

@@ -1,4 +1,4 @@
-"""Train K-EmotionNet and its baselines on crop shards with Ray Train: the paper's Table 5 and Figure 4 (issue 5).
+"""Train K-EmotionNet and its baselines on crop shards with Ray Train: the paper's Table 5 and Figure 4.
 
     python jobs/train.py --shards out/crops/annotations,out/crops/none --output out/classify \\
         [--models kemotionnet,resnet18,vgg19] [--seeds 3] [--epochs 150] [--batch-size 64] [--lr 0.001] \\

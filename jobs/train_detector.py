@@ -1,4 +1,4 @@
-"""Fine-tune and evaluate the face detector: the paper's Table 4 (issue 4).
+"""Fine-tune and evaluate the face detector: the paper's Table 4.
 
     python jobs/train_detector.py --input ROOT_OR_MANIFEST --output DIR_OR_S3 [--weights PATH_OR_URI | --model YAML] \\
         [--images 3500] [--epochs 50] [--imgsz 640] [--batch 16] [--device auto] [--smoke-test]

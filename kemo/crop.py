@@ -1,4 +1,4 @@
-"""Face box → square crop with a margin of background, never distorting the face (DESIGN §1, stage 2). No Ray here.
+"""Face box → square crop with a margin of background, never distorting the face (the paper's stage 2). No Ray here.
 
 Boxes are xyxy pixels of the full-resolution upright frame. The crop region is a square centred on the face whose side
 is the face's longer side plus ``margin`` of it on each side; parts beyond the photo are padded, and the square is

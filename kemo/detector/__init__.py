@@ -1,1 +1,2 @@
-"""The face detector stage (issue 4): dataset export, YOLO-Face-v2 modules, metrics, training and evaluation."""
+"""The face detector stage: inference (base, registry and one module per detector, weights by hash) and training:
+dataset export, YOLO-Face-v2 modules, metrics, training and evaluation."""

@@ -1,4 +1,4 @@
-"""Export a face-detection dataset in the layout ultralytics trains from (issue 4, the paper's 2,800/350/350).
+"""Export a face-detection dataset in the layout ultralytics trains from (the paper's 2,800/350/350).
 
     from kemo.detector.export import ExportConfig, run; run(ExportConfig(input="out/index", output="out/faces"))
 

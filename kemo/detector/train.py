@@ -1,4 +1,4 @@
-"""Fine-tune and evaluate the face detector (issue 4, the paper's Table 4).
+"""Fine-tune and evaluate the face detector (the paper's Table 4).
 
     from kemo.detector.train import TrainDetectorConfig, run
     run(TrainDetectorConfig(input="out/index", output="out/detector", weights="face.pt"))
