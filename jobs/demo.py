@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import ray
 
 from kemo import label, preprocess
+from kemo.classifier import experiment
 from kemo.config import parse
 from kemo.data import aihub, synth
 from kemo.detector import train as detector
-from kemo.models import experiment
 
 DETECTORS = ("none", "haar", "yolo", "annotations")
 # the paper's Table 5 rows: resize, OpenCV crop, YOLO crop (the annotators' boxes are the crops' upper bound,

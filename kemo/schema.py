@@ -1,4 +1,5 @@
-"""Column names and Arrow schemas of the tables that pass between stages (docs/design.md, «Data contracts»), defined once."""
+"""Column names and Arrow schemas of the tables that pass between stages, defined once
+(docs/design.md, «Data contracts»)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Index an AI-Hub "한국인 감정인식을 위한 복합 영상" root (local or ``s3://``) into manifest rows (docs/design.md, «Corpus facts the code respects»).
+"""Index an AI-Hub "한국인 감정인식을 위한 복합 영상" root (local or ``s3://``) into manifest rows
+(docs/design.md, «Corpus facts the code respects»).
 
     python jobs/index.py --root s3://bucket/aihub --output s3://bucket/kemo/index [--per-class 7000] [--seed 0]
 

@@ -91,8 +91,8 @@ def detection_map(photos: list[Predictions]) -> dict[str, float]:
 
 
 def primary_face_recall(photos: list[Predictions], conf: float, min_iou: float = 0.5) -> float:
-    """Share of photos whose primary face (kemo.crop.primary_face's rule, among detections scoring ≥ ``conf``) overlaps the
-    annotated face by at least ``min_iou``. A photo without a detection is a miss."""
+    """Share of photos whose primary face (kemo.crop.primary_face, among detections scoring ≥ ``conf``) overlaps
+    the annotated face by at least ``min_iou``. A photo without a detection is a miss."""
     if not photos:
         return 0.0
     hits = 0

@@ -1,4 +1,5 @@
-"""YOLO-Face-v2's two modules, written from their published description (docs/design.md, «YOLO Face v2»), registered with ultralytics.
+"""YOLO-Face-v2's two modules, written from their published description (docs/design.md),
+registered with ultralytics.
 
 - ``MultiSEAM(c)``: separated-and-enhancement attention after a head output. Three branches, each a patch-embedding
   conv (kernel = stride = patch 6, 7, 8) → GELU → BN, a residual depthwise 3×3 → GELU → BN and a pointwise 1×1 → GELU
