@@ -47,7 +47,8 @@ CROP = pa.schema([
 ])
 STATUSES = ("ok", "no_face", "read_error", "decode_error", "too_large", "unsupported_format", "error")
 
-# One row per photo of a labelling run (one per face with --all-faces), whatever happened to it (docs/design.md, «Data contracts»).
+# One row per photo of a labelling run (one per face with --all-faces), whatever happened to it
+# (docs/design.md, «Data contracts»).
 # `uri`, `size`, `mtime_ns` and `etag` are the photo's version as listed: a rerun skips a version already labelled and
 # labels a replaced photo again. `face` ranks the faces of a photo (0 = the primary face, the selfie subject; null
 # when none was classified); `face_box` is xyxy pixels of the full-resolution upright frame (the whole frame for the

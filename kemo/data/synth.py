@@ -2,10 +2,11 @@
 
     python -m kemo.data.synth --out /tmp/corpus --per-class 20 --seed 0 [--size 2000x1500]
 
-Writes the AI-Hub layout (docs/design.md, «Corpus facts the code respects») with per-emotion JSON label lists
-(UTF-8, UTF-8 with BOM or cp949) and JPEG selfies: a cluttered background, a subject whose drawn expression (brows, eyes, mouth, blush, tears) encodes the class,
-sometimes a smaller distractor face (a poster or a passer-by), EXIF orientations 1–8 with boxes in the upright frame,
-three annotators with box jitter and label disagreement. ``_synth/truth.parquet`` records what was drawn, for tests.
+Writes the AI-Hub layout (docs/design.md, «Corpus facts the code respects») with per-emotion JSON label lists (UTF-8,
+UTF-8 with BOM or cp949) and JPEG selfies: a cluttered background, a subject whose drawn expression (brows, eyes, mouth,
+blush, tears) encodes the class, sometimes a smaller distractor face (a poster or a passer-by), EXIF orientations 1–8
+with boxes in the upright frame, three annotators with box jitter and label disagreement. ``_synth/truth.parquet``
+records what was drawn, for tests.
 Deterministic for a seed: each photo draws from its own generator seeded by (seed, photo index).
 """
 
