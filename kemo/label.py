@@ -29,9 +29,8 @@ from kemo.detector.base import Faces
 from kemo.detector.registry import check_detector
 from kemo.device import torch_device
 from kemo.frontend import FrontEnd, Prepared
-from kemo.preprocess import RETRY, SMOKE_ROWS
 from kemo.resources import ActorResources, resolve_resources
-from kemo.schema import LABELS
+from kemo.schema import LABELS, TRANSIENT
 from kemo.settings import CropSettings, DetectorSettings
 
 log = logging.getLogger(__name__)
@@ -40,6 +39,7 @@ PARTS = "parts"
 CSV = "labels.csv"
 FORMATS = ("parquet", "csv")
 PHOTO = pa.schema([LABELS.field(n) for n in ("uri", "size", "mtime_ns", "etag")])  # a listed photo version
+SMOKE_FILES = 16
 KEYS = ["uri", "size", "mtime_ns", "etag", "face", "status", "label_name"]  # what the skip rule and summary read
 
 
@@ -58,7 +58,7 @@ class LabelConfig(DetectorSettings, CropSettings, ActorResources):
     max_bytes: int = field(default=256 << 20, metadata={"help": "refuse larger files as too_large, unread"})
     rows_per_part: int = field(default=20000, metadata={
         "help": "rows per Parquet part, at least: whole actor calls (a killed run keeps the parts it wrote)"})
-    smoke_test: bool = field(default=False, metadata={"help": f"only the first {SMOKE_ROWS} files"})
+    smoke_test: bool = field(default=False, metadata={"help": f"only the first {SMOKE_FILES} files"})
 
 
 # --------------------------------------------------------------------------------------------------- the actor
@@ -201,7 +201,7 @@ def snapshot(cfg: LabelConfig) -> tuple[pa.Table, int]:
     kept = [e for e in entries if not storage.os_metadata(e.rel)]
     rows = [{"uri": e.uri, "size": e.size, "mtime_ns": e.mtime_ns, "etag": e.etag} for e in kept]
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["uri"]), schema=PHOTO)
-    return (table.slice(0, SMOKE_ROWS) if cfg.smoke_test else table), len(entries) - len(kept)
+    return (table.slice(0, SMOKE_FILES) if cfg.smoke_test else table), len(entries) - len(kept)
 
 
 # --------------------------------------------------------------------------------------------------- the output
@@ -233,7 +233,7 @@ def _choose(tables: dict[str, pa.Table], current: dict[str, tuple]) -> tuple[dic
         for i, version in enumerate(zip(cols["uri"], cols["size"], cols["mtime_ns"], cols["etag"])):
             by_version.setdefault(version, []).append(i)
         for version, idx in by_version.items():
-            transient = any(cols["status"][i] in RETRY for i in idx)
+            transient = any(cols["status"][i] in TRANSIENT for i in idx)
             first: dict[Any, int] = {}  # the same face twice in one part (a retried block): its first row
             for i in idx:
                 first.setdefault(cols["face"][i], i)
@@ -425,8 +425,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
                    "processed": labelled, "processed_statuses": dict(sorted(run_statuses.items())),
                    **_tally(tables, keep), "parts": len(final), "seconds": round(seconds, 2),
                    "photos_per_s": round(labelled / seconds, 2) if labelled and seconds else None}
-        outputs.sweep(cfg.output, PARTS)
-        present = outputs.parts(cfg.output, PARTS)
+        present = outputs.sweep(cfg.output, PARTS)
         files = [present[n] for n in final]
         out.uncommit()
         if "csv" in formats:
@@ -448,11 +447,7 @@ def _unchanged(out: outputs.Output, parts: list[str], tail: list[str]) -> bool:
     """Whether the output is committed, intact, and names exactly ``parts`` and ``tail``."""
     try:
         manifest = out.committed()
-    except FileNotFoundError:
-        return False
-    except ValueError as e:
-        if "holds a" in str(e):
-            raise
+    except (FileNotFoundError, outputs.Damaged):
         return False
     wanted = sorted([f"{PARTS}/{n}" for n in parts] + tail)
     return sorted(f["path"] for f in manifest["files"] if f["path"] != outputs.CONFIG) == wanted

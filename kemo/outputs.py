@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -55,6 +56,14 @@ STALE_S = float(os.environ.get("KEMO_LEASE_STALE_S", 300))  # ten missed renewal
 
 class OutputBusy(RuntimeError):
     """Another run holds the output's lease."""
+
+
+class OtherKind(ValueError):
+    """The directory holds a committed output of another kind (a job never writes over it)."""
+
+
+class Damaged(ValueError):
+    """A file the commit names is missing or changed."""
 
 
 @dataclass(frozen=True)
@@ -124,28 +133,24 @@ def parts(out_dir: str, folder: str) -> dict[str, Receipt]:
         receipts = storage.list_files(storage.join(out_dir, RECEIPTS, folder))
     except FileNotFoundError:
         return {}
-    out = {}
-    for entry in receipts:
-        name = entry.rel.removesuffix(".json")
-        if name in listed:
-            receipt = Receipt(**storage.read_json(entry.uri))
-            if receipt.bytes == listed[name]:
-                out[name] = receipt
-    return out
+    mine = [e for e in receipts if e.rel.removesuffix(".json") in listed]
+    with ThreadPoolExecutor(16) as pool:  # small objects: on S3 the round trips, not the bytes, take the time
+        read = list(pool.map(lambda e: Receipt(**storage.read_json(e.uri)), mine))
+    return {r.path.rsplit("/", 1)[-1]: r for r in read if r.bytes == listed[r.path.rsplit("/", 1)[-1]]}
 
 
-def sweep(out_dir: str, folder: str) -> int:
-    """Delete the files in ``folder`` that are not parts (a writer killed before its receipt): before a commit, so
-    the folder holds exactly what the commit names. Returns how many went."""
+def sweep(out_dir: str, folder: str) -> dict[str, Receipt]:
+    """Delete the files in ``folder`` that are not parts (a writer killed before its receipt), so that the folder
+    holds exactly what a commit names; returns the parts, as ``parts`` does."""
     try:
         listed = [e.rel for e in storage.list_files(storage.join(out_dir, folder))]
     except FileNotFoundError:
-        return 0
+        return {}
     whole = parts(out_dir, folder)
-    strays = [name for name in listed if name not in whole]
-    for name in strays:
-        storage.delete(storage.join(out_dir, folder, name))
-    return len(strays)
+    for name in listed:
+        if name not in whole:
+            storage.delete(storage.join(out_dir, folder, name))
+    return whole
 
 
 def read_parts(out_dir: str, folder: str, columns: list[str]) -> dict[str, pa.Table]:
@@ -178,7 +183,7 @@ class Output:
         except FileNotFoundError:
             return None
         if manifest.get("kind") != self.kind:
-            raise ValueError(f"{self.uri} holds a {manifest.get('kind')!r} output, not {self.kind!r}: "
+            raise OtherKind(f"{self.uri} holds a {manifest.get('kind')!r} output, not {self.kind!r}: "
                              "choose another output")
         return manifest
 
@@ -191,16 +196,14 @@ class Output:
         listed = {e.rel: e.size for e in storage.list_files(self.uri)}
         for entry in manifest["files"]:
             if listed.get(entry["path"]) != entry["bytes"]:
-                raise ValueError(f"{self.uri}: committed file {entry['path']} is missing or changed")
+                raise Damaged(f"{self.uri}: committed file {entry['path']} is missing or changed")
         return manifest
 
     def current(self, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
         """The commit manifest when the output is committed, intact and made with ``fingerprint``; else None."""
         try:
             manifest = self.committed()
-        except (FileNotFoundError, ValueError) as e:
-            if isinstance(e, ValueError) and "holds a" in str(e):
-                raise
+        except (FileNotFoundError, Damaged):
             return None
         return manifest if manifest.get("fingerprint") == plain(fingerprint) else None
 

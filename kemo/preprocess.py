@@ -30,13 +30,12 @@ from kemo.detector.base import Faces
 from kemo.detector.registry import check_detector
 from kemo.frontend import FrontEnd, Prepared
 from kemo.resources import ActorResources, resolve_resources
-from kemo.schema import CROP, IDENTITY
+from kemo.schema import CROP, IDENTITY, TRANSIENT
 from kemo.settings import CropSettings, DetectorSettings
 
 log = logging.getLogger(__name__)
 KIND = outputs.CROPS
 SHARDS = "shards"
-RETRY = ("read_error", "error")  # transient (throttling, a network blip, a GPU out of memory): redone on a rerun
 SMOKE_ROWS = 16
 
 
@@ -115,14 +114,14 @@ class ShardWriter:
         return pa.table({"file": [receipt.path], "rows": [batch.num_rows], "ok": [counts.get("ok", 0)]})
 
 
-def _rewrite_without(output: str, name: str, drop: pa.Array) -> pa.Table:
-    """Replace a shard by one without the rows ``drop`` marks; the new part is written before the old one goes,
-    so a crash in between leaves duplicates (which ``_finalize`` removes), never a loss."""
+def _rewrite_without(output: str, name: str, drop: pa.Array) -> tuple[pa.Table, outputs.Receipt | None]:
+    """Replace a shard by one without the rows ``drop`` marks (and its receipt, None when no row is left); the new
+    part is written before the old one goes, so a crash in between leaves duplicates (which ``_finalize`` removes),
+    never a loss."""
     keep = storage.read_parquet(storage.join(output, SHARDS, name)).filter(pc.invert(drop))
-    if keep.num_rows:
-        outputs.write_part(output, SHARDS, keep, keep.column("image_id").to_pylist())
+    receipt = outputs.write_part(output, SHARDS, keep, keep.column("image_id").to_pylist()) if keep.num_rows else None
     outputs.delete_part(output, SHARDS, name)
-    return keep
+    return keep, receipt
 
 
 def resume(output: str) -> tuple[set[str], int]:
@@ -130,10 +129,10 @@ def resume(output: str) -> tuple[set[str], int]:
     those photos again."""
     done, dropped = set(), 0
     for name, t in outputs.read_parts(output, SHARDS, ["image_id", "status"]).items():
-        retry = pc.is_in(t.column("status"), pa.array(RETRY))
+        retry = pc.is_in(t.column("status"), pa.array(TRANSIENT))
         n = pc.sum(retry).as_py() or 0
         if n:
-            _rewrite_without(output, name, retry)
+            _rewrite_without(output, name, retry)  # its remaining rows, under their own name
             dropped += n
         done.update(t.filter(pc.invert(retry)).column("image_id").to_pylist())
     return done, dropped
@@ -177,22 +176,23 @@ def _finalize(output: str, manifest: pa.Table) -> tuple[list[outputs.Receipt], C
     expected = set(manifest.column("image_id").to_pylist())
     columns = ["image_id", "status", "box", "face_box"]
     seen: set[str] = set()
-    names, tables = [], []
-    for name, t in outputs.read_parts(output, SHARDS, columns).items():
+    kept, tables = [], []
+    for name, receipt in sorted(outputs.sweep(output, SHARDS).items()):  # strays gone: the folder is the commit
+        t = storage.read_parquet_columns(storage.join(output, receipt.path), columns)
         ids = t.column("image_id").to_pylist()
         overlap = seen.intersection(ids)
         if overlap:
             # Only a retried batch regrouped differently can overlap; its rows are already committed elsewhere.
-            rest = _rewrite_without(output, name, pc.is_in(t.column("image_id"), pa.array(sorted(overlap))))
-            if rest.num_rows == 0:
+            rest, receipt = _rewrite_without(output, name, pc.is_in(t.column("image_id"), pa.array(sorted(overlap))))
+            if receipt is None:
                 continue
-            name, t = outputs.part_name(rest.column("image_id").to_pylist()), rest.select(columns)
+            name, t = receipt.path.rsplit("/", 1)[-1], rest.select(columns)
             ids = t.column("image_id").to_pylist()
         unknown = set(ids) - expected
         if unknown:
             raise ValueError(f"shard {name} holds {len(unknown)} photos not in this run's input")
         seen.update(ids)
-        names.append(name)
+        kept.append(receipt)
         tables.append(t)
     missing = expected - seen
     if missing:
@@ -205,9 +205,7 @@ def _finalize(output: str, manifest: pa.Table) -> tuple[list[outputs.Receipt], C
         for box, face in zip(t.column("box").to_pylist(), t.column("face_box").to_pylist()):
             if box is not None:
                 hits.append(face is not None and iou(box, face) >= 0.5)
-    outputs.sweep(output, SHARDS)
-    present = outputs.parts(output, SHARDS)
-    return [present[n] for n in sorted(names)], statuses, (round(sum(hits) / len(hits), 4) if hits else None)
+    return sorted(kept, key=lambda r: r.path), statuses, (round(sum(hits) / len(hits), 4) if hits else None)
 
 
 def steady_rate(receipts: list[tuple[float, int]]) -> float | None:
@@ -228,7 +226,7 @@ def _current(out: outputs.Output, cfg: PreprocessConfig) -> dict[str, Any] | Non
     if out.current(fingerprint(cfg, manifest)) is None:
         return None
     summary = out.read_json(outputs.SUMMARY)
-    if any(summary["statuses"].get(s) for s in RETRY):
+    if any(summary["statuses"].get(s) for s in TRANSIENT):
         return None
     # what this run did (nothing), over the committed output's tallies
     return {**summary, "processed": 0, "skipped": summary["inputs"], "photos_per_s": None,
@@ -259,7 +257,8 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
         out.uncommit()
         done, retried = resume(cfg.output)
         if retried:
-            log.info("%d photos failed transiently (%s) last time: processing them again", retried, ", ".join(RETRY))
+            log.info("%d photos failed transiently (%s) last time: processing them again", retried,
+                     ", ".join(TRANSIENT))
         pending = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"),
                                                      pa.array(sorted(done), pa.string()))))
         log.info("%d photos: %d already in shards, %d to process with %s (%d actors × %d decoders, %g GPU each, "

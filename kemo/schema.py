@@ -46,6 +46,8 @@ CROP = pa.schema([
     ("crop", pa.binary()),
 ])
 STATUSES = ("ok", "no_face", "read_error", "decode_error", "too_large", "unsupported_format", "error")
+# transient (throttling, a network blip, a GPU out of memory): every job does these photos again on a rerun
+TRANSIENT = ("read_error", "error")
 
 # One row per photo of a labelling run (one per face with --all-faces), whatever happened to it
 # (docs/design.md, «Data contracts»).

@@ -218,6 +218,7 @@ def _s3_object(uri: str) -> tuple[Any, str, str]:
 
 
 def _local_version(path: str) -> str:
+    """A local file's version: another write gives another inode (writes go through a rename) or mtime."""
     st = os.stat(path)
     return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
 
@@ -256,8 +257,8 @@ def read_with_version(uri: str) -> tuple[bytes, str]:
         return answer["Body"].read(), answer["ETag"]
     path = os.path.abspath(uri)
     with open(path, "rb") as f:
-        version = f"{os.fstat(f.fileno()).st_ino}:{os.fstat(f.fileno()).st_mtime_ns}:{os.fstat(f.fileno()).st_size}"
-        return f.read(), version
+        st = os.fstat(f.fileno())  # of the file opened, even if another writer replaces the path meanwhile
+        return f.read(), f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
 
 
 def replace_if_version(uri: str, data: bytes, version: str | None) -> tuple[bool, str | None]:
