@@ -21,11 +21,12 @@ from kemo.classes import CLASS_NAMES
 from kemo.classifier import create_model
 from kemo.classifier.checkpoint import load_checkpoint, preprocess, save_checkpoint
 from kemo.classifier.data import decode_crop
-from kemo.data import synth
+from kemo.data import aihub, synth
 from kemo.label import LabelConfig, LabelPhotos, label_one_by_one, read_labels, run, snapshot, write_part
 from kemo.preprocess import CropPhotos, PreprocessConfig
 from kemo.schema import LABELS, MANIFEST
 from tests.photos import bad_inputs, jpeg, scene
+from tests.tree import snapshot as tree_snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PART = re.compile(r"parts/part-[0-9a-f]{20}\.parquet")
@@ -365,6 +366,16 @@ def test_refusals(labelled, checkpoint, tmp_path):
         run(dataclasses.replace(cfg, checkpoint=other))
     with pytest.raises(ValueError, match="another setup.*all_faces"):
         run(dataclasses.replace(cfg, all_faces=True))
+
+
+def test_an_output_of_another_kind_is_refused_and_left_intact(labelled, corpus_index):
+    """--output pointed at an index by mistake: refused before anything is written, and the index still reads."""
+    cfg, _ = labelled
+    before = tree_snapshot(corpus_index)
+    with pytest.raises(outputs.OtherKind, match="holds a 'index' output, not 'labels'"):
+        run(dataclasses.replace(cfg, output=corpus_index))
+    assert tree_snapshot(corpus_index) == before
+    assert aihub.load_manifest(corpus_index).num_rows > 0
 
 
 @pytest.mark.slow
