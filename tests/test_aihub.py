@@ -87,6 +87,19 @@ def test_garbage_label_file_is_reported_not_fatal(tmp_path):
     assert len(errors) == 1 and "분노" in errors[0]["path"]
 
 
+@pytest.mark.parametrize("depth, message", [(100_000, "deeper than Python can parse"), (40, "deeper than 32")])
+def test_deeply_nested_label_file_is_reported_not_fatal(tmp_path, depth, message):
+    """A label file nested far deeper than any record: a report line, not a RecursionError."""
+    root = make_root(tmp_path, [rec(fname())])
+    bad = tmp_path / "Training" / "[라벨]EMOIMG_분노_TRAIN" / "img_emotion_training_data(분노).json"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"[" * depth + b"]" * depth)
+    table, report = index(root)
+    assert table.num_rows == 1
+    (error,) = [f for f in report["label_files"] if "error" in f]
+    assert message in error["error"] and "분노" in error["path"]
+
+
 def test_nfd_names_on_disk_and_in_json_are_matched_and_normalised(tmp_path):
     name = fname(emo="기쁨")
     nfd = unicodedata.normalize("NFD", name)

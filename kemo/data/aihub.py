@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif"})
 ANNOTATORS = ("A", "B", "C")
 ANNOTATOR_KEYS = ("annot_", "facebb_")  # releases differ (faceBB_A …); keys are compared lower-cased
+MAX_JSON_DEPTH = 32  # an AI-Hub label file nests 5 deep (list → record → annotator → boxes → value)
+MAX_LABEL_BYTES = 1 << 30  # the largest real label file is tens of MB
 MAX_COORD = 65535  # no JPEG is larger: a coordinate beyond it is a broken box, not a big face
 AGE_RANGE = (0, 120)
 _PERSON = re.compile(r"^([0-9a-fA-F]{64})(?:_|$)")
@@ -67,8 +69,22 @@ def nfc(value: Any) -> Any:
     return value
 
 
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((x, depth + 1) for x in v)
+    return deepest
+
+
 def decode_json(data: bytes) -> tuple[Any, str]:
-    """(parsed JSON with NFC strings, encoding used): UTF-8 with or without BOM, UTF-16 with BOM, or cp949."""
+    """(parsed JSON with NFC strings, encoding used): UTF-8 with or without BOM, UTF-16 with BOM, or cp949.
+    Nesting deeper than ``MAX_JSON_DEPTH`` is refused (ValueError), not parsed into a ``RecursionError``."""
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         candidates = ("utf-16",)
     else:
@@ -79,7 +95,13 @@ def decode_json(data: bytes) -> tuple[Any, str]:
         except UnicodeDecodeError:
             continue
         used = "utf-8-sig" if enc == "utf-8-sig" and data[:3] == b"\xef\xbb\xbf" else enc.replace("-sig", "")
-        return nfc(json.loads(text)), used
+        try:
+            value = json.loads(text)
+        except RecursionError:  # the C parser gives up on deep nesting this way
+            raise ValueError(f"JSON nested deeper than Python can parse (over {MAX_JSON_DEPTH} levels)") from None
+        if json_depth(value) > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels: not an AI-Hub label file")
+        return nfc(value), used
     raise ValueError("not UTF-8, UTF-16 or cp949 text")
 
 
@@ -304,6 +326,8 @@ def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
         release = _release(lf_rel)
         source = release.rsplit("/", 1)[-1]
         try:
+            if lf.size > MAX_LABEL_BYTES:
+                raise ValueError(f"label file of {lf.size} bytes exceeds the {MAX_LABEL_BYTES}-byte limit")
             records, encoding = decode_json(storage.read_bytes(lf.uri))
             if not isinstance(records, list):
                 raise ValueError("top level is not a list of records")
