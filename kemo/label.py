@@ -147,14 +147,14 @@ class LabelPhotos:
         """(N, C) float32 class probabilities, in chunks of the batch size (with all_faces a batch holds more)."""
         import torch
 
-        from kemo.classifier.checkpoint import preprocess
+        from kemo.classifier.checkpoint import input_batch
 
         chunk = max(1, self.cfg.batch_size or 16)
         out = []
         autocast = torch.autocast("cuda", dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             for i in range(0, len(images), chunk):
-                x = preprocess(images[i:i + chunk], self.meta, self.device)  # (n, 3, S, S), already S²: no resize
+                x = input_batch(images[i:i + chunk], self.meta, self.device)  # (n, 3, S, S), already S²: no resize
                 out.append(torch.softmax(self.model(x).float(), dim=1).cpu().numpy())
         return np.concatenate(out)
 

@@ -1,6 +1,4 @@
-"""Checkpoint contract (DESIGN §4) and classification metrics against a hand-computed confusion matrix."""
-
-import json
+"""The checkpoint directory: reloads to identical logits and class order, locally and on S3; refuses torn writes."""
 
 import numpy as np
 import pytest
@@ -8,9 +6,8 @@ import torch
 
 from kemo import storage
 from kemo.classes import CLASS_NAMES
-from kemo.classifier import create_model
-from kemo.classifier.checkpoint import load_checkpoint, preprocess, save_checkpoint
-from kemo.classifier.metrics import classification_report, confusion_matrix
+from kemo.classifier.checkpoint import input_batch, load_checkpoint, save_checkpoint
+from kemo.classifier.registry import create_model
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -26,7 +23,7 @@ def test_a_checkpoint_reloads_to_identical_logits_and_class_order(where, tmp_pat
     images = np.random.default_rng(0).integers(0, 256, (3, 80, 80, 3), dtype=np.uint8)
     loaded, meta = load_checkpoint(path)
     assert meta["classes"] == list(CLASS_NAMES) and meta["metrics"] == {"val_accuracy": 0.5}
-    x = preprocess(images, meta)
+    x = input_batch(images, meta)
     assert x.shape == (3, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -34,7 +31,7 @@ def test_a_checkpoint_reloads_to_identical_logits_and_class_order(where, tmp_pat
                        weights_only=True)  # a plain state dict: no pickled code
     assert not any(k.startswith("module.") for k in state)
     with pytest.raises(ValueError, match="uint8"):
-        preprocess(images.astype(np.float32), meta)
+        input_batch(images.astype(np.float32), meta)
     from kemo.classifier.data import resize_square
 
     same = resize_square(images[0], 64).astype(np.float32) / 255  # the training data's resize, exactly
@@ -51,19 +48,3 @@ def _local(path, tmp_path):
     out.write_bytes(storage.read_bytes(storage.join(path, "model.pt")))
     return str(out)
 
-
-def test_metrics_match_a_hand_computed_confusion_matrix():
-    y_true = [0, 0, 0, 1, 1, 2, 2, 2, 2]
-    y_pred = [0, 0, 1, 1, 2, 2, 2, 2, 0]
-    cm = confusion_matrix(y_true, y_pred, 4)
-    assert cm.tolist() == [[2, 1, 0, 0], [0, 1, 1, 0], [1, 0, 3, 0], [0, 0, 0, 0]]
-    r = classification_report(cm, ["a", "b", "c", "d"])
-    assert r["accuracy"] == pytest.approx(6 / 9)
-    assert r["per_class"]["a"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
-    assert r["per_class"]["b"] == pytest.approx({"precision": 1 / 2, "recall": 1 / 2, "f1": 1 / 2, "support": 2})
-    assert r["per_class"]["c"] == pytest.approx({"precision": 3 / 4, "recall": 3 / 4, "f1": 3 / 4, "support": 4})
-    assert r["per_class"]["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-    assert r["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 3 / 4) / 3)  # classes absent from the set excluded
-    json.dumps(r)  # goes into report.json as it is
-    with pytest.raises(ValueError, match="indices"):
-        confusion_matrix([0, 7], [0, 1], 7)

@@ -1,18 +1,22 @@
-"""jobs/train.py's library: crop shards × models × seeds on Ray Train → tested, reported, committed; reruns skip."""
+"""jobs/train.py's library: crop shards × models × seeds on Ray Train → evaluated, reported, committed; reruns skip."""
 
 import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
+import torch
 
 from kemo import outputs, preprocess
-from kemo.classifier.experiment import KIND, TrainConfig, run
+from kemo.classifier.checkpoint import input_batch, load_checkpoint, save_checkpoint
+from kemo.classifier.experiment import KIND, TrainConfig, evaluate_checkpoint, run
+from kemo.classifier.metrics import classification_report, confusion_matrix
+from kemo.classifier.registry import create_model
 from tests.tree import snapshot
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops, tmp_path):
     shards = annotation_crops
     out = str(tmp_path / "classify")
@@ -64,9 +68,9 @@ def test_cpu_workers_reserve_their_share_of_the_node():
     assert cpus_per_worker(dataclasses.replace(cfg, cpus_per_worker=3), [node(8)]) == 3
 
 
+@pytest.mark.slow
 def test_kemotionnet_layout_from_the_command_line_reaches_the_checkpoint(annotation_crops, tmp_path):
-    from kemo.classifier import weighted_layers
-    from kemo.classifier.checkpoint import load_checkpoint
+    from kemo.classifier.networks import weighted_layers
 
     cfg = TrainConfig(shards=(annotation_crops,), output=str(tmp_path / "k"), models=("kemotionnet",),
                       blocks=(1, 1, 1, 1), seeds=1, epochs=1, image_size=32, batch_size=32)
@@ -76,3 +80,17 @@ def test_kemotionnet_layout_from_the_command_line_reaches_the_checkpoint(annotat
     assert meta["arguments"] == {"blocks": [1, 1, 1, 1]} and weighted_layers(model) == 10
     with pytest.raises(ValueError, match="four stages"):
         run(dataclasses.replace(cfg, blocks=(3, 4, 16)))
+
+
+@pytest.mark.parametrize("side", [32, 40])  # at the checkpoint's input size, and resized to it
+def test_a_checkpoint_is_evaluated_as_its_own_input_batch_predicts(side, tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path), create_model("kemotionnet", blocks=[1, 1, 1, 1]), "kemotionnet",
+                    {"blocks": [1, 1, 1, 1]}, image_size=32)
+    images = np.random.default_rng(side).integers(0, 256, (11, side, side, 3), dtype=np.uint8)
+    labels = np.arange(11) % 7
+    model, meta = load_checkpoint(str(tmp_path))
+    with torch.no_grad():
+        predicted = model(input_batch(images, meta)).argmax(1).numpy()
+    expected = classification_report(confusion_matrix(labels, predicted, 7), meta["classes"])
+    assert evaluate_checkpoint(str(tmp_path), images, labels, batch_size=4) == expected

@@ -1,4 +1,5 @@
-"""Ray Train runs of the classifiers on CPU: two workers, the best checkpoint, a killed worker resumed exactly."""
+"""Ray Train runs of the classifiers on CPU (two workers, the best checkpoint, a killed worker resumed exactly); the
+evaluation pass on a model whose outputs are known; checkpoint schedule, learning rate and augmentation."""
 
 import os
 
@@ -6,10 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from kemo.classifier.checkpoint import load_checkpoint, preprocess
-from kemo.classifier.train import TRAIN_STATE, RunSpec, augment, fit, keeps_checkpoint, learning_rate, random_erasing
+from kemo.classifier.checkpoint import input_batch, load_checkpoint
+from kemo.classifier.train import (
+    TRAIN_STATE,
+    RunSpec,
+    augment,
+    evaluate,
+    fit,
+    keeps_checkpoint,
+    learning_rate,
+    random_erasing,
+)
 
-pytestmark = pytest.mark.slow
 SPEC = RunSpec(model="resnet18", epochs=3, batch_size=32, image_size=32)
 
 
@@ -34,6 +43,7 @@ def uninterrupted(ray_local, data, tmp_path_factory):
     return fit(train, val, SPEC, str(tmp_path_factory.mktemp("runs")), "r18", workers=2)
 
 
+@pytest.mark.slow
 def test_two_workers_train_and_the_best_checkpoint_scores_what_it_reported(uninterrupted, data):
     _, (x_val, y_val) = data
     assert uninterrupted.error is None and uninterrupted.metrics["epoch"] == 3
@@ -44,11 +54,12 @@ def test_two_workers_train_and_the_best_checkpoint_scores_what_it_reported(unint
         state = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)
     assert meta["training"]["workers"] == 2 and meta["metrics"] == metrics
     with torch.no_grad():
-        accuracy = float((model(preprocess(x_val, meta)).argmax(1).numpy() == y_val).mean())
+        accuracy = float((model(input_batch(x_val, meta)).argmax(1).numpy() == y_val).mean())
     assert accuracy == pytest.approx(metrics["val_accuracy"])
     assert [h["epoch"] for h in state["history"]][-1] == metrics["epoch"]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_where_an_uninterrupted_run_does(
         uninterrupted, data, tmp_path):
     train, val = data
@@ -66,6 +77,40 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_where_an_unin
         return {k: v for k, v in m.items() if k not in timing}
 
     assert learned(result.metrics) == learned(uninterrupted.metrics)  # same seeds, same data order: the same run
+
+
+class Lookup(torch.nn.Module):
+    """A 3-class "model" whose output is known: a photo whose first pixel is k gets the probabilities ``P[k]``."""
+
+    P = [[0.5, 0.25, 0.25], [0.25, 0.5, 0.25], [0.25, 0.25, 0.5]]
+
+    def __init__(self):
+        super().__init__()
+        self.log_p = torch.nn.Parameter(torch.log(torch.tensor(self.P)))
+
+    def forward(self, x):
+        return self.log_p[(x[:, 0, 0, 0] * 255).round().long()]  # unnormalised by mean 0, std 1: the pixel itself
+
+
+def test_evaluate_counts_every_photo_once_and_sums_the_cross_entropy():
+    codes, labels = [0, 1, 2, 0, 1], np.array([0, 1, 1, 2, 1])  # predicted class = code: 3 of 5 right
+    images = np.zeros((5, 4, 4, 3), np.uint8)
+    images[:, 0, 0, 0] = codes
+    identity = {"mean": [0.0] * 3, "std": [1.0] * 3}
+    model = Lookup().train()
+    confusion, loss = evaluate(model, images, labels, batch_size=2, normalize=identity, num_classes=3)
+    assert not model.training and not loss.requires_grad
+    assert confusion.tolist() == [[1, 0, 0], [0, 2, 1], [1, 0, 0]]  # cm[true, predicted]
+    assert float(confusion.trace()) / float(confusion.sum()) == 0.6
+    # -log P: right with 1/2 three times (photos 0, 1, 4), wrong with 1/4 twice (photos 2, 3)
+    assert float(loss) == pytest.approx(3 * np.log(2) + 2 * np.log(4))
+    # two workers, batches of 2: rank 0 takes photos 0, 1 and 4, rank 1 photos 2 and 3; together the whole set
+    shares = [evaluate(model, images, labels, 2, identity, 3, rank=r, world=2) for r in (0, 1)]
+    assert shares[0][0].tolist() == [[1, 0, 0], [0, 2, 0], [0, 0, 0]]
+    assert shares[1][0].tolist() == [[0, 0, 0], [0, 0, 1], [1, 0, 0]]
+    assert float(shares[0][1]) == pytest.approx(3 * np.log(2)) and float(shares[1][1]) == pytest.approx(4 * np.log(2))
+    empty, nothing = evaluate(model, images[:0], labels[:0], num_classes=3)
+    assert empty.tolist() == [[0] * 3] * 3 and float(nothing) == 0.0
 
 
 def test_checkpoints_at_each_new_best_every_n_epochs_and_the_last():

@@ -277,8 +277,8 @@ def test_label_job(cluster, small_corpus, moto_endpoint, s3_bucket, upload_tree,
     import torch
 
     from kemo.classes import CLASS_NAMES
-    from kemo.classifier import create_model
     from kemo.classifier.checkpoint import save_checkpoint
+    from kemo.classifier.registry import create_model
     from kemo.label import read_labels
 
     root, photos = small_corpus

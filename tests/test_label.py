@@ -18,9 +18,9 @@ import torch
 
 from kemo import outputs, storage
 from kemo.classes import CLASS_NAMES
-from kemo.classifier import create_model
-from kemo.classifier.checkpoint import load_checkpoint, preprocess, save_checkpoint
+from kemo.classifier.checkpoint import input_batch, load_checkpoint, save_checkpoint
 from kemo.classifier.data import decode_crop
+from kemo.classifier.registry import create_model
 from kemo.data import aihub, synth
 from kemo.label import LabelConfig, LabelPhotos, label_one_by_one, read_labels, run, snapshot, write_part
 from kemo.preprocess import CropPhotos, PreprocessConfig
@@ -92,7 +92,7 @@ def direct(cfg: LabelConfig, uris: list[str]) -> dict[str, dict]:
     out = {}
     for r in CropPhotos(dataclasses.asdict(pre))(manifest).to_pylist():
         if r["status"] == "ok":
-            x = preprocess([decode_crop(r["crop"], meta["image_size"])], meta)
+            x = input_batch([decode_crop(r["crop"], meta["image_size"])], meta)
             with torch.no_grad():
                 r["probs"] = torch.softmax(model(x), dim=1)[0].numpy()
         out[r["uri"]] = r

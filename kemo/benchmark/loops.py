@@ -84,7 +84,7 @@ def plain_label_loop(rows: list[dict[str, Any]], detector_name: str, weights: st
     does not pass the crop through JPEG first, as training crops were: a little less work."""
     import torch
 
-    from kemo.classifier.checkpoint import load_checkpoint, preprocess
+    from kemo.classifier.checkpoint import input_batch, load_checkpoint
 
     t0 = time.perf_counter()
     third = t0
@@ -94,7 +94,7 @@ def plain_label_loop(rows: list[dict[str, Any]], detector_name: str, weights: st
     with torch.inference_mode():
         for i, face in plain_crops(rows, det, crop):
             if face is not None:
-                torch.softmax(model(preprocess([face], meta, device)), dim=1).cpu()
+                torch.softmax(model(input_batch([face], meta, device)), dim=1).cpu()
             if i == len(rows) // 3 - 1:
                 third = time.perf_counter()
     return time.perf_counter() - t0, third - t0
@@ -107,7 +107,7 @@ def plain_train(x: np.ndarray, y: np.ndarray, spec: Any, threads: int, channels_
     follow). torch's threads are set to ``threads`` for the loop and restored after."""
     import torch
 
-    from kemo.classifier import create_model
+    from kemo.classifier.registry import create_model
     from kemo.classifier.train import train_one_epoch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

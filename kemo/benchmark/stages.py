@@ -409,8 +409,8 @@ def label_benchmark(cfg: BenchmarkConfig, cluster: dict[str, float], work: str, 
     import ray
     import torch
 
-    from kemo.classifier import create_model
     from kemo.classifier.checkpoint import save_checkpoint
+    from kemo.classifier.registry import create_model
     from kemo.label import LabelConfig
     from kemo.label import run as label
     from kemo.preprocess import steady_rate

@@ -1,8 +1,10 @@
-"""The classifier checkpoint contract (DESIGN §4): a directory with ``model.pt`` and ``meta.json``, local or s3://.
+"""The classifier checkpoint: a directory with ``model.pt`` and ``meta.json``, local or s3://.
 
-``model.pt`` is a plain state dict (loaded with ``weights_only=True``); ``meta.json`` names the architecture and its
-arguments, the class names in index order, the input size and normalisation, and whatever training config, metrics
-and code version the trainer adds. :func:`load_checkpoint` rebuilds model and preprocessing from these alone.
+Training writes it and labelling reads it, so it is the one contract between them. ``model.pt`` is a plain state
+dict (loaded with ``weights_only=True``: no pickled code runs); ``meta.json`` names the architecture and its arguments,
+the class names in index order, the input size and normalisation, and whatever training config, metrics and code
+version the trainer adds. :func:`load_checkpoint` rebuilds the model, and :func:`input_batch` its input, from these
+alone.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 
 from kemo import storage
 from kemo.classes import CLASS_NAMES
-from kemo.classifier import create_model
+from kemo.classifier.registry import create_model
 from kemo.config import code_version
 
 MODEL, META = "model.pt", "meta.json"
@@ -53,8 +55,8 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str
     return model.to(device).eval(), meta
 
 
-def preprocess(images: np.ndarray | list[np.ndarray], meta: dict[str, Any], device: str | torch.device = "cpu"
-               ) -> torch.Tensor:
+def input_batch(images: np.ndarray | list[np.ndarray], meta: dict[str, Any], device: str | torch.device = "cpu"
+                ) -> torch.Tensor:
     """uint8 RGB images (N, H, W, 3), any size → the normalised float (N, 3, S, S) batch the checkpoint expects,
     resized exactly as the training data was (:func:`kemo.classifier.data.resize_square`)."""
     from kemo.classifier.data import resize_square

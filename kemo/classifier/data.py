@@ -1,7 +1,8 @@
-"""Training data for the classifiers (issue 5): crop shards → uint8 arrays at the training size, decoded once.
+"""Training data for the classifiers: crop shards → uint8 arrays at the training size, decoded once.
 
-150 epochs must not decode the same JPEGs 150 times (DESIGN §6): every usable crop is decoded and resized here, once,
-into one (N, S, S, 3) uint8 array per split (49k crops at 224² are ~7.4 GB), which the trainer keeps in memory.
+150 epochs must not decode the same JPEGs 150 times (decoding, not the GPU, would set the pace): every usable crop is
+decoded and resized here, once, into one (N, S, S, 3) uint8 array per split (49k crops at 224² are ~7.4 GB), which
+the trainer keeps in memory.
 Usable = status ``ok``, a known label (not -1), and at least ``min_agree`` annotators behind it; what was left out
 and why is counted in the returned report.
 """

@@ -1,13 +1,14 @@
-"""The paper's Table 5 and Figure 4: every (crop shards × model × seed) run, tested, and reported.
+"""The paper's Table 5 and Figure 4: every (crop shards × model × seed) run, evaluated on the test split, and reported.
 
     from kemo.classifier.experiment import TrainConfig, run
     run(TrainConfig(shards=("out/crops/yolo", "out/crops/none"), output="out/classify"))
 
 For each crop output the usable crops are decoded once (:mod:`kemo.classifier.data`); each model is trained once per
 seed on Ray Train (:func:`kemo.classifier.train.fit`, under ``OUTPUT/runs/<preprocessing>-<model>-seed<k>``), and its
-best-validation checkpoint is evaluated on the test split. A run is named after its spec and the crops' content, so
-other settings or other crops never resume it; one that finished is not trained again (its ``results/<run>.json``),
-an interrupted one resumes from its last checkpoint, and a rerun that finds the same report committed writes nothing.
+best-validation checkpoint is evaluated on the test split (:func:`evaluate_checkpoint`, the same evaluation pass as
+validation's). A run is named after its spec and the crops' content, so other settings or other crops never resume it;
+one that finished is not trained again (its ``results/<run>.json``), an interrupted one resumes from its last
+checkpoint, and a rerun that finds the same report committed writes nothing.
 Output: ``report.json`` (data used, every run, accuracy and macro-F1 mean ± std over seeds, per-class
 precision/recall/F1 and confusion matrix of the best run of each row), ``table5.md``, ``confusion.png`` and
 ``curves.png`` (the best run overall), ``config.json``, and last ``_commit.json``.
@@ -29,11 +30,12 @@ import torch
 
 from kemo import outputs, storage
 from kemo.classes import CLASS_NAMES
-from kemo.classifier import KEMOTIONNET_BLOCKS, MODELS
-from kemo.classifier.checkpoint import load_checkpoint, preprocess
-from kemo.classifier.data import load_splits
-from kemo.classifier.metrics import classification_report, confusion_matrix
-from kemo.classifier.train import TRAIN_STATE, RunSpec, fit, learning_rate
+from kemo.classifier.checkpoint import load_checkpoint
+from kemo.classifier.data import load_splits, resize_square
+from kemo.classifier.metrics import classification_report
+from kemo.classifier.networks import KEMOTIONNET_BLOCKS
+from kemo.classifier.registry import MODELS
+from kemo.classifier.train import TRAIN_STATE, RunSpec, evaluate, fit, learning_rate
 
 log = logging.getLogger(__name__)
 KIND = outputs.CLASSIFIER
@@ -80,19 +82,19 @@ def _tag(shards: str) -> str:
         return os.path.basename(shards.rstrip("/"))
 
 
-def test_checkpoint(path: str, images: np.ndarray, labels: np.ndarray, batch: int = 256) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class figures and the confusion matrix of a checkpoint on a split."""
+def evaluate_checkpoint(path: str, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class figures and the confusion matrix of a checkpoint on a split (uint8 photos, resized
+    to the checkpoint's input size if they are not at it), in fp32."""
     model, meta = load_checkpoint(path, "cuda" if torch.cuda.is_available() else "cpu")
-    device = next(model.parameters()).device
-    predictions = []
-    with torch.no_grad():
-        for start in range(0, len(labels), batch):
-            predictions.append(model(preprocess(images[start:start + batch], meta, device)).argmax(1).cpu().numpy())
-    predicted = np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
+    size = meta["image_size"]
+    if images.shape[1:3] != (size, size):
+        images = np.stack([resize_square(image, size) for image in images])
+    confusion, _ = evaluate(model, images, labels, batch_size, normalize=meta["normalize"],
+                            num_classes=len(meta["classes"]))
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the driver's GPU memory goes back to the training workers
-    return classification_report(confusion_matrix(labels, predicted, len(meta["classes"])), meta["classes"])
+    return classification_report(confusion.cpu().numpy(), meta["classes"])
 
 
 def cpus_per_worker(cfg: TrainConfig, nodes: list[dict[str, Any]]) -> float:
@@ -272,7 +274,7 @@ def _train_and_test(cfg: TrainConfig, out: outputs.Output, shard_of: dict[str, s
                              checkpoint_every=cfg.checkpoint_every)
                 (best, best_metrics), = result.best_checkpoints
                 with best.as_directory() as d:
-                    tested = test_checkpoint(d, test.images, test.labels)
+                    tested = evaluate_checkpoint(d, test.images, test.labels)
                 with result.checkpoint.as_directory() as d:  # the latest: its history has every epoch
                     history = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)["history"]
                 results[name] = {"name": name, "preprocessing": tag, "model": model, "seed": seed,

@@ -1,13 +1,14 @@
-"""One classifier training run on Ray Train (issue 5): in-memory crops → TorchTrainer (V2) → best checkpoint.
+"""One classifier training run on Ray Train: in-memory crops → TorchTrainer (V2) → best checkpoint.
 
 The arrays of :func:`kemo.classifier.data.load_splits` are put in Ray's object store once; every worker maps them
-(zero-copy) and takes its share of a seeded permutation each epoch. Augmentation runs on batched tensors on the
-worker's device: a per-photo horizontal flip and light random resized crop in one ``grid_sample``, then the paper's
-Random Erasing. Adam; bf16 autocast on GPU; validation accuracy every epoch, summed over workers. Every epoch reports
-its metrics; a checkpoint (DESIGN §4 ``model.pt`` + ``meta.json``, plus ``train_state.pt`` for resuming) comes with
-each new best validation accuracy, every ``checkpoint_every`` epochs and the last: Ray keeps the best by validation
-accuracy and the latest, a failed worker restarts the group from the latest (``FailureConfig``), and a relaunch with
-the same output and run name resumes from it too.
+(zero-copy) and takes its share of a seeded permutation each epoch. Augmentation runs on batched tensors on the worker's
+device: a per-photo horizontal flip and light random resized crop in one ``grid_sample``, then the paper's Random
+Erasing. Adam; bf16 autocast on GPU; validation accuracy every epoch (:func:`evaluate`, each worker on its share of the
+batches, summed over workers). Every epoch reports its metrics; a checkpoint (the :mod:`kemo.classifier.checkpoint`
+directory, plus ``train_state.pt`` for resuming) comes with each new best validation accuracy, every
+``checkpoint_every`` epochs and the last: Ray keeps the best by validation accuracy and the latest, a failed worker
+restarts the group from the latest (``FailureConfig``), and a relaunch with the same output and run name resumes from it
+too.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 
 from kemo import storage
 from kemo.classes import CLASS_NAMES
-from kemo.classifier import create_model, load_initial_weights
 from kemo.classifier.checkpoint import IMAGENET, save_checkpoint
+from kemo.classifier.registry import create_model, load_initial_weights
 
 log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"
@@ -120,6 +121,32 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, im
     return sums
 
 
+def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 256,
+             normalize: dict[str, list[float]] = IMAGENET, num_classes: int = len(CLASS_NAMES), bf16: bool = False,
+             rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model (in eval mode, without gradients) on uint8 photos (N, S, S, 3) already at its input size, normalised
+    by ``normalize``; bf16 autocast if ``bf16`` and on GPU. ``rank`` of ``world`` workers takes batches rank,
+    rank + world, ... so that the workers' results add up to the whole set's. Returns (confusion matrix
+    ``cm[true, predicted]`` as (num_classes, num_classes) int64 counts, summed cross-entropy as float64) on the
+    model's device, so nothing waits for the GPU until the caller reads them."""
+    device = next(model.parameters()).device
+    mean = torch.tensor(normalize["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(normalize["std"], device=device).view(1, 3, 1, 1)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    model.eval()
+    with torch.no_grad():
+        for b in range(rank * batch_size, len(labels), world * batch_size):
+            idx = np.arange(b, min(b + batch_size, len(labels)))
+            x = (_to_input(images, idx, device) - mean) / std
+            y = torch.from_numpy(labels[idx]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+                logits = model(x)
+            loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+    return confusion.view(num_classes, num_classes), loss
+
+
 def keeps_checkpoint(epoch: int, epochs: int, every: int, improved: bool) -> bool:
     """Whether epoch ``epoch`` (1-based) of ``epochs`` writes a checkpoint: at each new best validation accuracy (the
     checkpoint that is tested), every ``every`` epochs (where a restart resumes) and at the last (whose history has
@@ -173,9 +200,6 @@ def train_loop(config: dict[str, Any]) -> None:
         net.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         start, best, history = state["epoch"] + 1, state["best"], state["history"]
-    mean = torch.tensor(IMAGENET["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET["std"], device=device).view(1, 3, 1, 1)
-    bf16 = device.type == "cuda"
     per_worker = len(y_train) // world  # equal shares: DDP needs the same number of steps everywhere
     fail = config.get("_fail_once")  # tests: {"epoch": k, "rank": r, "marker": path} kills one worker once
 
@@ -198,15 +222,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if world > 1:  # BatchNorm statistics as rank 0 has them, explicitly: evaluation bypasses the DDP wrapper
             for buffer in net.buffers():
                 torch.distributed.broadcast(buffer, 0)
-        net.eval()
-        with torch.no_grad():
-            for b in range(rank * spec.batch_size, len(y_val), world * spec.batch_size):
-                idx = np.arange(b, min(b + spec.batch_size, len(y_val)))
-                x = (_to_input(x_val, idx, device) - mean) / std
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    pred = net(x).argmax(1)
-                sums[2] += float((pred.cpu() == torch.from_numpy(y_val[idx])).sum())
-                sums[3] += len(idx)
+        confusion, _ = evaluate(net, x_val, y_val, spec.batch_size, bf16=True, rank=rank, world=world)
+        sums[2], sums[3] = confusion.trace(), confusion.sum()
         if world > 1:
             torch.distributed.all_reduce(sums)
         val_accuracy = float(sums[2] / sums[3]) if sums[3] else 0.0
