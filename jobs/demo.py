@@ -20,8 +20,14 @@ import os
 # (~200 MB) on the demo's cores; so it stays off, and this console skips that one line (Ray's documented log filter:
 # read when ray is imported, applied while its log deduplication is on, the default). Worker log files keep the line.
 UNAVAILABLE = r"Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable"
+# Each of the demo's six fits also prints the same start-up lines of Ray Train's controller and worker, and the
+# PreemptionWatcher's "constructor arguments in the object store" note (the README's troubleshooting explains it):
+# the demo's own epoch lines already say which run is training.
+FIT_STARTUP = (r"Requesting resources: |Attempting to start training worker group|Started training worker group"
+               r"|world_rank=\d+, local_rank=|Setting up process group for|Moving model to device"
+               r"|class name: 'PreemptionWatcher'")
 os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = "|".join(filter(None, (os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX"),
-                                                                  UNAVAILABLE)))
+                                                                  UNAVAILABLE, FIT_STARTUP)))
 
 import ray  # noqa: E402 (after its log filter)
 

@@ -31,7 +31,7 @@ from kemo.device import torch_device
 from kemo.frontend import FrontEnd, Prepared
 from kemo.resources import ActorResources, resolve_resources
 from kemo.schema import LABELS, TRANSIENT
-from kemo.settings import CropSettings, DetectorSettings
+from kemo.settings import CropSettings, DetectorSettings, crop_fingerprint
 
 log = logging.getLogger(__name__)
 KIND = outputs.LABELS
@@ -304,10 +304,8 @@ def _fingerprint(cfg: LabelConfig) -> dict[str, Any]:
         weights_sha = fetch_weights(cfg.weights, cfg.weights_sha256)[1]
     # everything that changes a row; resource knobs, precision and the code version do not
     return {"model": meta["model_sha256"], "architecture": meta["architecture"], "classes": meta["classes"],
-            "image_size": meta["image_size"], "detector": cfg.detector, "weights_sha256": weights_sha,
-            "all_faces": cfg.all_faces, "crop_size": cfg.crop_size, "margin": cfg.margin, "imgsz": cfg.imgsz,
-            "conf": cfg.conf, "jpeg_quality": cfg.jpeg_quality, "decode_min_side": cfg.decode_min_side,
-            "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes}
+            "image_size": meta["image_size"], **crop_fingerprint(cfg, cfg), "weights_sha256": weights_sha,
+            "all_faces": cfg.all_faces, "max_bytes": cfg.max_bytes}
 
 
 def _check_reachable(cfg: LabelConfig, alive_nodes: int) -> None:
@@ -410,7 +408,8 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
             log.info("labelling with %s + %s: %d actors × %d decoders, %g GPU each, batch %d", cfg.detector,
                      fingerprint["architecture"], cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size)
             labelled, run_statuses = _label_pending(cfg, pending)
-            tables = outputs.read_parts(cfg.output, PARTS, KEYS)
+        # read again under the lease: another run may have committed between the first read and the lease
+        tables = outputs.read_parts(cfg.output, PARTS, KEYS)
         keep, _ = _choose(tables, current)
         final = sorted(n for n, mask in keep.items() if mask.all())
         for name in sorted(n for n, mask in keep.items() if not mask.all()):
@@ -425,15 +424,15 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
                    "processed": labelled, "processed_statuses": dict(sorted(run_statuses.items())),
                    **_tally(tables, keep), "parts": len(final), "seconds": round(seconds, 2),
                    "photos_per_s": round(labelled / seconds, 2) if labelled and seconds else None}
+        out.uncommit()  # before the sweep: an older commit may name a file that the sweep takes for a stray
         present = outputs.sweep(cfg.output, PARTS)
         files = [present[n] for n in final]
-        out.uncommit()
         if "csv" in formats:
             table = pa.concat_tables([storage.read_parquet(storage.join(cfg.output, PARTS, n)) for n in final]) \
                 if final else LABELS.empty_table()
             table = table.sort_by([("uri", "ascending"), ("face", "ascending")])
-            files.append(outputs.write_file(cfg.output, CSV, _csv_bytes(table, fingerprint["classes"])))
-        files += [outputs.write_json(cfg.output, outputs.SUMMARY, summary), out.claim_receipt()]
+            files.append(out.write_file(CSV, _csv_bytes(table, fingerprint["classes"])))
+        files += [out.write_json(outputs.SUMMARY, summary), out.claim_receipt()]
         lease.check()
         out.commit(files, dataclasses.asdict(cfg), fingerprint)
         for name in set(present) - set(final):  # only now: readers of the previous commit had them until here

@@ -5,13 +5,15 @@ batch overwrites its own file instead of adding a copy; each writer hashes the b
 receipt beside the part (``_receipts/<folder>/<part>.json``), so committing reads no data file. ``_commit.json``,
 written last, names every file with its size and SHA-256, the output's kind and the fingerprint of the run (what
 made its rows); readers read what it names, never a glob, so a crashed run leaves nothing a reader can take for
-output. ``content_sha256`` (the commit's data-file hashes) is what downstream keys use: it changes with the content,
-never with the time.
+output. ``content_sha256`` (the hashes of the commit's files, config and summary left out) is what downstream keys
+use: it changes with what the files hold, never with when they were committed.
 
 One run at a time writes an output: ``Output.lease()`` creates ``_lease.json`` exclusively (``If-None-Match: *`` on
 S3, ``O_EXCL`` locally) before anything is written, renews it while the run lives and deletes it at the end. A second
 run is refused at once with the holder's name; a lease whose holder died (its process gone on this host, or no
-renewal for ``STALE_S``) is taken over, and the takeover is logged.
+renewal for ``STALE_S``) is taken over, and the takeover is logged. Every write of the commit (uncommit, the
+driver's files, the commit itself) first checks that the run still holds the lease, so a run that lost it stops
+before it touches the output again.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ class Receipt:
     bytes: int
     sha256: str
 
+    @classmethod
+    def of(cls, path: str, data: bytes) -> Receipt:
+        return cls(path, len(data), hashlib.sha256(data).hexdigest())
+
 
 def part_name(keys: Iterable[str]) -> str:
     """A part named after its rows' keys: the same rows give the same name, whatever their order."""
@@ -98,7 +104,7 @@ def plain(obj: Any) -> Any:
 def write_file(out_dir: str, rel: str, data: bytes) -> Receipt:
     """Write one whole file of an output and return its receipt (hashed from the bytes in hand, not read back)."""
     storage.write_bytes(storage.join(out_dir, rel), data)
-    return Receipt(rel, len(data), hashlib.sha256(data).hexdigest())
+    return Receipt.of(rel, data)
 
 
 def write_json(out_dir: str, rel: str, obj: Any) -> Receipt:
@@ -112,44 +118,48 @@ def _receipt_path(folder: str, name: str) -> str:
 def write_part(out_dir: str, folder: str, table: pa.Table, keys: Iterable[str]) -> Receipt:
     """Write ``table`` whole as ``folder/part-….parquet`` named after ``keys``, then its receipt."""
     name = part_name(keys)
+    # a part rewritten under its name (a retried batch) must not keep the old receipt while the new bytes land
+    storage.delete(storage.join(out_dir, _receipt_path(folder, name)), missing_ok=True)
     receipt = write_file(out_dir, f"{folder}/{name}", parquet_bytes(table))
     storage.write_bytes(storage.join(out_dir, _receipt_path(folder, name)), json_bytes(asdict(receipt)))
     return receipt
 
 
 def delete_part(out_dir: str, folder: str, name: str) -> None:
-    for rel in (_receipt_path(folder, name), f"{folder}/{name}"):
-        try:
-            storage.delete(storage.join(out_dir, rel))
-        except FileNotFoundError:
-            pass
+    for rel in (_receipt_path(folder, name), f"{folder}/{name}"):  # the receipt first: no receipt, no part
+        storage.delete(storage.join(out_dir, rel), missing_ok=True)
+
+
+def _listed(out_dir: str, folder: str) -> tuple[dict[str, int], dict[str, Receipt]]:
+    """(every file in ``folder`` with its size, the parts among them): one listing of each folder."""
+    try:
+        listed = {e.rel: e.size for e in storage.list_files(storage.join(out_dir, folder))}
+    except FileNotFoundError:
+        return {}, {}
+    try:
+        receipts = [e for e in storage.list_files(storage.join(out_dir, RECEIPTS, folder))
+                    if e.rel.removesuffix(".json") in listed]
+    except FileNotFoundError:
+        return listed, {}
+    with ThreadPoolExecutor(16) as pool:  # small objects: on S3 the round trips, not the bytes, take the time
+        read = list(pool.map(lambda e: Receipt(**storage.read_json(e.uri)), receipts))
+    whole = {r.path.rsplit("/", 1)[-1]: r for r in read}
+    return listed, {name: r for name, r in whole.items() if r.bytes == listed[name]}
 
 
 def parts(out_dir: str, folder: str) -> dict[str, Receipt]:
     """The parts present whole in ``folder`` (by name): a part counts when its receipt is there and matches the
     listed size; one killed between part and receipt is not there (its rows are done again, into the same name)."""
-    try:
-        listed = {e.rel: e.size for e in storage.list_files(storage.join(out_dir, folder))}
-        receipts = storage.list_files(storage.join(out_dir, RECEIPTS, folder))
-    except FileNotFoundError:
-        return {}
-    mine = [e for e in receipts if e.rel.removesuffix(".json") in listed]
-    with ThreadPoolExecutor(16) as pool:  # small objects: on S3 the round trips, not the bytes, take the time
-        read = list(pool.map(lambda e: Receipt(**storage.read_json(e.uri)), mine))
-    return {r.path.rsplit("/", 1)[-1]: r for r in read if r.bytes == listed[r.path.rsplit("/", 1)[-1]]}
+    return _listed(out_dir, folder)[1]
 
 
 def sweep(out_dir: str, folder: str) -> dict[str, Receipt]:
     """Delete the files in ``folder`` that are not parts (a writer killed before its receipt), so that the folder
     holds exactly what a commit names; returns the parts, as ``parts`` does."""
-    try:
-        listed = [e.rel for e in storage.list_files(storage.join(out_dir, folder))]
-    except FileNotFoundError:
-        return {}
-    whole = parts(out_dir, folder)
+    listed, whole = _listed(out_dir, folder)
     for name in listed:
         if name not in whole:
-            storage.delete(storage.join(out_dir, folder, name))
+            storage.delete(storage.join(out_dir, folder, name), missing_ok=True)
     return whole
 
 
@@ -157,6 +167,17 @@ def read_parts(out_dir: str, folder: str, columns: list[str]) -> dict[str, pa.Ta
     """The named columns of every part present in ``folder`` (for resuming), one column read each."""
     return {name: storage.read_parquet_columns(storage.join(out_dir, folder, name), columns)
             for name in sorted(parts(out_dir, folder))}
+
+
+def table_sha256(table: pa.Table, sort_by: str | None = None) -> str:
+    """A table's content hash (its Arrow IPC stream: the same rows and schema give the same bytes), in the order of
+    ``sort_by`` when given, so that row order does not count."""
+    if sort_by:
+        table = table.sort_by(sort_by)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
 
 
 def content_sha256(files: list[dict[str, Any]]) -> str:
@@ -170,6 +191,7 @@ class Output:
 
     def __init__(self, uri: str, kind: str):
         self.uri, self.kind = uri, kind
+        self.held: Lease | None = None  # while a run holds the lease, every write of the commit checks it first
 
     def path(self, *parts: str) -> str:
         return storage.join(self.uri, *parts)
@@ -207,9 +229,9 @@ class Output:
             return None
         return manifest if manifest.get("fingerprint") == plain(fingerprint) else None
 
-    def files(self, folder: str, manifest: dict[str, Any] | None = None) -> list[str]:
+    def files(self, folder: str) -> list[str]:
         """The committed files under ``folder``, as URIs (readers read these, never a listing)."""
-        manifest = manifest or self.committed()
+        manifest = self.committed()
         return [self.path(f["path"]) for f in manifest["files"] if f["path"].startswith(f"{folder}/")]
 
     def read_table(self, folder: str, columns: list[str] | None, empty: pa.Schema) -> pa.Table:
@@ -247,11 +269,23 @@ class Output:
             storage.write_bytes(self.path(RUN), json_bytes(plain(fingerprint)))
 
     def claim_receipt(self) -> Receipt:
-        data = storage.read_bytes(self.path(RUN))
-        return Receipt(RUN, len(data), hashlib.sha256(data).hexdigest())
+        return Receipt.of(RUN, storage.read_bytes(self.path(RUN)))
+
+    def _check(self) -> None:
+        if self.held is not None:
+            self.held.check()
+
+    def write_file(self, rel: str, data: bytes) -> Receipt:
+        """A whole file of the commit (summary, report, CSV), written by the driver while it holds the lease."""
+        self._check()
+        return write_file(self.uri, rel, data)
+
+    def write_json(self, rel: str, obj: Any) -> Receipt:
+        return self.write_file(rel, json_bytes(obj))
 
     def uncommit(self) -> None:
         """Remove the commit marker before rewriting an output, so a crash mid-rewrite leaves no valid output."""
+        self._check()
         try:
             storage.delete(self.path(COMMIT))
         except FileNotFoundError:
@@ -261,12 +295,13 @@ class Output:
                ) -> dict[str, Any]:
         """Write the resolved config, then ``_commit.json`` naming ``receipts`` and the config. Reads nothing."""
         version = code_version()
-        files = [*receipts, write_json(self.uri, CONFIG, {"kind": self.kind, "code_version": version,
+        files = [*receipts, self.write_json(CONFIG, {"kind": self.kind, "code_version": version,
                                                          "config": config})]
         entries = [{"path": r.path, "bytes": r.bytes, "sha256": r.sha256} for r in files]
         manifest = {"kind": self.kind, "code_version": version, "fingerprint": fingerprint,
                     "content_sha256": content_sha256(entries),
-                    "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "files": entries}
+                    "committed_at": _now(), "files": entries}
+        self._check()
         storage.write_bytes(self.path(COMMIT), json_bytes(manifest))
         return manifest
 
@@ -275,9 +310,11 @@ class Output:
         """Hold the output's lease for the ``with`` block: refused at once when another live run holds it."""
         held = Lease(self.path(LEASE))
         held.acquire()
+        self.held = held
         try:
             yield held
         finally:
+            self.held = None
             held.release()
 
 
@@ -303,10 +340,13 @@ class Lease:
 
     def __init__(self, uri: str, renew_s: float = RENEW_S, stale_s: float = STALE_S):
         self.uri, self.renew_s, self.stale_s = uri, renew_s, stale_s
+        now = time.time()
         self.body = {"run": uuid.uuid4().hex[:12], "host": socket.gethostname(), "pid": os.getpid(),
-                     "started_at": _now(), "renewed_at": _now(), "renewed_unix": time.time()}
-        self.version: str | None = None  # S3 ETag of our lease object: renewals are conditional on it
+                     "started_at": _now(), "renewed_at": _now(), "renewed_unix": now}
+        self.version: str | None = None  # of our lease file (an S3 ETag): renewals and the release are conditional
+        self.renewed = now  # when a renewal last succeeded
         self.lost: str | None = None
+        self._lock = threading.Lock()  # the renewal thread and check() both swap version
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -317,6 +357,8 @@ class Lease:
 
     def _stale(self, body: dict[str, Any]) -> str | None:
         """Why the holder is gone, or None while it lives."""
+        if not body:
+            return "its lease file is unreadable"  # creates are atomic: never a live lease half-written
         if body.get("host") == socket.gethostname() and not _pid_alive(int(body.get("pid", -1))):
             return "its process is gone"
         if time.time() - float(body.get("renewed_unix", 0)) > self.stale_s:
@@ -330,12 +372,12 @@ class Lease:
                 break
             try:
                 data, version = storage.read_with_version(self.uri)
-                holder = json.loads(data)
             except FileNotFoundError:
                 continue
-            except ValueError:  # a local lease caught mid-write by its creator: it is alive
-                time.sleep(0.2)
-                continue
+            try:
+                holder = json.loads(data)
+            except ValueError:
+                holder = {}
             why = self._stale(holder)
             if why is None:
                 raise OutputBusy(f"{os.path.dirname(self.uri)} is being written by {self.describe(holder)}: "
@@ -346,37 +388,46 @@ class Lease:
                 break
         else:
             raise OutputBusy(f"could not take the lease {self.uri}: other runs keep taking it")
+        self.renewed = time.time()
         self._thread = threading.Thread(target=self._renew, name="kemo-lease", daemon=True)
         self._thread.start()
 
-    def _renew(self) -> None:
-        while not self._stop.wait(self.renew_s):
+    def _renew_once(self) -> None:
+        """Rewrite the lease with a new renewal time, only if it is still the version we wrote last."""
+        with self._lock:
+            if self.lost:
+                return
             body = {**self.body, "renewed_at": _now(), "renewed_unix": time.time()}
-            try:
-                ok, version = storage.replace_if_version(self.uri, json_bytes(body), self.version)
-            except Exception as e:  # a network blip: try again next time; staleness allows ten misses
-                log.warning("renewing the lease %s failed: %s", self.uri, e)
-                continue
+            ok, version = storage.replace_if_version(self.uri, json_bytes(body), self.version)
             if not ok:
                 self.lost = "another run took the lease over"
                 log.error("lost the lease %s: %s", self.uri, self.lost)
                 return
-            self.body, self.version = body, version
+            self.body, self.version, self.renewed = body, version, time.time()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.renew_s):
+            try:
+                self._renew_once()
+            except Exception as e:  # a network blip: try again next time; staleness allows ten misses
+                log.warning("renewing the lease %s failed: %s", self.uri, e)
+            if self.lost:
+                return
 
     def check(self) -> None:
-        """Raise when the lease was lost (before a commit: another run owns the output now)."""
+        """Raise unless this run still holds the lease, checked now (before uncommitting, writing a file of the
+        commit, or committing): another run may own the output since."""
+        if not self.lost and time.time() - self.renewed > self.stale_s:
+            self.lost = f"no renewal succeeded for over {self.stale_s:.0f} s: another run may have taken it over"
+        if not self.lost:
+            self._renew_once()
         if self.lost:
-            raise OutputBusy(f"{os.path.dirname(self.uri)}: {self.lost}; this run stops without committing")
+            raise OutputBusy(f"{os.path.dirname(self.uri)}: {self.lost}; this run stops without writing more")
 
     def release(self) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=10)
-        if self.lost:
-            return
-        try:
-            holder = json.loads(storage.read_bytes(self.uri))
-        except (FileNotFoundError, ValueError):
-            return
-        if holder.get("run") == self.body["run"]:
-            storage.delete(self.uri)
+        with self._lock:
+            if not self.lost:  # only the version we wrote: never a lease another run took over meanwhile
+                storage.delete_if_version(self.uri, self.version)

@@ -13,7 +13,6 @@ checking that every input has exactly one row; a rerun of a committed output wit
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 from collections import Counter
@@ -31,7 +30,7 @@ from kemo.detector.registry import check_detector
 from kemo.frontend import FrontEnd, Prepared
 from kemo.resources import ActorResources, resolve_resources
 from kemo.schema import CROP, IDENTITY, TRANSIENT
-from kemo.settings import CropSettings, DetectorSettings
+from kemo.settings import CropSettings, DetectorSettings, crop_fingerprint
 
 log = logging.getLogger(__name__)
 KIND = outputs.CROPS
@@ -158,17 +157,16 @@ def load_input(cfg: PreprocessConfig, index: bool = True) -> pa.Table | None:
 
 
 def fingerprint(cfg: PreprocessConfig, manifest: pa.Table) -> dict[str, Any]:
-    """Everything that changes a row; resource knobs and the code version do not (a bug-fix release may resume)."""
-    ids = sorted(manifest.column("image_id").to_pylist())
+    """Everything that changes a row: the settings, and every input column a row copies or crops by (the manifest's
+    identity columns: a re-made index with other splits, labels or boxes is another run); resource knobs and the code
+    version do not (a bug-fix release may resume)."""
     weights_sha = None
     if cfg.detector == "yolo" and cfg.weights:
         from kemo.detector.weights import fetch_weights
 
         weights_sha = fetch_weights(cfg.weights, cfg.weights_sha256)[1]
-    return {"detector": cfg.detector, "weights_sha256": weights_sha, "crop_size": cfg.crop_size,
-            "margin": cfg.margin, "imgsz": cfg.imgsz, "conf": cfg.conf, "jpeg_quality": cfg.jpeg_quality,
-            "decode_min_side": cfg.decode_min_side, "max_pixels": cfg.max_pixels,
-            "inputs": len(ids), "inputs_sha256": hashlib.sha256("\0".join(ids).encode()).hexdigest()}
+    return {**crop_fingerprint(cfg, cfg), "weights_sha256": weights_sha, "inputs": manifest.num_rows,
+            "inputs_sha256": outputs.table_sha256(manifest.select(list(IDENTITY)), sort_by="image_id")}
 
 
 def _finalize(output: str, manifest: pa.Table) -> tuple[list[outputs.Receipt], Counter, float | None]:
@@ -177,7 +175,11 @@ def _finalize(output: str, manifest: pa.Table) -> tuple[list[outputs.Receipt], C
     columns = ["image_id", "status", "box", "face_box"]
     seen: set[str] = set()
     kept, tables = [], []
+    handled: set[str] = set()  # parts this loop deleted or wrote: a later entry of the listing may name one of them
     for name, receipt in sorted(outputs.sweep(output, SHARDS).items()):  # strays gone: the folder is the commit
+        if name in handled:
+            continue
+        handled.add(name)
         t = storage.read_parquet_columns(storage.join(output, receipt.path), columns)
         ids = t.column("image_id").to_pylist()
         overlap = seen.intersection(ids)
@@ -187,6 +189,7 @@ def _finalize(output: str, manifest: pa.Table) -> tuple[list[outputs.Receipt], C
             if receipt is None:
                 continue
             name, t = receipt.path.rsplit("/", 1)[-1], rest.select(columns)
+            handled.add(name)
             ids = t.column("image_id").to_pylist()
         unknown = set(ids) - expected
         if unknown:
@@ -293,7 +296,7 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
                    "shards": len(shards), "seconds": round(seconds, 2), "crop_on_annotated_face": on_face,
                    "photos_per_s": round(processed / seconds, 2) if seconds else None,
                    "steady_photos_per_s": steady_rate(receipts)}
-        files = [*shards, outputs.write_json(cfg.output, outputs.SUMMARY, summary), out.claim_receipt()]
+        files = [*shards, out.write_json(outputs.SUMMARY, summary), out.claim_receipt()]
         lease.check()
         out.commit(files, dataclasses.asdict(cfg), claim)
     log.info("committed %d rows in %d shards to %s: %s", manifest.num_rows, len(shards), cfg.output,

@@ -7,6 +7,7 @@ its default and its help text exist in one place, and a function that needs only
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from kemo.image import MAX_PIXELS
@@ -35,3 +36,10 @@ class CropSettings:
                 "(0 = not)"})
     decode_min_side: int = field(default=1000, metadata={"help": "DCT-reduce JPEGs while the short side stays >= this"})
     max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "refuse larger photos as too_large"})
+
+
+def crop_fingerprint(detector: DetectorSettings, crop: CropSettings) -> dict[str, object]:
+    """The settings that change a crop, as a run's fingerprint records them (weights go by their hash, elsewhere;
+    the device does not change a crop)."""
+    return {"detector": detector.detector, "imgsz": detector.imgsz, "conf": detector.conf,
+            **{f.name: getattr(crop, f.name) for f in dataclasses.fields(CropSettings)}}

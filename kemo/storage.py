@@ -8,12 +8,15 @@ How outputs are committed is :mod:`kemo.outputs`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import io
 import json
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -201,15 +204,19 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def delete(uri: str) -> None:
+def delete(uri: str, missing_ok: bool = False) -> None:
     if is_s3(uri):
         # boto3, not pyarrow: deleting the last object under a prefix, pyarrow leaves a "prefix/" marker object
         client, bucket, key = _s3_object(uri)
-        if not exists(uri):
+        if not missing_ok and not exists(uri):
             raise FileNotFoundError(f"no such object: {uri}")
-        client.delete_object(Bucket=bucket, Key=key)
+        client.delete_object(Bucket=bucket, Key=key)  # S3 answers a delete of a missing key with success
         return
-    os.remove(os.path.abspath(uri))
+    try:
+        os.remove(os.path.abspath(uri))
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
 
 
 def _s3_object(uri: str) -> tuple[Any, str, str]:
@@ -217,15 +224,33 @@ def _s3_object(uri: str) -> tuple[Any, str, str]:
     return _boto3_s3(*_s3_settings(bucket)), bucket, key
 
 
-def _local_version(path: str) -> str:
-    """A local file's version: another write gives another inode (writes go through a rename) or mtime."""
-    st = os.stat(path)
+def _version(st: os.stat_result) -> str:
+    """A local file's version: every write of ours makes a new inode (a temporary file renamed or linked into place)."""
     return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
 
 
+@contextlib.contextmanager
+def _directory_lock(path: str) -> Iterator[None]:
+    """An exclusive flock on the directory holding ``path``: local conditional writes check and swap under it, so two
+    of them never interleave (the lock goes with the process: a killed holder never leaves it taken)."""
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _temporary(path: str, data: bytes) -> str:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    return tmp
+
+
 def create_exclusive(uri: str, data: bytes) -> tuple[bool, str | None]:
-    """Create ``uri`` only if nothing is there: (created, version). S3: a PUT with ``If-None-Match: *``; locally an
-    ``O_EXCL`` create."""
+    """Create ``uri`` only if nothing is there: (created, version). S3: a PUT with ``If-None-Match: *``; locally the
+    whole file is written aside and hard-linked into place, so the name never shows a half-written file."""
     if is_s3(uri):
         client, bucket, key = _s3_object(uri)
         try:
@@ -237,13 +262,14 @@ def create_exclusive(uri: str, data: bytes) -> tuple[bool, str | None]:
         return True, answer["ETag"]
     path = os.path.abspath(uri)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _temporary(path, data)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.link(tmp, path)  # fails if the name exists: the exclusive create
+        return True, _version(os.stat(tmp))
     except FileExistsError:
         return False, None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return True, _local_version(path)
+    finally:
+        os.unlink(tmp)
 
 
 def read_with_version(uri: str) -> tuple[bytes, str]:
@@ -255,15 +281,14 @@ def read_with_version(uri: str) -> tuple[bytes, str]:
         except client.exceptions.NoSuchKey as e:
             raise FileNotFoundError(f"no such object: {uri}") from e
         return answer["Body"].read(), answer["ETag"]
-    path = os.path.abspath(uri)
-    with open(path, "rb") as f:
+    with open(os.path.abspath(uri), "rb") as f:
         st = os.fstat(f.fileno())  # of the file opened, even if another writer replaces the path meanwhile
-        return f.read(), f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+        return f.read(), _version(st)
 
 
 def replace_if_version(uri: str, data: bytes, version: str | None) -> tuple[bool, str | None]:
-    """Replace ``uri`` only if it is still at ``version``: (replaced, new version). S3: a PUT with ``If-Match``.
-    Locally the file is renamed aside (one rename wins), checked, and the new one created exclusively."""
+    """Replace ``uri`` only if it is still at ``version``: (replaced, new version). S3: a PUT with ``If-Match``;
+    locally a check and an atomic rename under the directory's lock (the name is never absent meanwhile)."""
     if version is None:
         return False, None
     if is_s3(uri):
@@ -276,17 +301,38 @@ def replace_if_version(uri: str, data: bytes, version: str | None) -> tuple[bool
             raise
         return True, answer["ETag"]
     path = os.path.abspath(uri)
-    aside = f"{path}.old-{uuid.uuid4().hex[:8]}"
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return False, None
-    if _local_version(aside) != version:  # another writer replaced it first: put theirs back
+    with _directory_lock(path):
         try:
-            os.link(aside, path)
-        except FileExistsError:
-            pass
-        os.unlink(aside)
-        return False, None
-    os.unlink(aside)
-    return create_exclusive(uri, data)
+            if _version(os.stat(path)) != version:
+                return False, None
+        except FileNotFoundError:
+            return False, None
+        tmp = _temporary(path, data)
+        new = _version(os.stat(tmp))
+        os.replace(tmp, path)
+        return True, new
+
+
+def delete_if_version(uri: str, version: str | None) -> bool:
+    """Delete ``uri`` only if it is still at ``version``. Locally under the directory's lock; on S3 a HEAD then the
+    delete (conditional deletes are not on every S3 endpoint), which leaves a window of one round trip."""
+    if version is None:
+        return False
+    if is_s3(uri):
+        client, bucket, key = _s3_object(uri)
+        try:
+            if client.head_object(Bucket=bucket, Key=key)["ETag"] != version:
+                return False
+        except client.exceptions.ClientError:
+            return False
+        client.delete_object(Bucket=bucket, Key=key)
+        return True
+    path = os.path.abspath(uri)
+    with _directory_lock(path):
+        try:
+            if _version(os.stat(path)) != version:
+                return False
+        except FileNotFoundError:
+            return False
+        os.unlink(path)
+        return True

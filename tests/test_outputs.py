@@ -162,8 +162,35 @@ def test_renewal_keeps_the_lease_and_notices_a_takeover(tmp_path):
         storage.write_bytes(uri, json.dumps({"run": "usurper"}).encode())  # another run replaced it
         time.sleep(0.3)
         assert lease.lost and json.loads(storage.read_bytes(uri))["run"] == "usurper"
-        with pytest.raises(outputs.OutputBusy, match="without committing"):
+        with pytest.raises(outputs.OutputBusy, match="stops without writing more"):
             lease.check()
     finally:
         lease.release()
     assert json.loads(storage.read_bytes(uri))["run"] == "usurper"  # a lost lease is not deleted
+
+
+def test_a_renewing_lease_is_never_absent_for_a_newcomer(tmp_path):
+    """Renewal swaps the file in place: an exclusive create racing it never finds the name free."""
+    uri = str(tmp_path / "out" / outputs.LEASE)
+    lease = outputs.Lease(uri, renew_s=0.001)
+    lease.acquire()
+    try:
+        deadline, attempts = time.time() + 1.5, 0
+        while time.time() < deadline:
+            assert storage.create_exclusive(uri, b"newcomer") == (False, None)
+            attempts += 1
+        renewed = json.loads(storage.read_bytes(uri))["renewed_unix"]
+        assert lease.lost is None and attempts > 100 and renewed > time.time() - 1
+    finally:
+        lease.release()
+    assert not os.path.exists(uri) and os.listdir(tmp_path / "out") == []  # released, no temporary file left
+
+
+def test_release_never_deletes_a_lease_another_run_took_over(tmp_path):
+    uri = str(tmp_path / "out" / outputs.LEASE)
+    lease = outputs.Lease(uri, renew_s=3600)
+    lease.acquire()
+    data, version = storage.read_with_version(uri)
+    assert storage.replace_if_version(uri, json.dumps({"run": "taker"}).encode(), version)[0]
+    lease.release()  # it had not noticed: it must still leave the taker's lease alone
+    assert json.loads(storage.read_bytes(uri))["run"] == "taker"

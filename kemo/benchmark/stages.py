@@ -494,9 +494,9 @@ def run(cfg: BenchmarkConfig) -> dict[str, Any]:
         files = []
         if "scaling" in report:
             report["scaling"]["plot"] = PLOT
-            files.append(outputs.write_file(cfg.output, PLOT, scaling_png(report["scaling"])))
-        files += [outputs.write_json(cfg.output, REPORT, report),
-                  outputs.write_file(cfg.output, NOTES, markdown(report).encode("utf-8"))]
+            files.append(out.write_file(PLOT, scaling_png(report["scaling"])))
+        files += [out.write_json(REPORT, report),
+                  out.write_file(NOTES, markdown(report).encode("utf-8"))]
         lease.check()
         out.commit(files, asdict(cfg), fingerprint=None)
         named = {r.path for r in files} | {outputs.CONFIG}

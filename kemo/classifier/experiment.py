@@ -127,7 +127,7 @@ def table5(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(best: dict[str, Any], out: str) -> list[outputs.Receipt]:
+def _plots(best: dict[str, Any], out: outputs.Output) -> list[outputs.Receipt]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,7 +154,7 @@ def _plots(best: dict[str, Any], out: str) -> list[outputs.Receipt]:
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=120)
         plt.close(figure)
-        written.append(outputs.write_file(out, name, buffer.getvalue()))
+        written.append(out.write_file(name, buffer.getvalue()))
     return written
 
 
@@ -216,9 +216,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         report, files = _train_and_test(cfg, out, dict(zip(tags, shard_list)), plan)
         report["seconds"] = round(time.perf_counter() - t0, 1)
         out.uncommit()
-        files += [outputs.write_json(cfg.output, REPORT, report),
-                  outputs.write_file(cfg.output, "table5.md", table5(report["rows"]).encode()),
-                  *_plots(max(report["best_of"], key=lambda r: r["best_val"]["val_accuracy"]), cfg.output)]
+        files += [out.write_json(REPORT, report),
+                  out.write_file("table5.md", table5(report["rows"]).encode()),
+                  *_plots(max(report["best_of"], key=lambda r: r["best_val"]["val_accuracy"]), out)]
         del report["best_of"]
         lease.check()
         out.commit(files, dataclasses.asdict(cfg), fingerprint)
@@ -228,7 +228,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 def _data_key(shards: str, min_agree: int) -> str:
     """What a run's result depends on besides its spec: the crops' content (their commit's file hashes, never a
     time) and the label filter."""
-    content = outputs.Output(shards, outputs.CROPS).committed()["content_sha256"]
+    content = outputs.Output(shards, outputs.CROPS).committed().get("content_sha256")
+    if content is None:
+        raise ValueError(f"{shards} was committed by an older kemo, without content hashes: run jobs/preprocess.py "
+                         "into it again")
     return hashlib.sha256(f"{content}\0{min_agree}".encode()).hexdigest()
 
 
@@ -251,7 +254,7 @@ def _train_and_test(cfg: TrainConfig, out: outputs.Output, shard_of: dict[str, s
             except FileNotFoundError:
                 continue
             results[name] = json.loads(data)
-            receipts.append(outputs.Receipt(f"{RESULTS}/{name}.json", len(data), hashlib.sha256(data).hexdigest()))
+            receipts.append(outputs.Receipt.of(f"{RESULTS}/{name}.json", data))
         train = val = test = None
         if len(results) < len(planned):  # decode the crops only when a run needs them
             splits, data_report = load_splits(shards, cfg.image_size, cfg.min_agree)
@@ -280,7 +283,7 @@ def _train_and_test(cfg: TrainConfig, out: outputs.Output, shard_of: dict[str, s
                 results[name] = {"name": name, "preprocessing": tag, "model": model, "seed": seed,
                                  "spec": dataclasses.asdict(spec), "checkpoint": _uri(best, cfg.output),
                                  "best_val": best_metrics, "test": tested, "history": history, "data": data_report}
-                receipts.append(outputs.write_json(cfg.output, f"{RESULTS}/{name}.json", results[name]))
+                receipts.append(out.write_json(f"{RESULTS}/{name}.json", results[name]))
             by_model.setdefault(model, []).append(results[name])
         del train, val
         for model, runs in by_model.items():

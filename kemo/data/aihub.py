@@ -422,14 +422,6 @@ def summarize(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _table_sha256(table: pa.Table) -> str:
-    """A table's content hash (its Arrow IPC stream: the same rows and schema give the same bytes)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
-
-
 def run(cfg: IndexConfig) -> dict[str, Any]:
     """Index ``cfg.root`` and commit ``manifest.parquet`` and ``report.json`` under ``cfg.output``."""
     shares = tuple(float(x) for x in cfg.split)
@@ -440,14 +432,14 @@ def run(cfg: IndexConfig) -> dict[str, Any]:
     table, report = index(cfg.root, cfg.seed, shares, cfg.per_class, label_files_limit=1 if cfg.smoke_test else 0)
     settings = dataclasses.asdict(cfg)
     settings.pop("output")
-    fingerprint = {"settings": settings, "manifest_sha256": _table_sha256(table)}
+    fingerprint = {"settings": settings, "manifest_sha256": outputs.table_sha256(table)}
     if out.current(fingerprint) is not None:
         log.info("%s already holds this index, committed: nothing written", cfg.output)
     else:
         with out.lease() as lease:
             out.uncommit()
-            files = [outputs.write_file(cfg.output, MANIFEST_FILE, outputs.parquet_bytes(table)),
-                     outputs.write_json(cfg.output, REPORT, report)]
+            files = [out.write_file(MANIFEST_FILE, outputs.parquet_bytes(table)),
+                     out.write_json(REPORT, report)]
             lease.check()
             out.commit(files, dataclasses.asdict(cfg), fingerprint)
     log.info("%s", summarize(report))
@@ -478,7 +470,8 @@ def load_or_index(input: str, index_dir: str, per_class: int = 0, seed: int = 0,
                              "run jobs/index.py again") from None
     wanted = IndexConfig(root=input, output=index_dir, per_class=per_class, seed=seed)
     try:  # a different index would silently change the inputs
-        previous = outputs.Output(index_dir, KIND).committed()["fingerprint"]["settings"]
+        # an index committed by an older kemo has no fingerprint: indexed again
+        previous = (outputs.Output(index_dir, KIND).committed().get("fingerprint") or {}).get("settings")
     except FileNotFoundError:
         previous = None
     expected = {k: v for k, v in dataclasses.asdict(wanted).items() if k != "output"}

@@ -341,12 +341,14 @@ def table4(source: dict[str, Any], before: dict[str, Any] | None, after: dict[st
     return "\n".join(lines) + "\n"
 
 
-def _fingerprint(cfg: TrainDetectorConfig, source: dict[str, Any], manifest_ids: list[str]) -> dict[str, Any]:
+def _fingerprint(cfg: TrainDetectorConfig, source: dict[str, Any], manifest: Any) -> dict[str, Any]:
     ignored = ("input", "output", "weights", "weights_sha256", "model", "work", "gpus", "cpus", "workers", "device")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     settings["train_args"] = train_args(cfg)
     return {"settings": settings, "source_sha256": source["sha256"],
-            "manifest_sha256": _sha256("\n".join(sorted(manifest_ids)).encode())}
+            # the photos and their boxes (what the detector learns from), whatever the row order
+            "manifest_sha256": outputs.table_sha256(manifest.select(["image_id", "uri", "split", "box"]),
+                                                    sort_by="image_id")}
 
 
 def run(cfg: TrainDetectorConfig, callbacks: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -361,7 +363,7 @@ def run(cfg: TrainDetectorConfig, callbacks: dict[str, Any] | None = None) -> di
     train_args(cfg)  # fail now, not after the export
     source = resolve_source(cfg)
     manifest = aihub.load_or_index(cfg.input, storage.join(cfg.output, "index"), seed=cfg.seed)
-    fingerprint = _fingerprint(cfg, source, manifest.column("image_id").to_pylist())
+    fingerprint = _fingerprint(cfg, source, manifest)
     out = outputs.Output(cfg.output, KIND)
     manifest_before = out.manifest()
     if manifest_before is not None:
@@ -420,10 +422,10 @@ def _train_and_commit(cfg: TrainDetectorConfig, out: outputs.Output, lease: outp
                f"--weights-sha256 {sha}",
     }
     out.uncommit()
-    files = [outputs.write_file(cfg.output, "best.pt", best),
-             outputs.write_file(cfg.output, "best.pt.sha256", f"{sha}  best.pt\n".encode()),
-             outputs.write_json(cfg.output, "meta.json", meta),
-             outputs.write_file(cfg.output, "table4.md",
+    files = [out.write_file("best.pt", best),
+             out.write_file("best.pt.sha256", f"{sha}  best.pt\n".encode()),
+             out.write_json("meta.json", meta),
+             out.write_file("table4.md",
                                 table4(source, before, after, "test", exported["persons"]["test"], cfg.conf).encode())]
     lease.check()
     out.commit(files, dataclasses.asdict(cfg), fingerprint)
