@@ -168,10 +168,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    os.replace(_temporary(path, data), path)
 
 
 def write_json(uri: str, obj: Any) -> None:
@@ -242,6 +239,7 @@ def _directory_lock(path: str) -> Iterator[None]:
 
 
 def _temporary(path: str, data: bytes) -> str:
+    """``data`` written whole beside ``path`` under a unique name, to be renamed or linked into place."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with open(tmp, "wb") as f:
         f.write(data)
