@@ -9,9 +9,11 @@ Output: manifest.parquet, report.json (missing images, orphans, folder purity, s
 
 import logging
 
-from kemo.config import parse
+from kemo.config import parse, refusals
 from kemo.data.aihub import IndexConfig, run
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    run(parse(IndexConfig))
+    cfg = parse(IndexConfig)
+    with refusals():
+        run(cfg)

@@ -13,16 +13,14 @@ endpoint reaches the workers through `--runtime-env-json '{"env_vars": {"AWS_END
 
 import logging
 
-import ray
-
-from kemo.config import parse
+from kemo.config import parse, refusals
 from kemo.label import LabelConfig, run
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse(LabelConfig)
-    ray.init()
-    summary = run(cfg)
+    with refusals():
+        summary = run(cfg)
     print(f"{summary['listed']} files: {summary['processed']} labelled {summary['processed_statuses']}, "
           f"{summary['skipped']} already labelled, in {summary['seconds']} s")
     print(f"{cfg.output}: {summary['photos']} photos {summary['statuses']}; faces per emotion {summary['emotions']}")

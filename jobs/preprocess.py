@@ -13,15 +13,13 @@ this process's environment; on a cluster, a non-AWS S3 endpoint reaches the work
 
 import logging
 
-import ray
-
-from kemo.config import parse
+from kemo.config import parse, refusals
 from kemo.preprocess import PreprocessConfig, run
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse(PreprocessConfig)
-    ray.init()
-    summary = run(cfg)
+    with refusals():
+        summary = run(cfg)
     print(f"{summary['inputs']} photos → {summary['statuses']} in {summary['seconds']} s "
           f"({summary['photos_per_s']} photos/s processed)")

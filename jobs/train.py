@@ -15,13 +15,14 @@ import logging
 import ray
 
 from kemo.classifier.experiment import TrainConfig, run
-from kemo.config import parse
+from kemo.config import parse, refusals
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse(TrainConfig)
     ray.init()
-    report = run(cfg)
+    with refusals():
+        report = run(cfg)
     for row in report["rows"]:
         a, f = row["accuracy"], row["macro_f1"]
         print(f"{row['preprocessing']:<12} {row['model']:<12} accuracy {100 * a['mean']:.2f} ± {100 * a['std']:.2f}"

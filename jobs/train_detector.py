@@ -16,19 +16,20 @@ import logging
 
 import ray
 
-from kemo.config import parse
+from kemo.config import parse, refusals
 from kemo.detector.train import TrainDetectorConfig, run
 from kemo.preprocess import check_output_reachable
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse(TrainDetectorConfig)
-    if cfg.gpus > 0:
-        ray.init()
-        check_output_reachable(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))  # the task runs anywhere
-        meta = ray.get(ray.remote(num_gpus=cfg.gpus, num_cpus=cfg.cpus)(run).remote(cfg))
-    else:
-        meta = run(cfg)
+    with refusals():
+        if cfg.gpus > 0:
+            ray.init()
+            check_output_reachable(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))  # the task runs anywhere
+            meta = ray.get(ray.remote(num_gpus=cfg.gpus, num_cpus=cfg.cpus)(run).remote(cfg))
+        else:
+            meta = run(cfg)
     m = meta["metrics"]
     for when in ("before", "after"):
         if m[when]:

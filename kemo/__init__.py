@@ -1,6 +1,7 @@
 """kemo: Korean facial-emotion recognition at corpus scale, on Ray.
 
-The library never calls ``ray.init()``; jobs in ``jobs/`` do. Importing kemo makes ultralytics offline
+Jobs start Ray (``kemo.resources.connect``) only once they know they have work for it: flag errors, refusals and
+reruns with nothing to do answer without it. Importing kemo makes ultralytics offline
 (no weight, font or pip downloads at run time) unless the caller has already decided otherwise.
 """
 

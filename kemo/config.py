@@ -8,10 +8,15 @@ A ``tuple[X, ...]`` field takes a comma-separated list (``--models kemotionnet,r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
+import os
 import subprocess
+import sys
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,6 +87,21 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
     """Build ``cls`` from command-line flags generated from its fields."""
     ns = parser_for(cls).parse_args(argv)
     return cls(**vars(ns))
+
+
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    """A job's door around ``run(cfg)``: what the job refuses (a flag, an input, an output, a checkpoint: kemo raises
+    ValueError or OSError for these, with the message a user needs) ends it with that one line on stderr and exit
+    status 2, not a traceback. ``KEMO_TRACEBACK=1`` shows the traceback as well."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        if os.environ.get("KEMO_TRACEBACK") == "1":
+            raise
+        logging.getLogger("kemo").debug("refused", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def code_version() -> str:

@@ -21,7 +21,7 @@ from kemo import storage
 from kemo.crop import clip_box, crop_region, crop_square, resize_whole
 from kemo.detector.base import Faces
 from kemo.detector.registry import create_detector
-from kemo.image import Decoded, DecodeError, decode
+from kemo.image import Decoded, DecodeError, PixelBudget, check_head, decode
 from kemo.settings import CropSettings, DetectorSettings
 
 log = logging.getLogger(__name__)
@@ -42,28 +42,40 @@ class Prepared:
 class FrontEnd:
     """Detector, decoder threads and crop settings of one actor."""
 
-    def __init__(self, detector: DetectorSettings, crop: CropSettings, decoders: int, max_bytes: int | None = None):
-        """``decoders`` threads (the actor's CPU share); ``max_bytes`` refuses larger listed files unread."""
+    def __init__(self, detector: DetectorSettings, crop: CropSettings, decoders: int, max_bytes: int,
+                 decode_pixels: int):
+        """``decoders`` threads (the actor's CPU share); no file of more than ``max_bytes`` is read; the threads
+        decode at most ``decode_pixels`` at once."""
         self.crop_settings, self.max_bytes = crop, max_bytes
         threads = max(1, decoders)
         cv2.setNumThreads(threads)  # the actor's CPU share, not every core of the node
         self.detector = create_detector(detector, threads)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self.budget = PixelBudget(decode_pixels)
         self.detect_lock = threading.Lock()  # with several calls in flight, batches share one (not thread-safe) model
 
     def load(self, row: dict[str, Any]) -> Prepared:
-        """Read and decode one photo (``row["uri"]``) and prepare the detector's input."""
+        """Read and decode one photo (``row["uri"]``) and prepare the detector's input. A row the listing gave a
+        status (a broken link, a FIFO…) keeps it, unread."""
+        if row.get("status"):
+            return Prepared(row["status"], row.get("error"))
         size = row.get("size")
-        if self.max_bytes is not None and size is not None and size > self.max_bytes:  # known from the listing
+        if size is not None and size > self.max_bytes:  # known from the listing: not even opened
             return Prepared("too_large", f"file of {size} bytes exceeds the {self.max_bytes}-byte limit")
         try:
-            data = storage.read_bytes(row["uri"])
+            data = storage.read_bounded(row["uri"], self.max_bytes, check_head)
+        except DecodeError as e:  # not an image, from its first bytes: the rest is never read
+            return Prepared(e.status, str(e))
+        except storage.TooLarge as e:  # the listing said less (a file growing, a size the OS does not know)
+            return Prepared("too_large", str(e))
+        except storage.NotAFile as e:  # a FIFO or device swapped in after the listing
+            return Prepared("special_file", str(e))
         except Exception as e:  # missing object, permissions, network: the photo still gets its row
             return Prepared("read_error", f"{type(e).__name__}: {e}")
         hint = self.detector.decode_hint(row, self.crop_settings)
         try:
             dec = decode(data, min_side=hint.min_side, max_pixels=self.crop_settings.max_pixels,
-                         max_scale=hint.max_scale)
+                         max_scale=hint.max_scale, budget=self.budget)
         except DecodeError as e:
             return Prepared(e.status, str(e))
         except Exception as e:

@@ -3,13 +3,17 @@
 The format is sniffed from content, never from the name. Sizes are read from the header and decompression bombs
 refused before any pixel is decoded. Baseline/progressive JPEG in YCbCr or gray (nearly every phone photo) decodes
 with OpenCV's libjpeg-turbo, optionally DCT-reduced by 2, 4 or 8; everything else (PNG, WebP, CMYK JPEG, palette,
-16-bit, alpha) through Pillow with explicit conversions. EXIF orientation is then applied as ``kemo.exif`` does.
+16-bit, alpha) through Pillow with explicit conversions, then reduced by the same factor. EXIF orientation is then
+applied as ``kemo.exif`` does. A ``PixelBudget`` bounds how many pixels the decoder threads of a process decode at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -41,7 +45,7 @@ class Decoded:
     width: int  # full-resolution upright size
     height: int
     orientation: int  # EXIF orientation found (1 when absent or invalid)
-    scale: int  # DCT reduction used (1, 2, 4, 8); exact factors per axis below
+    scale: int  # reduction used (1, 2, 4, 8: DCT for JPEG, INTER_AREA for the rest); exact factors below
     format: str
 
     @property
@@ -78,8 +82,9 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def probe(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[Header, Image.Image]:
-    """Read format, size, mode and orientation from the header only; refuse what must not be decoded."""
+def check_head(data: bytes) -> str:
+    """The format of a file from its first bytes (``storage.HEAD_BYTES`` suffice), or the ``DecodeError`` that ends
+    it there: a file that is no image is refused before the rest of it is read."""
     if not data:
         raise DecodeError("decode_error", "empty file")
     fmt = sniff(data)
@@ -87,6 +92,17 @@ def probe(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[Header, Image.Imag
         raise DecodeError("unsupported_format", "HEIF/HEIC/AVIF photos are not supported; convert them to JPEG")
     if fmt is None:
         raise DecodeError("decode_error", f"not an image (starts with {data[:8]!r})")
+    return fmt
+
+
+def _metadata_bomb(e: Exception) -> bool:
+    """Pillow's refusal of PNG text chunks that inflate past its limits (``MAX_TEXT_CHUNK``, ``MAX_TEXT_MEMORY``)."""
+    return isinstance(e, ValueError) and ("too large" in str(e).lower() or "too much memory" in str(e).lower())
+
+
+def probe(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[Header, Image.Image]:
+    """Read format, size, mode and orientation from the header only; refuse what must not be decoded."""
+    fmt = check_head(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -95,6 +111,8 @@ def probe(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[Header, Image.Imag
     except Image.DecompressionBombError as e:
         raise DecodeError("too_large", str(e)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if _metadata_bomb(e):
+            raise DecodeError("too_large", f"{fmt} metadata bomb: {e}") from None
         raise DecodeError("decode_error", f"unreadable {fmt} header: {e}") from None
     if w <= 0 or h <= 0:
         raise DecodeError("decode_error", f"{fmt} header gives size {w}×{h}")
@@ -159,13 +177,48 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def decode(data: bytes, min_side: int = 0, max_pixels: int = MAX_PIXELS, max_scale: int = 8) -> Decoded:
-    """Decode photo bytes into an upright RGB frame, DCT-reduced by up to ``max_scale`` while the short side stays
-    >= ``min_side``."""
+class PixelBudget:
+    """Bounds the pixels that the decoder threads of one process hold at once: each decode takes its frame's pixels
+    from the budget before it allocates them and gives them back when its caller is done with the frame. A frame
+    larger than the whole budget waits until it can run alone; nothing is refused for its size here (``max_pixels``
+    does that)."""
+
+    def __init__(self, pixels: int):
+        self.total, self.free = max(1, pixels), max(1, pixels)
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        need = min(max(1, pixels), self.total)
+        with self.cond:
+            self.cond.wait_for(lambda: self.free >= need)
+            self.free -= need
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.free += need
+                self.cond.notify_all()
+
+
+def decode(data: bytes, min_side: int = 0, max_pixels: int = MAX_PIXELS, max_scale: int = 8,
+           budget: PixelBudget | None = None) -> Decoded:
+    """Decode photo bytes into an upright RGB frame, reduced by up to ``max_scale`` while the short side stays
+    >= ``min_side``. With ``budget``, the decode waits for its pixels' share (held for the decode itself: the caller
+    that keeps the frame takes its share with :meth:`PixelBudget.hold`)."""
     header, im = probe(data, max_pixels)
-    scale = min(reduction_for(header.width, header.height, min_side), max_scale) if header.format == "jpeg" else 1
+    scale = min(reduction_for(header.width, header.height, min_side), max_scale)
     if header.format == "jpeg" and not _jpeg_complete(data):
         raise DecodeError("decode_error", "truncated JPEG (no end-of-image marker)")
+    # JPEG decodes DCT-reduced; anything else decodes whole, then is reduced by the same factor (INTER_AREA), so no
+    # kept frame is larger than a JPEG's would be
+    pixels = -(-header.width // scale) * -(-header.height // scale) if header.format == "jpeg" \
+        else header.width * header.height
+    with budget.hold(pixels) if budget else contextlib.nullcontext():
+        return _decode(data, header, im, scale)
+
+
+def _decode(data: bytes, header: Header, im: Image.Image, scale: int) -> Decoded:
     if header.format == "jpeg" and header.mode in ("RGB", "L"):
         rgb = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[scale])
         if rgb is None:
@@ -178,7 +231,12 @@ def decode(data: bytes, min_side: int = 0, max_pixels: int = MAX_PIXELS, max_sca
                 scale = max(1, round(full_w / im.size[0]))
             im.load()
             rgb = _to_rgb(im)
+            if header.format != "jpeg" and scale > 1:
+                h, w = rgb.shape[:2]
+                rgb = cv2.resize(rgb, (-(-w // scale), -(-h // scale)), interpolation=cv2.INTER_AREA)
         except (OSError, SyntaxError, ValueError) as e:
+            if _metadata_bomb(e):
+                raise DecodeError("too_large", f"{header.format} metadata bomb: {e}") from None
             raise DecodeError("decode_error", f"corrupt {header.format} data: {e}") from None
     upright = apply_orientation(rgb, header.orientation)
     return Decoded(upright, header.width, header.height, header.orientation, scale, header.format)

@@ -26,12 +26,12 @@ import pyarrow.compute as pc
 from kemo import outputs, storage
 from kemo.crop import encode_jpeg, primary_face
 from kemo.detector.base import Faces
-from kemo.detector.registry import check_detector
+from kemo.detector.registry import check_detector, verify_detector
 from kemo.device import torch_device
 from kemo.frontend import FrontEnd, Prepared
-from kemo.resources import ActorResources, resolve_resources
+from kemo.resources import ActorResources, connect, resolve_resources
 from kemo.schema import LABELS, TRANSIENT
-from kemo.settings import CropSettings, DetectorSettings, crop_fingerprint
+from kemo.settings import CropSettings, DetectorSettings, InputSettings, crop_fingerprint
 
 log = logging.getLogger(__name__)
 KIND = outputs.LABELS
@@ -39,12 +39,13 @@ PARTS = "parts"
 CSV = "labels.csv"
 FORMATS = ("parquet", "csv")
 PHOTO = pa.schema([LABELS.field(n) for n in ("uri", "size", "mtime_ns", "etag")])  # a listed photo version
+LISTED = pa.schema([*PHOTO, LABELS.field("status"), LABELS.field("error")])  # … and what the listing found it to be
 SMOKE_FILES = 16
 KEYS = ["uri", "size", "mtime_ns", "etag", "face", "status", "label_name"]  # what the skip rule and summary read
 
 
 @dataclass(kw_only=True)
-class LabelConfig(DetectorSettings, CropSettings, ActorResources):
+class LabelConfig(DetectorSettings, CropSettings, InputSettings, ActorResources):
     """Label every photo of a folder or S3 prefix with the emotion of its face."""
 
     input: str = field(metadata={"help": "folder or s3:// prefix of photos (recursive; photos are known by content)"})
@@ -55,7 +56,6 @@ class LabelConfig(DetectorSettings, CropSettings, ActorResources):
         "help": "parquet (the label store, always written) and csv (labels.csv: every current row)"})
     precision: str = field(default="auto", metadata={
         "help": "classifier on GPU: auto (bf16 where supported, else fp16), bf16, fp16 or fp32; CPU runs fp32"})
-    max_bytes: int = field(default=256 << 20, metadata={"help": "refuse larger files as too_large, unread"})
     rows_per_part: int = field(default=20000, metadata={
         "help": "rows per Parquet part, at least: whole actor calls (a killed run keeps the parts it wrote)"})
     smoke_test: bool = field(default=False, metadata={"help": f"only the first {SMOKE_FILES} files"})
@@ -84,7 +84,7 @@ def _autocast_dtype(precision: str, device: str) -> Any:
 
 
 class LabelPhotos:
-    """Ray Data class UDF: a batch of listed photos (``PHOTO`` columns) → their ``LABELS`` rows.
+    """Ray Data class UDF: a batch of listed photos (``LISTED`` columns) → their ``LABELS`` rows.
 
     ``LabelPhotos(dataclasses.asdict(cfg))`` loads the detector and the classifier once; calling it on a pyarrow
     table of photos reads, decodes and detects them as preprocessing does, crops, and classifies every crop in one
@@ -97,7 +97,7 @@ class LabelPhotos:
         from kemo.classifier.checkpoint import load_checkpoint
 
         self.cfg = LabelConfig(**cfg)
-        self.front = FrontEnd(self.cfg, self.cfg, self.cfg.decoders, max_bytes=self.cfg.max_bytes)
+        self.front = FrontEnd(self.cfg, self.cfg, self.cfg.decoders, self.cfg.max_bytes, self.cfg.decode_pixels)
         torch.set_num_threads(max(1, self.cfg.decoders))  # the actor's CPU share, not the whole node
         self.device = torch_device(self.cfg.device)
         self.model, self.meta = load_checkpoint(self.cfg.checkpoint, self.device)
@@ -195,12 +195,14 @@ def _contains(parent: str, child: str) -> bool:
 
 
 def snapshot(cfg: LabelConfig) -> tuple[pa.Table, int]:
-    """(every file under the input as ``PHOTO`` rows sorted by uri, OS metadata files left out). Content decides
-    what is a photo: every other file gets a row, a non-image one with status decode_error."""
-    entries = storage.list_files(cfg.input, etags=True)
+    """(every entry under the input as ``LISTED`` rows sorted by uri, the number of OS metadata files left out).
+    Content decides what is a photo: every other file gets a row, a non-image one with status decode_error; an
+    entry that is not a readable file (a broken or outside link, a FIFO, a device) its listing status, unread."""
+    entries = storage.list_input(cfg.input, cfg.links, etags=True)
     kept = [e for e in entries if not storage.os_metadata(e.rel)]
-    rows = [{"uri": e.uri, "size": e.size, "mtime_ns": e.mtime_ns, "etag": e.etag} for e in kept]
-    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["uri"]), schema=PHOTO)
+    rows = [{"uri": e.uri, "size": e.size, "mtime_ns": e.mtime_ns, "etag": e.etag, "status": e.status,
+             "error": e.error} for e in kept]
+    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["uri"]), schema=LISTED)
     return (table.slice(0, SMOKE_FILES) if cfg.smoke_test else table), len(entries) - len(kept)
 
 
@@ -294,9 +296,9 @@ def _check(cfg: LabelConfig) -> list[str]:
 
 
 def _fingerprint(cfg: LabelConfig) -> dict[str, Any]:
-    from kemo.classifier.checkpoint import META
+    from kemo.classifier.checkpoint import read_meta
 
-    meta = storage.read_json(storage.join(cfg.checkpoint, META))  # meta.json only: no model is built here
+    meta = read_meta(cfg.checkpoint)  # meta.json only, checked: no model is built here
     weights_sha = None
     if cfg.detector == "yolo":
         from kemo.detector.weights import fetch_weights
@@ -305,7 +307,7 @@ def _fingerprint(cfg: LabelConfig) -> dict[str, Any]:
     # everything that changes a row; resource knobs, precision and the code version do not
     return {"model": meta["model_sha256"], "architecture": meta["architecture"], "classes": meta["classes"],
             "image_size": meta["image_size"], **crop_fingerprint(cfg, cfg), "weights_sha256": weights_sha,
-            "all_faces": cfg.all_faces, "max_bytes": cfg.max_bytes}
+            "all_faces": cfg.all_faces, "max_bytes": cfg.max_bytes, "links": cfg.links}
 
 
 def _check_reachable(cfg: LabelConfig, alive_nodes: int) -> None:
@@ -399,11 +401,16 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
                 "skipped": photos.num_rows, "processed": 0, "processed_statuses": {},
                 "seconds": round(time.perf_counter() - t0, 2), "photos_per_s": None}
 
+    if pending.num_rows:  # what every actor will load, loaded once here: bad files fail in one line, nothing written
+        from kemo.classifier.checkpoint import load_checkpoint
+
+        load_checkpoint(cfg.checkpoint)
+        verify_detector(cfg)
     labelled, run_statuses = 0, Counter()
     with out.lease() as lease:
         out.claim(fingerprint)
         if pending.num_rows:
-            cfg = resolve_resources(cfg, ray.cluster_resources())
+            cfg = resolve_resources(cfg, connect())
             _check_reachable(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
             log.info("labelling with %s + %s: %d actors × %d decoders, %g GPU each, batch %d", cfg.detector,
                      fingerprint["architecture"], cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size)

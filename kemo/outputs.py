@@ -190,6 +190,9 @@ class Output:
     """One output directory of one kind (index, crops, labels, detector, classifier-report, benchmark)."""
 
     def __init__(self, uri: str, kind: str):
+        if not storage.is_s3(uri) and os.path.isfile(uri):
+            raise NotADirectoryError(f"output {uri} is a file, not a directory: give a directory (new or an output "
+                                     f"of this kind, {kind})")
         self.uri, self.kind = uri, kind
         self.held: Lease | None = None  # while a run holds the lease, every write of the commit checks it first
 

@@ -26,11 +26,11 @@ import pyarrow.compute as pc
 from kemo import outputs, storage
 from kemo.crop import encode_jpeg, iou, primary_face
 from kemo.detector.base import Faces
-from kemo.detector.registry import check_detector
+from kemo.detector.registry import check_detector, verify_detector
 from kemo.frontend import FrontEnd, Prepared
-from kemo.resources import ActorResources, resolve_resources
+from kemo.resources import ActorResources, connect, resolve_resources
 from kemo.schema import CROP, IDENTITY, TRANSIENT
-from kemo.settings import CropSettings, DetectorSettings, crop_fingerprint
+from kemo.settings import CropSettings, DetectorSettings, InputSettings, crop_fingerprint
 
 log = logging.getLogger(__name__)
 KIND = outputs.CROPS
@@ -39,7 +39,7 @@ SMOKE_ROWS = 16
 
 
 @dataclass(kw_only=True)
-class PreprocessConfig(DetectorSettings, CropSettings, ActorResources):
+class PreprocessConfig(DetectorSettings, CropSettings, InputSettings, ActorResources):
     """Detect and crop the face of every photo into Parquet crop shards."""
 
     input: str = field(metadata={"help": "AI-Hub root, index output directory or manifest .parquet (local or s3://)"})
@@ -59,7 +59,7 @@ class CropPhotos:
     def __init__(self, cfg: dict[str, Any]):
         """The front end (detector, decoder threads) from ``cfg``, a ``PreprocessConfig`` as a dict."""
         self.cfg = PreprocessConfig(**cfg)
-        self.front = FrontEnd(self.cfg, self.cfg, self.cfg.decoders)
+        self.front = FrontEnd(self.cfg, self.cfg, self.cfg.decoders, self.cfg.max_bytes, self.cfg.decode_pixels)
 
     def finish(self, row: dict[str, Any], prep: Prepared, faces: Faces | None) -> dict[str, Any]:
         """One photo's crop-shard row from what the front end made of it."""
@@ -153,7 +153,7 @@ def load_input(cfg: PreprocessConfig, index: bool = True) -> pa.Table | None:
     from kemo.data import aihub
 
     return aihub.load_or_index(cfg.input, storage.join(cfg.output, "index"), per_class=cfg.per_class, seed=cfg.seed,
-                               index=index)
+                               index=index, inputs=cfg)
 
 
 def fingerprint(cfg: PreprocessConfig, manifest: pa.Table) -> dict[str, Any]:
@@ -165,7 +165,8 @@ def fingerprint(cfg: PreprocessConfig, manifest: pa.Table) -> dict[str, Any]:
         from kemo.detector.weights import fetch_weights
 
         weights_sha = fetch_weights(cfg.weights, cfg.weights_sha256)[1]
-    return {**crop_fingerprint(cfg, cfg), "weights_sha256": weights_sha, "inputs": manifest.num_rows,
+    return {**crop_fingerprint(cfg, cfg), "weights_sha256": weights_sha, "max_bytes": cfg.max_bytes,
+            "inputs": manifest.num_rows,
             "inputs_sha256": outputs.table_sha256(manifest.select(list(IDENTITY)), sort_by="image_id")}
 
 
@@ -247,12 +248,11 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     if done_before is not None:
         log.info("%s already holds these crops, committed: nothing to do, nothing written", cfg.output)
         return {**done_before, "seconds": round(time.perf_counter() - t0, 2)}
+    verify_detector(cfg)  # weights that do not load fail here, before the lease or any file is written
     with out.lease() as lease:
         manifest = load_input(cfg)
         if cfg.smoke_test:
             manifest = manifest.slice(0, SMOKE_ROWS)
-        cfg = resolve_resources(cfg, ray.cluster_resources())
-        check_output_reachable(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))
         claim = fingerprint(cfg, manifest)
         out.claim(claim)
         if claim["weights_sha256"]:  # actors load exactly the weights fingerprinted here, from fetch_weights' cache
@@ -264,6 +264,9 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
                      ", ".join(TRANSIENT))
         pending = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"),
                                                      pa.array(sorted(done), pa.string()))))
+        if pending.num_rows:  # Ray only for photos to process: finishing a run that died before its commit needs none
+            cfg = resolve_resources(cfg, connect())
+            check_output_reachable(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))
         log.info("%d photos: %d already in shards, %d to process with %s (%d actors × %d decoders, %g GPU each, "
                  "batch %d, %d in flight per actor)", manifest.num_rows, manifest.num_rows - pending.num_rows,
                  pending.num_rows, cfg.detector, cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size,

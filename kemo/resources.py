@@ -19,6 +19,20 @@ class ActorResources:
     gpus_per_actor: float = field(default=-1, metadata={"help": "GPUs per actor; -1 = 1 when the cluster has GPUs"})
     calls_per_actor: int = field(default=0, metadata={
         "help": "batches in flight per actor, so decoding overlaps the models; 0 = 2 with GPUs, else 1"})
+    decode_pixels: int = field(default=64_000_000, metadata={
+        "help": "pixels an actor's decoder threads decode at once (~10 bytes each): a larger photo decodes alone"})
+
+
+def connect() -> dict[str, float]:
+    """Ray, for a job that has work for it: the instance this process is already connected to (a test's, a caller's),
+    else ``ray.init()``: the cluster that ``RAY_ADDRESS`` or ``ray job submit`` names, or an embedded one. Jobs call
+    it once they know they have work, so a refusal or a rerun with nothing to do answers without starting Ray.
+    Returns the cluster's resources."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    return ray.cluster_resources()
 
 
 def resolve_resources(cfg: R, cluster: dict[str, float]) -> R:

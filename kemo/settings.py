@@ -1,4 +1,5 @@
-"""The settings that several jobs share, each written once: which detector finds the face, and how it is cropped.
+"""The settings that several jobs share, each written once: which detector finds the face, how it is cropped, and how
+a job's input files are listed and read.
 
 Job configs inherit them (``class PreprocessConfig(DetectorSettings, CropSettings, ActorResources)``), so a flag,
 its default and its help text exist in one place, and a function that needs only one part is typed on that part
@@ -36,6 +37,16 @@ class CropSettings:
                 "(0 = not)"})
     decode_min_side: int = field(default=1000, metadata={"help": "DCT-reduce JPEGs while the short side stays >= this"})
     max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "refuse larger photos as too_large"})
+
+
+@dataclass(kw_only=True)
+class InputSettings:
+    """How a job treats the files it is given: one byte limit and one symlink policy for every job."""
+
+    max_bytes: int = field(default=256 << 20, metadata={
+        "help": "refuse larger files as too_large: no job reads more than this many bytes (+1) of any input file"})
+    links: str = field(default="inside", metadata={
+        "help": "symlinks: inside (followed only when the target stays inside the input) or anywhere"})
 
 
 def crop_fingerprint(detector: DetectorSettings, crop: CropSettings) -> dict[str, object]:

@@ -9,17 +9,19 @@ How outputs are committed is :mod:`kemo.outputs`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import io
 import json
 import os
 import posixpath
+import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -62,7 +64,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_s3(uri):
         path = uri[len("s3://"):].rstrip("/")
         return _s3_filesystem(*_s3_settings(path.split("/", 1)[0])), path
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.LocalFileSystem(), local_path(uri)
 
 
 @functools.cache
@@ -85,13 +87,28 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+LINKS = ("inside", "anywhere")  # symlink policies of a job's input (docs/design.md, «Safety»)
+HEAD_BYTES = 64  # enough for every format sniffer: read first, before the rest of a file
+
+
+class TooLarge(ValueError):
+    """A file over a read's byte limit: found by reading at most limit + 1 bytes, never by trusting a listed size."""
+
+
+class NotAFile(OSError):
+    """A FIFO, socket or device where a file was expected: it is never read (a FIFO would block for ever)."""
+
+
 @dataclass(frozen=True)
 class FileEntry:
-    rel: str  # root-relative key with '/' separators, exactly as stored (not normalised)
-    uri: str  # what read_bytes() takes
+    rel: str  # root-relative key with '/' separators, exactly as stored (not normalised; surrogate-escaped if need be)
+    uri: str  # what read_bytes() takes: valid UTF-8 always (a local name that is not is a file:// URI, percent-encoded)
     size: int
     mtime_ns: int | None
     etag: str | None = None  # S3 with etags=True: changes with the content even within LastModified's second
+    # set when the entry is not a readable file: broken_link, outside_link, special_file or read_error (with why)
+    status: str | None = None
+    error: str | None = None
 
 
 def os_metadata(rel: str) -> bool:
@@ -106,11 +123,99 @@ def _below(path: str, base: str) -> str:
     return path[len(base):].removeprefix("/") if path.startswith(base) else path
 
 
-def list_files(root: str, etags: bool = False) -> list[FileEntry]:
-    """Every file under ``root`` (recursive), sorted by key. S3 "folder" marker keys are not files.
+def local_uri(path: str) -> str:
+    """A local path as text that any Arrow column, CSV or JSON holds and :func:`local_path` turns back into the same
+    bytes: the path itself, or for a name that is not UTF-8 (cp949 from some unzip tools, surrogate-escaped by
+    Python) a ``file://`` URI with every such byte percent-encoded (RFC 8089)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "file://" + quote(os.fsencode(path), safe="/")
 
-    Local names that are not UTF-8 (cp949 from some unzip tools) come back surrogate-escaped instead of failing.
-    ``etags=True`` lists S3 with boto3, whose ListObjectsV2 answer carries each object's ETag (pyarrow drops it).
+
+def local_path(uri: str) -> str:
+    """The OS path of a local URI: a plain path, or a ``file://`` URI (percent-decoded to the original bytes)."""
+    if uri.startswith("file://"):
+        return os.fsdecode(unquote_to_bytes(uri[len("file://"):]))
+    return os.path.abspath(uri)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _kind(mode: int) -> str:
+    return {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+            stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _walk_local(base: str, links: str) -> list[FileEntry]:
+    """Every entry under ``base``: regular files (and links the policy follows to one) as plain entries, everything
+    else as an entry with a status; no entry ever raises. ``links="inside"`` follows a symlink only when its target
+    (resolved) stays inside the resolved root; a directory link back into its own ancestors is a cycle, not followed.
+    """
+    if links not in LINKS:
+        raise ValueError(f"--links {links!r}: choose from {', '.join(LINKS)}")
+    real_root = os.path.realpath(base)
+    out: list[FileEntry] = []
+
+    def entry(path: str, st: os.stat_result | None, status: str | None = None, error: str | None = None) -> None:
+        out.append(FileEntry(os.path.relpath(path, base).replace(os.sep, "/"), local_uri(path),
+                             st.st_size if st and status is None else 0, st.st_mtime_ns if st else None,
+                             status=status, error=error))
+
+    root_st = os.stat(base)
+    stack = [(base, frozenset({(root_st.st_dev, root_st.st_ino)}))]
+    while stack:
+        directory, ancestors = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                items = sorted(it, key=lambda d: d.name)
+        except OSError as e:  # permissions, I/O: the directory's entries cannot be known; it gets the row
+            entry(directory, None, "read_error", f"cannot list this directory: {e.strerror or e}")
+            continue
+        for item in items:
+            path = item.path
+            try:
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):
+                    try:
+                        target = os.path.realpath(path, strict=True)
+                    except OSError as e:
+                        why = "a symlink loop" if e.errno == errno.ELOOP else "a dangling symlink"
+                        entry(path, st, "broken_link", f"{why} ({os.readlink(path)!r}): {e.strerror or e}")
+                        continue
+                    if links == "inside" and not _inside(target, real_root):
+                        entry(path, st, "outside_link", f"a symlink to {local_uri(target)}, outside the input: not "
+                                                        "followed (--links anywhere follows it)")
+                        continue
+                    tst = os.stat(target)
+                else:
+                    tst = st
+                if stat.S_ISDIR(tst.st_mode):
+                    key = (tst.st_dev, tst.st_ino)
+                    if key in ancestors:
+                        entry(path, st, "broken_link", "a symlink to a directory that holds it: a cycle, not followed")
+                    else:
+                        stack.append((path, ancestors | {key}))
+                elif stat.S_ISREG(tst.st_mode):
+                    entry(path, tst)
+                else:
+                    entry(path, st, "special_file", f"{_kind(tst.st_mode)}: never opened")
+            except OSError as e:  # vanished or unreadable between the listing and its stat
+                entry(path, None, "read_error", f"{type(e).__name__}: {e.strerror or e}")
+    return out
+
+
+def list_input(root: str, links: str = "inside", etags: bool = False) -> list[FileEntry]:
+    """Every entry under a job's input ``root`` (recursive), sorted by key; no single entry fails the listing.
+
+    Regular files come back plain. Locally, what is not one (a dangling or looping symlink, a symlink the ``links``
+    policy does not follow, a FIFO, socket or device, an unlistable directory) comes back with ``status`` and
+    ``error`` set, for the job to give it its row. Names that are not UTF-8 keep their bytes (``FileEntry.uri``).
+    S3 "folder" marker keys are not files. ``etags=True`` lists S3 with boto3, whose ListObjectsV2 answer carries each
+    object's ETag (pyarrow drops it).
     """
     out = []
     if is_s3(root) and etags:
@@ -132,21 +237,24 @@ def list_files(root: str, etags: bool = False) -> list[FileEntry]:
                                      info.mtime_ns))
     else:
         base = os.path.abspath(root)
+        if os.path.isfile(base):
+            raise NotADirectoryError(f"{root} is a file, not a folder: give the folder that holds it")
         if not os.path.isdir(base):
-            raise FileNotFoundError(f"no such directory: {root}")
-        for dirpath, _, names in os.walk(base):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                st = os.stat(path)
-                out.append(FileEntry(os.path.relpath(path, base).replace(os.sep, "/"), path, st.st_size,
-                                     st.st_mtime_ns))
+            raise FileNotFoundError(f"no such folder: {root}")
+        out = _walk_local(base, links)
     out.sort(key=lambda e: e.rel)
     return out
 
 
+def list_files(root: str, etags: bool = False) -> list[FileEntry]:
+    """The regular files under ``root`` (recursive), sorted by key: what the output store lists of its own folders.
+    Links are followed anywhere (an output's files are its own); entries that are not files are left out."""
+    return [e for e in list_input(root, "anywhere", etags) if e.status is None]
+
+
 def read_bytes(uri: str) -> bytes:
     if not is_s3(uri):
-        with open(uri, "rb") as f:
+        with open(local_path(uri), "rb") as f:
             return f.read()
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not _pyarrow_addressable(key):
@@ -158,6 +266,62 @@ def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+def _read_upto(read: Callable[[int], bytes], limit: int, have: int) -> list[bytes]:
+    """Chunks from ``read`` until EOF or ``limit`` + 1 bytes in all (``have`` already read): never more."""
+    chunks = []
+    while have <= limit:
+        chunk = read(min(1 << 20, limit + 1 - have))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        have += len(chunk)
+    return chunks
+
+
+def read_bounded(uri: str, limit: int, check_head: Callable[[bytes], object] | None = None) -> bytes:
+    """A whole input file of at most ``limit`` bytes, reading at most ``limit`` + 1 (``TooLarge`` beyond).
+
+    A size the file system knows at open time (``fstat``, S3's Content-Length) over ``limit`` is refused unread; the
+    read itself stops at ``limit`` + 1 whatever was said. Locally only a regular file is read: the open never blocks
+    (``O_NONBLOCK``: a FIFO has no writer) and a FIFO, socket or device raises ``NotAFile``. ``check_head`` sees the
+    first ``HEAD_BYTES`` before the rest is read and may raise to stop there (a file that is no image is not read on).
+    """
+    def finish(size: int | None, read: Callable[[int], bytes]) -> bytes:
+        if size is not None and size > limit:
+            raise TooLarge(f"file of {size} bytes exceeds the {limit}-byte limit")
+        head = read(min(HEAD_BYTES, limit + 1))
+        if check_head is not None:
+            check_head(head)
+        data = b"".join([head, *_read_upto(read, limit, len(head))])
+        if len(data) > limit:
+            raise TooLarge(f"file of more than {limit} bytes exceeds the {limit}-byte limit")
+        return data
+
+    if not is_s3(uri):
+        path = local_path(uri)
+        mode = os.stat(path).st_mode  # a FIFO is not even opened (that alone wakes a writer waiting on it)
+        if not stat.S_ISREG(mode):
+            raise NotAFile(f"{_kind(mode)}: never read")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb", buffering=0) as f:
+            st = os.fstat(fd)  # of what was opened, whatever the name points to by now
+            if not stat.S_ISREG(st.st_mode):
+                raise NotAFile(f"{_kind(st.st_mode)}: never read")
+            return finish(st.st_size, f.read)
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not _pyarrow_addressable(key):
+        client = _boto3_s3(*_s3_settings(bucket))
+        try:
+            answer = client.get_object(Bucket=bucket, Key=key)
+        except client.exceptions.NoSuchKey as e:
+            raise FileNotFoundError(f"no such object: {uri}") from e
+        with contextlib.closing(answer["Body"]) as body:
+            return finish(answer.get("ContentLength"), body.read)
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:  # random access: its size from a HEAD, its bytes by ranged GETs as read
+        return finish(f.size(), f.read)
 
 
 def write_bytes(uri: str, data: bytes) -> None:

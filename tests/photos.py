@@ -47,6 +47,14 @@ def png_bomb(w: int = 60000, h: int = 60000) -> bytes:
             + _png_chunk(b"IEND", b""))
 
 
+def png_text_bomb(inflated: int = 64 << 20) -> bytes:
+    """A small, valid 8×8 PNG whose zTXt metadata chunk inflates to ``inflated`` bytes (64 KB on disk)."""
+    ihdr = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)
+    text = b"Comment\x00\x00" + zlib.compress(b"\0" * inflated, 9)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"zTXt", text)
+            + _png_chunk(b"IDAT", zlib.compress(b"\0" * (8 * 25))) + _png_chunk(b"IEND", b""))
+
+
 def jpeg_bomb(w: int = 60000, h: int = 60000) -> bytes:
     """A real JPEG whose frame header (SOF0) is patched to claim w×h pixels."""
     data = bytearray(jpeg(scene(64, 48)))
@@ -66,6 +74,7 @@ def bad_inputs() -> dict[str, tuple[bytes, str]]:
         "photo.heic.jpg": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\0" * 64, "unsupported_format"),
         "bomb.jpg": (jpeg_bomb(), "too_large"),
         "bomb.png": (png_bomb(), "too_large"),
+        "text_bomb.png": (png_text_bomb(), "too_large"),
     }
 
 

@@ -18,6 +18,8 @@ from kemo.classes import UNKNOWN
 from kemo.crop import iou
 from kemo.data import aihub, synth
 from kemo.data.aihub import IndexConfig, assign_splits, index, load_manifest, majority, parse_box, run
+from kemo.settings import InputSettings
+from tests import hostile
 
 HASH = "a" * 64
 HASH2 = "b" * 64
@@ -251,6 +253,36 @@ def test_non_utf8_file_names_are_reported_not_fatal(tmp_path):
     table, report = index(root)
     assert table.num_rows == 1
     assert report["undecodable_names"] == [f"Training/[원천]EMOIMG_기쁨_TRAIN_01/{fname(n=5)}"]
+
+
+def test_entries_that_are_not_files_are_reported_and_never_opened(tmp_path):
+    """Links that break or leave the root, a FIFO, a device link, a huge label file: report lines, never rows or
+    crashes; a record whose image is such an entry is reported, not indexed."""
+    names = [fname(n=i) for i in range(4)]
+    root = make_root(tmp_path / "root", [rec(n) for n in names], images=names[:1])
+    part = tmp_path / "root" / "Training" / "[원천]EMOIMG_기쁨_TRAIN_01"
+    guard = hostile.Untouchable(tmp_path / "secret.fifo")
+    try:
+        os.symlink("nowhere.jpg", part / names[1])  # dangling
+        os.mkfifo(part / names[2])  # a FIFO named like an image
+        os.symlink(guard.path, part / names[3])  # outside the root
+        os.symlink("/dev/zero", tmp_path / "root" / "zero.jpg")
+        hostile.build(tmp_path / "root" / "more", tmp_path / "outside")
+        huge = tmp_path / "root" / "Training" / "[라벨]EMOIMG_분노_TRAIN" / "img_emotion_training_data(분노).json"
+        huge.parent.mkdir(parents=True)
+        huge.write_bytes(b"[" + b" " * 5000 + b"]")
+        table, report = index(root, inputs=InputSettings(max_bytes=4096))
+        assert table.column("image_id").to_pylist() == [f"Training/[원천]EMOIMG_기쁨_TRAIN_01/{names[0]}"]
+        unusable = {r["filename"]: r["status"] for r in report["unusable_images"]}
+        assert unusable == {names[1]: "broken_link", names[2]: "special_file", names[3]: "outside_link"}
+        assert report["not_files"]["outside_link"] == 6 and report["not_files"]["special_file"] == 2
+        assert report["not_files"]["broken_link"] == 5
+        errors = {r["path"]: r.get("error") for r in report["label_files"]}
+        assert "exceeds the 4096-byte limit" in errors[huge.relative_to(tmp_path / "root").as_posix()]
+        assert report["undecodable_names"] == ["more/한글 사진.jpg"]
+        assert "not files (never opened)" in aihub.summarize(report)
+    finally:
+        assert not guard.close()
 
 
 def test_root_above_the_release_folders(tmp_path):

@@ -1,4 +1,8 @@
-"""The checkpoint directory: reloads to identical logits and class order, locally and on S3; refuses torn writes."""
+"""The checkpoint directory: reloads to identical logits and class order, locally and on S3; refuses torn writes,
+another architecture, pickled code and a broken meta.json, each in one line."""
+
+import hashlib
+import io
 
 import numpy as np
 import pytest
@@ -6,7 +10,7 @@ import torch
 
 from kemo import storage
 from kemo.classes import CLASS_NAMES
-from kemo.classifier.checkpoint import input_batch, load_checkpoint, save_checkpoint
+from kemo.classifier.checkpoint import CheckpointError, input_batch, load_checkpoint, read_meta, save_checkpoint
 from kemo.classifier.registry import create_model
 
 
@@ -39,8 +43,56 @@ def test_a_checkpoint_reloads_to_identical_logits_and_class_order(where, tmp_pat
     assert np.allclose(x[0].permute(1, 2, 0).numpy(), (same - mean) / std, atol=1e-5)
     weights = storage.join(path, "model.pt")
     storage.write_bytes(weights, storage.read_bytes(weights)[:-8] + b"x" * 8)  # another epoch's weights, say
-    with pytest.raises(ValueError, match="not the one meta.json describes"):
+    with pytest.raises(CheckpointError, match="not the model.pt that meta.json describes"):
         load_checkpoint(path)
+
+
+def _with(path: str, meta: dict | None = None, model: bytes | None = None) -> None:
+    """Rewrite a checkpoint's meta.json and/or model.pt, keeping meta's hash true to the model written."""
+    meta = meta if meta is not None else storage.read_json(storage.join(path, "meta.json"))
+    if model is not None:
+        storage.write_bytes(storage.join(path, "model.pt"), model)
+        meta = {**meta, "model_sha256": hashlib.sha256(model).hexdigest()}
+    storage.write_json(storage.join(path, "meta.json"), meta)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_a_checkpoint_that_is_not_what_its_meta_says_is_refused_in_one_line(tmp_path):
+    path = str(tmp_path / "ckpt")
+    save_checkpoint(path, create_model("kemotionnet", blocks=[1, 1, 1, 1]), "kemotionnet", {"blocks": [1, 1, 1, 1]},
+                    image_size=48)
+    good = storage.read_json(storage.join(path, "meta.json"))
+    weights = storage.read_bytes(storage.join(path, "model.pt"))
+    forged = io.BytesIO()
+    torch.save({"conv.weight": _Payload()}, forged)
+    cases = {
+        "does not fit the resnet18 that meta.json names": ({**good, "architecture": "resnet18", "arguments": {}}, None),
+        "names architecture 'vit_h14'": ({**good, "architecture": "vit_h14"}, None),
+        "'classes' is missing": ({k: v for k, v in good.items() if k != "classes"}, None),
+        "is not a plain state dict": (good, forged.getvalue()),  # pickled code, its hash recorded: never run
+        "truncated": (good, weights[: len(weights) // 2]),
+    }
+    for message, (meta, model) in cases.items():
+        _with(path, meta, model)
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(path)
+        text = str(e.value)
+        assert "\n" not in text and len(text) < 400, text
+        if message != "truncated":
+            assert message in text, text
+        else:
+            assert "is not a plain state dict" in text, text
+        _with(path, good, weights)
+    assert load_checkpoint(path)[1]["architecture"] == "kemotionnet"  # the right files load again
+    storage.write_bytes(storage.join(path, "meta.json"), b"{not json")
+    with pytest.raises(CheckpointError, match="is not JSON"):
+        read_meta(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        read_meta(str(tmp_path / "nowhere"))
 
 
 def _local(path, tmp_path):

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
+from kemo import storage
 from kemo.frontend import FrontEnd
 from kemo.settings import CropSettings, DetectorSettings
+from tests import hostile
 from tests.photos import jpeg, scene
 
 
 def test_a_photo_goes_through_read_decode_detect_and_crop(tmp_path):
     path = tmp_path / "a.jpg"
     path.write_bytes(jpeg(scene(320, 240)))
-    front = FrontEnd(DetectorSettings(detector="annotations"), CropSettings(crop_size=64), decoders=1)
+    front = FrontEnd(DetectorSettings(detector="annotations"), CropSettings(crop_size=64), decoders=1,
+                     max_bytes=1 << 20, decode_pixels=1 << 20)
     row = {"uri": str(path), "box": [100.0, 60.0, 200.0, 180.0]}
     (prep,), (faces,) = front.detect([row])
     assert prep.status is None and prep.header == (320, 240, 1)
@@ -24,7 +29,8 @@ def test_a_photo_goes_through_read_decode_detect_and_crop(tmp_path):
 
 
 def test_what_cannot_be_read_or_is_too_large_gets_a_status_and_is_not_decoded(tmp_path):
-    front = FrontEnd(DetectorSettings(detector="none"), CropSettings(), decoders=1, max_bytes=10)
+    front = FrontEnd(DetectorSettings(detector="none"), CropSettings(), decoders=1, max_bytes=10,
+                     decode_pixels=1 << 20)
     (tmp_path / "big.jpg").write_bytes(jpeg(scene(64, 48)))
     (tmp_path / "junk.jpg").write_bytes(b"12345")
     big, missing, junk = front.detect([{"uri": str(tmp_path / "big.jpg"), "size": 11},
@@ -33,3 +39,26 @@ def test_what_cannot_be_read_or_is_too_large_gets_a_status_and_is_not_decoded(tm
     assert big.status == "too_large" and "10-byte limit" in big.error and big.decoded is None
     assert missing.status == "read_error" and "FileNotFoundError" in missing.error
     assert junk.status == "decode_error" and junk.decoded is None
+
+
+def test_rows_of_the_hostile_folder_get_their_status_within_seconds_and_bounded_memory(tmp_path):
+    """As label's rows (with a listed size and status) and as preprocessing's manifest rows (a uri alone)."""
+    expected, guard = hostile.build(tmp_path / "in", tmp_path / "out")
+    entries = storage.list_input(str(tmp_path / "in"))
+    front = FrontEnd(DetectorSettings(detector="none"), CropSettings(crop_size=64), decoders=2,
+                     max_bytes=256 << 20, decode_pixels=1 << 20)
+    listed = [{"uri": e.uri, "size": e.size, "status": e.status, "error": e.error} for e in entries]
+    t0 = time.monotonic()
+    with hostile.memory_growth() as grew:
+        got = {e.rel: p for e, p in zip(entries, front.detect(listed)[0])}
+    assert time.monotonic() - t0 < 10 and grew[0] < 100 << 20
+    assert {rel: p.status for rel, p in got.items()} == expected
+    assert all(p.decoded is not None for rel, p in got.items() if expected[rel] is None)
+    # a uri alone (a manifest row): the FIFO and the device are found on open, the 2 GB file from its size
+    by_rel = {e.rel: e.uri for e in entries}
+    for rel, status in (("pipe.jpg", "special_file"), ("sparse.jpg", "too_large"), ("dangling.jpg", "read_error")):
+        (prep,), _ = front.detect([{"uri": by_rel[rel]}])
+        assert prep.status == status, (rel, prep.error)
+    (prep,), _ = front.detect([{"uri": "/dev/zero"}])
+    assert prep.status == "special_file" and "character device" in prep.error
+    assert not guard.close()

@@ -1,13 +1,16 @@
 """Decoding: every bad input gets its status, every unusual format the right pixels, every EXIF orientation upright."""
 
 import io
+import threading
+import time
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from kemo.image import DecodeError, decode, probe, reduction_for, sniff
-from tests.photos import bad_inputs, jpeg, scene, unusual_inputs
+from kemo.image import DecodeError, PixelBudget, decode, probe, reduction_for, sniff
+from tests.photos import bad_inputs, jpeg, pil_bytes, scene, unusual_inputs
 
 
 @pytest.mark.parametrize("name", sorted(bad_inputs()))
@@ -25,6 +28,45 @@ def test_bombs_are_refused_from_the_header():
         assert e.value.status == "too_large"
     with pytest.raises(DecodeError, match="too_large|exceeds"):
         decode(jpeg(scene(300, 200)), max_pixels=300 * 200 - 1)
+
+
+def test_a_png_metadata_bomb_is_too_large_and_its_text_is_never_inflated():
+    with pytest.raises(DecodeError, match="metadata bomb") as e:
+        decode(bad_inputs()["text_bomb.png"][0])
+    assert e.value.status == "too_large"
+
+
+def test_large_photos_other_than_jpeg_are_kept_reduced_like_a_jpeg():
+    rgb = cv2.resize(scene(), (2000, 1000), interpolation=cv2.INTER_LINEAR)
+    for fmt in ("PNG", "JPEG"):
+        got = decode(pil_bytes(Image.fromarray(rgb), fmt), min_side=250)
+        assert (got.width, got.height, got.scale) == (2000, 1000, 4), fmt
+        assert got.image.shape == (250, 500, 3) and got.factors == (4.0, 4.0), fmt
+        small = cv2.resize(rgb, (500, 250), interpolation=cv2.INTER_AREA)
+        assert np.abs(got.image.astype(int) - small).mean() < 6, fmt
+
+
+def test_a_pixel_budget_lets_a_large_photo_decode_alone():
+    budget, running, seen, lock = PixelBudget(100), [0], [], threading.Lock()
+
+    def decode_like(pixels: int) -> None:
+        with budget.hold(pixels):
+            with lock:
+                running[0] += pixels
+                seen.append((pixels, running[0]))  # what was decoding at once, as this one started
+            time.sleep(0.05)
+            with lock:
+                running[0] -= pixels
+
+    threads = [threading.Thread(target=decode_like, args=(p,)) for p in (40, 40, 40, 500, 10, 40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads) and running == [0] and budget.free == 100
+    assert sorted(p for p, _ in seen) == [10, 40, 40, 40, 40, 500]
+    assert max(at for p, at in seen if p != 500) <= 100  # never more than the budget at once
+    assert [at for p, at in seen if p == 500] == [500]  # larger than the budget: alone
 
 
 @pytest.mark.parametrize("name", sorted(unusual_inputs()))

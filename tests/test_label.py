@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import boto3
 import numpy as np
@@ -25,6 +26,7 @@ from kemo.data import aihub, synth
 from kemo.label import LabelConfig, LabelPhotos, label_one_by_one, read_labels, run, snapshot, write_part
 from kemo.preprocess import CropPhotos, PreprocessConfig
 from kemo.schema import LABELS, MANIFEST
+from tests import hostile
 from tests.photos import bad_inputs, jpeg, scene
 from tests.tree import snapshot as tree_snapshot
 
@@ -376,6 +378,76 @@ def test_an_output_of_another_kind_is_refused_and_left_intact(labelled, corpus_i
         run(dataclasses.replace(cfg, output=corpus_index))
     assert tree_snapshot(corpus_index) == before
     assert aihub.load_manifest(corpus_index).num_rows > 0
+
+
+def test_a_hostile_folder_gets_one_row_per_entry_and_nothing_outside_is_opened(ray_local, checkpoint, tmp_path):
+    """Broken links, loops, a directory cycle, a FIFO, a device link, links out of the input, a 2 GB sparse file and a
+    cp949 name: the job ends with a row for each, every photo labelled, and no target outside the input opened."""
+    expected, guard = hostile.build(tmp_path / "in", tmp_path / "outside")
+    try:
+        cfg = LabelConfig(input=str(tmp_path / "in"), output=str(tmp_path / "labels"), checkpoint=checkpoint,
+                          detector="none", crop_size=48, batch_size=4)
+        summary = run(cfg)
+        rows = {os.path.relpath(storage.local_path(u), cfg.input): r for u, (r,) in by_uri(cfg.output).items()}
+        assert {rel: r["status"] for rel, r in rows.items()} == {rel: s or "ok" for rel, s in expected.items()}
+        assert summary["photos"] == len(expected) and summary["statuses"]["ok"] == 6
+        odd = next(r for r in rows.values() if r["uri"].startswith("file://"))  # the cp949 name: labelled, readable
+        assert odd["label_name"] and storage.read_bytes(odd["uri"]) == hostile.photo(4)
+        assert "outside the input" in rows["outdir"]["error"] and "--links anywhere" in rows["secret.jpg"]["error"]
+        assert "2147483648 bytes exceeds" in rows["sparse.jpg"]["error"]
+        csv = pacsv.read_csv(os.path.join(cfg.output, "labels.csv")).to_pylist()
+        assert sorted(r["uri"] for r in csv) == sorted(r["uri"] for r in rows.values())
+        before = tree_snapshot(cfg.output)
+        assert run(cfg)["processed"] == 0 and tree_snapshot(cfg.output) == before  # listing statuses are final
+        # following links anywhere: the outside photos are labelled; a device or a FIFO is still never opened
+        anywhere = dataclasses.replace(cfg, output=str(tmp_path / "anywhere"), links="anywhere")
+        run(anywhere)
+        rows = {os.path.relpath(storage.local_path(u), cfg.input): r["status"]
+                for u, (r,) in by_uri(anywhere.output).items()}
+        assert rows == {rel: s or "ok" for rel, s in hostile.anywhere(expected).items()}
+    finally:
+        assert not guard.close()
+
+
+def _bad_copy(checkpoint: str, where: str, **meta) -> str:
+    shutil.copytree(checkpoint, where)
+    good = storage.read_json(os.path.join(where, "meta.json"))
+    storage.write_json(os.path.join(where, "meta.json"), {**good, **meta})
+    return where
+
+
+@pytest.mark.slow
+def test_a_bad_checkpoint_is_refused_in_seconds_before_any_file_and_the_right_one_then_labels(folder, checkpoint,
+                                                                                            tmp_path):
+    root, _ = folder
+    out = str(tmp_path / "out")
+    wrong_arch = _bad_copy(checkpoint, str(tmp_path / "arch"), architecture="resnet18", arguments={})
+    wrong_hash = _bad_copy(checkpoint, str(tmp_path / "hash"), model_sha256="0" * 64)
+    base = [sys.executable, "jobs/label.py", "--input", root, "--output", out, "--detector", "none",
+            "--crop-size", "48", "--smoke-test"]
+    for bad, message in ((wrong_arch, "does not fit the resnet18 that meta.json names"),
+                         (wrong_hash, "is not the model.pt that meta.json describes")):
+        t0 = time.monotonic()
+        proc = subprocess.run(base + ["--checkpoint", bad], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        seconds = time.monotonic() - t0
+        assert proc.returncode == 2 and seconds < 10, (seconds, proc.stderr[-2000:])
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last and "Traceback" not in proc.stderr, proc.stderr
+        assert not os.path.exists(out)  # not even the lease
+    proc = subprocess.run(base + ["--checkpoint", checkpoint], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_labels(out).num_rows == 16
+
+
+def test_an_input_or_output_that_is_a_file_is_named_as_such(labelled, tmp_path):
+    cfg, _ = labelled
+    a_file = tmp_path / "a.jpg"
+    a_file.write_bytes(one_face(1))
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        run(dataclasses.replace(cfg, input=str(a_file), output=str(tmp_path / "out")))
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        run(dataclasses.replace(cfg, output=str(a_file)))
+    assert a_file.read_bytes() == one_face(1)
 
 
 @pytest.mark.slow

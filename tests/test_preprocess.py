@@ -22,6 +22,7 @@ from kemo.crop import iou
 from kemo.data import aihub, synth
 from kemo.preprocess import CropPhotos, PreprocessConfig, read_crops, run
 from kemo.schema import CROP, MANIFEST
+from tests import hostile
 from tests.photos import bad_inputs, jpeg, scene, unusual_inputs
 from tests.tree import snapshot
 
@@ -88,6 +89,55 @@ def test_every_input_gets_one_row_with_its_status(ray_local, zoo, tmp_path):
         r = next(r for r in rows if r["image_id"] == f"exif{o}.jpg")
         assert r["exif_orientation"] == o and (r["orig_width"], r["orig_height"]) == (240, 160)
         assert np.abs(decode_crop(r["crop"]) - reference).mean() < 4, o
+
+
+def test_a_manifest_naming_special_files_gets_their_statuses_with_bounded_memory(ray_local, tmp_path):
+    """A hand-made manifest can name anything: a FIFO, a device, a link to a FIFO outside, a 2 GB sparse file, a
+    dangling link, a cp949 name. Each gets its row within seconds; the actor's memory stays near its idle size."""
+    _, guard = hostile.build(tmp_path / "in", tmp_path / "outside")
+    try:
+        uris = {e.rel: e.uri for e in storage.list_input(str(tmp_path / "in"), links="anywhere")}
+        uris["cp949.jpg"] = uris[os.fsdecode(hostile.NON_UTF8)]  # image_id is UTF-8 text; the uri keeps the bytes
+        expected = {"plain.jpg": "ok", "pipe.jpg": "special_file", "zero.jpg": "special_file",
+                    "secret.jpg": "special_file", "sparse.jpg": "too_large", "dangling.jpg": "read_error",
+                    "cp949.jpg": "ok"}
+        manifest = manifest_of({rel: uris[rel] for rel in expected})
+        cfg = PreprocessConfig(input=write_manifest(manifest, str(tmp_path / "m.parquet")), output=str(tmp_path / "o"),
+                               detector="none", crop_size=48, batch_size=8)
+        udf = CropPhotos(dataclasses.asdict(dataclasses.replace(cfg, decoders=2)))  # the actor's code, in here
+        t0 = time.monotonic()
+        with hostile.memory_growth() as grew:
+            alone = {r["image_id"]: r["status"] for r in udf(manifest).to_pylist()}
+        seconds = time.monotonic() - t0
+        assert alone == expected and seconds < 10 and grew[0] < 100 << 20, (alone, seconds, grew)
+        run(cfg)
+        rows = {r["image_id"]: r for r in read_crops(cfg.output).to_pylist()}
+        assert {k: r["status"] for k, r in rows.items()} == expected
+        assert "2147483648 bytes exceeds the 268435456-byte limit" in rows["sparse.jpg"]["error"]
+        assert "character device" in rows["zero.jpg"]["error"] and "FIFO" in rows["secret.jpg"]["error"]
+    finally:
+        assert not guard.close()
+
+
+def test_an_input_or_output_that_is_a_file_is_named_as_such(tmp_path):
+    a_file = tmp_path / "photo.jpg"
+    a_file.write_bytes(jpeg(scene()))
+    with pytest.raises(NotADirectoryError, match="--input .* is a file, not a folder"):
+        run(PreprocessConfig(input=str(a_file), output=str(tmp_path / "out"), detector="none"))
+    with pytest.raises(NotADirectoryError, match="output .* is a file, not a directory"):
+        run(PreprocessConfig(input=str(tmp_path), output=str(a_file), detector="none"))
+    assert sorted(os.listdir(tmp_path)) == ["photo.jpg"] and a_file.read_bytes() == jpeg(scene())
+
+
+def test_detector_weights_that_do_not_load_are_refused_before_any_file(tmp_path):
+    weights = tmp_path / "face.pt"
+    weights.write_bytes(b"PK\x03\x04 half a zip")
+    manifest = write_manifest(manifest_of({"a.jpg": str(tmp_path / "a.jpg")}), str(tmp_path / "m.parquet"))
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="do not load as yolo face weights") as e:
+        run(PreprocessConfig(input=manifest, output=str(tmp_path / "out"), detector="yolo", weights=str(weights)))
+    assert "\n" not in str(e.value) and time.monotonic() - t0 < 10
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_malformed_manifest_boxes_cost_only_their_face(zoo):

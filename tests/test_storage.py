@@ -1,12 +1,14 @@
 """Local and S3 (moto over HTTP) reads, writes, listings and the conditional writes a lease needs."""
 
 import os
+import time
 
 import boto3
 import pyarrow as pa
 import pytest
 
 from kemo import storage
+from tests import hostile
 
 KEYS = ["a/기쁨 사진 & 친구.jpg", "a/b/x+y.jpeg", "c.json"]
 
@@ -28,6 +30,81 @@ def test_local_round_trip_and_listing(tmp_path):
 def test_missing_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(str(tmp_path / "nope"))
+
+
+def test_a_listing_never_fails_on_an_entry_and_follows_links_only_inside_the_input(tmp_path):
+    expected, guard = hostile.build(tmp_path / "in", tmp_path / "out")
+    try:
+        entries = storage.list_input(str(tmp_path / "in"))
+        listed = {e.rel: e.status for e in entries}
+        # the listing judges what an entry is, not its size: the sparse file is a regular file
+        assert listed == {k: (None if v == "too_large" else v) for k, v in expected.items()}
+        for e in entries:
+            e.uri.encode("utf-8")  # every uri fits an Arrow string, a CSV, a JSON report
+            assert (e.error is None) == (e.status is None), e
+        by_rel = {e.rel: e for e in entries}
+        odd = by_rel[os.fsdecode(hostile.NON_UTF8)]
+        assert odd.uri.startswith("file://") and storage.read_bytes(odd.uri) == hostile.photo(4)  # readable back
+        assert storage.local_path(odd.uri) == os.path.join(str(tmp_path / "in"), os.fsdecode(hostile.NON_UTF8))
+        assert by_rel["innerdir/real.jpg"].size == len(hostile.photo(1))  # a followed link: its target's size
+        assert "outside the input" in by_rel["outdir"].error and "--links anywhere" in by_rel["outdir"].error
+        assert "loop" in by_rel["loop.jpg"].error and "dangling" in by_rel["dangling.jpg"].error
+        assert "cycle" in by_rel["inner/cycle"].error and "FIFO" in by_rel["pipe.jpg"].error
+        anywhere = {e.rel: e.status for e in storage.list_input(str(tmp_path / "in"), links="anywhere")}
+        assert anywhere == {k: (None if v == "too_large" else v) for k, v in hostile.anywhere(expected).items()}
+        # the output store's own listing: regular files only
+        assert {e.rel for e in storage.list_files(str(tmp_path / "in"))} == {
+            k for k, v in hostile.anywhere(expected).items() if v in (None, "too_large")}
+    finally:
+        assert not guard.close()  # listing (and stat'ing) the FIFO outside never opened it
+
+
+def test_an_input_that_is_a_file_or_is_missing_is_named_as_such(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        storage.list_input(str(tmp_path / "a.jpg"))
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        storage.list_input(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="--links"):
+        storage.list_input(str(tmp_path), links="everywhere")
+
+
+def test_bounded_reads_open_only_regular_files_and_never_read_past_the_limit(tmp_path):
+    expected, guard = hostile.build(tmp_path / "in", tmp_path / "out")
+    root = tmp_path / "in"
+    t0 = time.monotonic()
+    for name in ("pipe.jpg", "zero.jpg"):  # a FIFO without a writer, a device without an end
+        with pytest.raises(storage.NotAFile):
+            storage.read_bounded(str(root / name), 1 << 20)
+    assert time.monotonic() - t0 < 5
+    with hostile.memory_growth() as grew, pytest.raises(storage.TooLarge, match="2147483648 bytes exceeds the "
+                                                                         "268435456-byte limit"):
+        storage.read_bounded(str(root / "sparse.jpg"), 256 << 20)
+    assert grew[0] < 100 << 20  # refused from its size, unread
+    data = hostile.photo(0)
+    assert storage.read_bounded(str(root / "plain.jpg"), len(data)) == data
+    with pytest.raises(storage.TooLarge):
+        storage.read_bounded(str(root / "plain.jpg"), len(data) - 1)
+    heads = []
+
+    def refuse(head: bytes) -> None:
+        heads.append(head)
+        raise ValueError("not wanted")
+
+    with pytest.raises(ValueError, match="not wanted"):
+        storage.read_bounded(str(root / "plain.jpg"), 1 << 20, refuse)
+    assert heads == [data[:storage.HEAD_BYTES]]  # the format is judged on the first bytes alone
+    assert not guard.close()
+
+
+def test_bounded_reads_of_s3_objects(s3_bucket, moto_endpoint):
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    for key in ("b/x.jpg", "b//odd.jpg"):  # pyarrow's client, and boto3's for a key pyarrow cannot address
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=b"\xff\xd8\xff" + bytes(1000))
+        uri = f"s3://{s3_bucket}/{key}"
+        assert storage.read_bounded(uri, 1003) == b"\xff\xd8\xff" + bytes(1000)
+        with pytest.raises(storage.TooLarge, match="1003 bytes exceeds the 1002-byte limit"):
+            storage.read_bounded(uri, 1002)
 
 
 def test_s3_round_trip_with_awkward_keys(s3_bucket, moto_endpoint):

@@ -19,7 +19,7 @@ from torch import nn
 
 from kemo import storage
 from kemo.classes import CLASS_NAMES
-from kemo.classifier.registry import create_model
+from kemo.classifier.registry import MODELS, create_model
 from kemo.config import code_version
 
 MODEL, META = "model.pt", "meta.json"
@@ -43,14 +43,65 @@ def save_checkpoint(path: str, model: nn.Module, architecture: str, arguments: d
     return meta
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be what it claims, in one line naming the file and the problem."""
+
+
+META_KEYS = {"architecture": str, "arguments": dict, "classes": list, "image_size": int, "normalize": dict,
+             "model_sha256": str}
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """A checkpoint's ``meta.json``, checked: every key a reader needs, of its type, and a known architecture."""
+    uri = storage.join(path, META)
+    try:
+        meta = storage.read_json(uri)
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri} not found: --checkpoint takes a directory holding model.pt and meta.json") \
+            from None
+    except ValueError as e:  # not JSON, not UTF-8
+        raise CheckpointError(f"{uri} is not JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{uri} holds no JSON object")
+    for key, kind in META_KEYS.items():
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{uri}: {key!r} is missing or not a {kind.__name__}")
+    if meta["architecture"] not in MODELS:
+        raise CheckpointError(f"{uri} names architecture {meta['architecture']!r}, which this kemo does not know "
+                              f"({', '.join(MODELS)})")
+    return meta
+
+
 def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """(model in eval mode on ``device``, meta) from a checkpoint directory."""
-    meta = storage.read_json(storage.join(path, META))
-    data = storage.read_bytes(storage.join(path, MODEL))
-    if hashlib.sha256(data).hexdigest() != meta.get("model_sha256"):
-        raise ValueError(f"{path}: model.pt is not the one meta.json describes (a write was interrupted?)")
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arguments"])
+    """(model in eval mode on ``device``, meta) from a checkpoint directory; a checkpoint that is not what its
+    ``meta.json`` says (another architecture, a forged or truncated ``model.pt``) raises ``CheckpointError``."""
+    meta = read_meta(path)
+    uri = storage.join(path, MODEL)
+    data = storage.read_bytes(uri)
+    if hashlib.sha256(data).hexdigest() != meta["model_sha256"]:
+        raise CheckpointError(f"{uri} is not the model.pt that meta.json describes (its SHA-256 differs: a write "
+                              "was interrupted, or the file was replaced)")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickled code, a truncated zip: refused, never run
+        first = (str(e).splitlines() or [""])[0].split(". ")[0]  # torch's advice runs on for lines
+        raise CheckpointError(f"{uri} is not a plain state dict ({type(e).__name__}: {first})") from None
+    try:
+        model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arguments"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{storage.join(path, META)}: {meta['architecture']} cannot be built with arguments "
+                              f"{meta['arguments']}: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{uri} holds a {type(state).__name__}, not a state dict")
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    misshapen = sorted(k for k in set(own) & set(state)
+                       if not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape)
+    if missing or unexpected or misshapen:
+        raise CheckpointError(
+            f"{uri} does not fit the {meta['architecture']} that meta.json names: {len(missing)} tensors missing, "
+            f"{len(unexpected)} unexpected, {len(misshapen)} of another shape (e.g. "
+            f"{(missing or unexpected or misshapen)[0]})")
     model.load_state_dict(state)
     return model.to(device).eval(), meta
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import posixpath
 import re
 import unicodedata
@@ -28,6 +29,7 @@ import pyarrow as pa
 from kemo import outputs, storage
 from kemo.classes import EMOTIONS, KOREAN_NAMES, UNKNOWN, class_index
 from kemo.schema import MANIFEST, SPLITS
+from kemo.settings import InputSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,6 @@ IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff
 ANNOTATORS = ("A", "B", "C")
 ANNOTATOR_KEYS = ("annot_", "facebb_")  # releases differ (faceBB_A …); keys are compared lower-cased
 MAX_JSON_DEPTH = 32  # an AI-Hub label file nests 5 deep (list → record → annotator → boxes → value)
-MAX_LABEL_BYTES = 1 << 30  # the largest real label file is tens of MB
 MAX_COORD = 65535  # no JPEG is larger: a coordinate beyond it is a broken box, not a big face
 AGE_RANGE = (0, 120)
 _PERSON = re.compile(r"^([0-9a-fA-F]{64})(?:_|$)")
@@ -45,9 +46,9 @@ MANIFEST_FILE = "manifest.parquet"
 REPORT = "report.json"
 
 
-@dataclass
-class IndexConfig:
-    """Index an AI-Hub root into a manifest of labelled images."""
+@dataclass(kw_only=True)
+class IndexConfig(InputSettings):
+    """Index an AI-Hub root into a manifest of labelled images (label files, too, are read within --max-bytes)."""
 
     root: str = field(metadata={"help": "AI-Hub root: local path or s3://bucket/prefix"})
     output: str = field(metadata={"help": "output directory (local or s3://): manifest.parquet, report.json"})
@@ -234,6 +235,12 @@ def _valid_utf8(text: str) -> bool:
         return False
 
 
+def _shown(rel: str) -> str:
+    """A listed key as report text: names that are not UTF-8 shown as cp949 (what a Korean archive holds)."""
+    return "/".join(part if _valid_utf8(part) else part.encode("utf-8", "surrogateescape").decode("cp949", "replace")
+                    for part in rel.split("/"))
+
+
 def _is_label_file(rel_nfc: str) -> bool:
     name = posixpath.basename(rel_nfc)
     return name.lower().endswith(".json") and ("[라벨]" in rel_nfc or name.startswith("img_emotion"))
@@ -294,16 +301,18 @@ def balanced_sample(rows: list[dict[str, Any]], per_class: int, seed: int) -> tu
 
 
 def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
-          per_class: int = 0, label_files_limit: int = 0) -> tuple[pa.Table, dict[str, Any]]:
-    """(manifest table, report) for an AI-Hub root. Nothing is written."""
-    entries = [e for e in storage.list_files(root) if not storage.os_metadata(e.rel)]
+          per_class: int = 0, label_files_limit: int = 0, inputs: InputSettings | None = None
+          ) -> tuple[pa.Table, dict[str, Any]]:
+    """(manifest table, report) for an AI-Hub root. Nothing is written. Entries that are not readable files (broken
+    or outside links, FIFOs, devices, unlistable folders) are reported, and never become manifest rows."""
+    inputs = inputs or InputSettings()
+    entries = [e for e in storage.list_input(root, inputs.links) if not storage.os_metadata(e.rel)]
     images: dict[str, list[storage.FileEntry]] = defaultdict(list)
     label_files, undecodable = [], []
+    problems = [{"path": _shown(e.rel), "status": e.status, "error": e.error} for e in entries if e.status]
     for e in entries:
         if not _valid_utf8(e.rel):  # e.g. cp949 bytes from `unzip` of a Korean zip: rename with convmv first
-            undecodable.append("/".join(part if _valid_utf8(part) else
-                                        part.encode("utf-8", "surrogateescape").decode("cp949", "replace")
-                                        for part in e.rel.split("/")))
+            undecodable.append(_shown(e.rel))
             continue
         rel = unicodedata.normalize("NFC", e.rel)
         ext = posixpath.splitext(rel)[1].lower()
@@ -316,8 +325,10 @@ def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
         label_files = sorted(label_files, key=lambda e: e.rel)[:label_files_limit]
 
     report: dict[str, Any] = {"root": root, "label_files": [], "bad_records": [], "missing_images": [],
-                              "duplicate_records": [], "ambiguous_images": [], "boxes": Counter(),
-                              "no_person_id": 0, "no_box": 0}
+                              "duplicate_records": [], "ambiguous_images": [], "unusable_images": [],
+                              "boxes": Counter(), "no_person_id": 0, "no_box": 0, "links": inputs.links,
+                              "not_files": dict(sorted(Counter(p["status"] for p in problems).items())),
+                              "not_file_entries": problems}
     claimed: dict[str, str] = {}  # image uri → label file that claimed it
     rows, folder_counts = [], defaultdict(Counter)
     for lf in label_files:
@@ -326,12 +337,14 @@ def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
         release = _release(lf_rel)
         source = release.rsplit("/", 1)[-1]
         try:
-            if lf.size > MAX_LABEL_BYTES:
-                raise ValueError(f"label file of {lf.size} bytes exceeds the {MAX_LABEL_BYTES}-byte limit")
-            records, encoding = decode_json(storage.read_bytes(lf.uri))
+            if lf.status:
+                raise ValueError(f"{lf.status}: {lf.error}")
+            if lf.size > inputs.max_bytes:
+                raise ValueError(f"label file of {lf.size} bytes exceeds the {inputs.max_bytes}-byte limit")
+            records, encoding = decode_json(storage.read_bounded(lf.uri, inputs.max_bytes))
             if not isinstance(records, list):
                 raise ValueError("top level is not a list of records")
-        except (ValueError, json.JSONDecodeError) as e:
+        except (ValueError, OSError) as e:  # OSError: unreadable, vanished, a FIFO (never read)
             report["label_files"].append({"path": lf_rel, "error": str(e)})
             log.warning("unreadable label file %s: %s", lf_rel, e)
             continue
@@ -354,11 +367,15 @@ def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
             if len(candidates) > 1:  # prefer the same release folder and emotion; report the ambiguity
                 korean = KOREAN_NAMES[folder] if folder != UNKNOWN else "\0"
                 candidates = sorted(candidates, key=lambda e: (
-                    _release(unicodedata.normalize("NFC", e.rel)) != release,
+                    bool(e.status), _release(unicodedata.normalize("NFC", e.rel)) != release,
                     korean not in unicodedata.normalize("NFC", e.rel), e.rel))
                 report["ambiguous_images"].append({"filename": name, "chosen": candidates[0].rel,
                                                    "candidates": len(candidates)})
             entry = candidates[0]
+            if entry.status:  # a broken or outside link, a FIFO…: the record is reported, its "image" never opened
+                report["unusable_images"].append({"label_file": lf_rel, "filename": name, "path": entry.rel,
+                                                  "status": entry.status, "error": entry.error})
+                continue
             if entry.uri in claimed:
                 report["duplicate_records"].append({"label_file": lf_rel, "filename": name,
                                                     "first_in": claimed[entry.uri]})
@@ -374,7 +391,7 @@ def index(root: str, seed: int = 0, shares: tuple[float, ...] = (0.8, 0.1, 0.1),
 
     report["undecodable_names"] = undecodable
     report["orphan_images"] = sorted(unicodedata.normalize("NFC", e.rel) for v in images.values() for e in v
-                                     if e.uri not in claimed)
+                                     if e.uri not in claimed and not e.status)
     report["boxes"] = dict(report["boxes"])
     report["folder_purity"] = {
         (KOREAN_NAMES[f] if f != UNKNOWN else "?"): round(c[f] / sum(c.values()), 4) if f != UNKNOWN else None
@@ -411,7 +428,9 @@ def summarize(report: dict[str, Any]) -> str:
              f"records without image: {len(report['missing_images'])}, images without record: "
              f"{len(report['orphan_images'])}, bad records: {len(report['bad_records'])}, "
              f"duplicate records: {len(report['duplicate_records'])}, undecodable names: "
-             f"{len(report['undecodable_names'])}, boxes: {report['boxes']}"]
+             f"{len(report['undecodable_names'])}, boxes: {report['boxes']}",
+             f"entries that are not files (never opened): {report['not_files'] or 0}, records whose image is one: "
+             f"{len(report['unusable_images'])}"]
     if "sample" in report:
         s = report["sample"]
         for name, c in s["classes"].items():
@@ -429,7 +448,8 @@ def run(cfg: IndexConfig) -> dict[str, Any]:
         raise ValueError(f"--split needs three non-negative shares, got {cfg.split!r}")
     out = outputs.Output(cfg.output, KIND)
     out.manifest()  # another kind of output is refused before the corpus is listed
-    table, report = index(cfg.root, cfg.seed, shares, cfg.per_class, label_files_limit=1 if cfg.smoke_test else 0)
+    table, report = index(cfg.root, cfg.seed, shares, cfg.per_class, label_files_limit=1 if cfg.smoke_test else 0,
+                          inputs=cfg)
     settings = dataclasses.asdict(cfg)
     settings.pop("output")
     fingerprint = {"settings": settings, "manifest_sha256": outputs.table_sha256(table)}
@@ -455,20 +475,25 @@ def load_manifest(uri: str) -> pa.Table:
     return storage.read_parquet(out.path(MANIFEST_FILE))
 
 
-def load_or_index(input: str, index_dir: str, per_class: int = 0, seed: int = 0, index: bool = True
-                  ) -> pa.Table | None:
+def load_or_index(input: str, index_dir: str, per_class: int = 0, seed: int = 0, index: bool = True,
+                  inputs: InputSettings | None = None) -> pa.Table | None:
     """The manifest a job works on: ``input`` is a manifest .parquet, an index output, or an AI-Hub root, which is
     then indexed into ``index_dir`` (once: a resumed job reuses its own index and refuses one of other settings).
     ``index=False``: None where indexing would be needed, so that nothing is written."""
     if input.endswith(".parquet"):
         return load_manifest(input)
+    if not storage.is_s3(input) and os.path.isfile(input):
+        raise NotADirectoryError(f"--input {input} is a file, not a folder: give an AI-Hub root, an index output or a "
+                                 "manifest .parquet")
     try:
         return load_manifest(input)  # an index output directory
     except FileNotFoundError:
         if storage.exists(storage.join(input, MANIFEST_FILE)):
             raise ValueError(f"{input} holds an index that was never committed (crashed?): "
                              "run jobs/index.py again") from None
-    wanted = IndexConfig(root=input, output=index_dir, per_class=per_class, seed=seed)
+    inputs = inputs or InputSettings()
+    wanted = IndexConfig(root=input, output=index_dir, per_class=per_class, seed=seed, max_bytes=inputs.max_bytes,
+                         links=inputs.links)
     try:  # a different index would silently change the inputs
         # an index committed by an older kemo has no fingerprint: indexed again
         previous = (outputs.Output(index_dir, KIND).committed().get("fingerprint") or {}).get("settings")
@@ -480,7 +505,7 @@ def load_or_index(input: str, index_dir: str, per_class: int = 0, seed: int = 0,
             return None
         log.info("indexing %s into %s", input, index_dir)
         run(wanted)
-    elif outputs.plain(expected) != previous:
+    elif outputs.plain(expected) != {**dataclasses.asdict(InputSettings()), **previous}:  # older: no such keys
         raise ValueError(f"{index_dir} indexes {previous['root']} with per_class={previous['per_class']}, "
                          f"seed={previous['seed']}; use a new --output for other inputs")
     return load_manifest(index_dir)
