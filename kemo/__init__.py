@@ -1,8 +1,9 @@
 """kemo: Korean facial-emotion recognition at corpus scale, on Ray.
 
-Jobs start Ray (``kemo.resources.connect``) only once they know they have work for it: flag errors, refusals and
-reruns with nothing to do answer without it. Importing kemo makes ultralytics offline
-(no weight, font or pip downloads at run time) unless the caller has already decided otherwise.
+Label and preprocess start Ray (``kemo.resources.connect``) only once they know they have work for it, so flag
+errors, refusals and reruns with nothing to do answer without it; the other jobs' doors call ``ray.init()``.
+Importing kemo makes ultralytics offline (no weight, font or pip downloads at run time) unless the caller has
+already decided otherwise.
 """
 
 import os

@@ -84,9 +84,14 @@ def parser_for(cls: type, description: str | None = None) -> argparse.ArgumentPa
 
 
 def parse(cls: type[T], argv: list[str] | None = None) -> T:
-    """Build ``cls`` from command-line flags generated from its fields."""
-    ns = parser_for(cls).parse_args(argv)
-    return cls(**vars(ns))
+    """Build ``cls`` from command-line flags generated from its fields; a value the config refuses (its
+    ``__post_init__`` raises ValueError) is a usage error, as a wrong flag is."""
+    parser = parser_for(cls)
+    ns = parser.parse_args(argv)
+    try:
+        return cls(**vars(ns))
+    except ValueError as e:
+        parser.error(str(e))
 
 
 @contextlib.contextmanager

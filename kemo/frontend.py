@@ -63,7 +63,7 @@ class FrontEnd:
         if size is not None and size > self.max_bytes:  # known from the listing: not even opened
             return Prepared("too_large", f"file of {size} bytes exceeds the {self.max_bytes}-byte limit")
         try:
-            data = storage.read_bounded(row["uri"], self.max_bytes, check_head)
+            data = storage.read_bounded(row["uri"], self.max_bytes, check_head, row.get("file_id"))
         except DecodeError as e:  # not an image, from its first bytes: the rest is never read
             return Prepared(e.status, str(e))
         except storage.TooLarge as e:  # the listing said less (a file growing, a size the OS does not know)

@@ -178,10 +178,11 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 
 class PixelBudget:
-    """Bounds the pixels that the decoder threads of one process hold at once: each decode takes its frame's pixels
-    from the budget before it allocates them and gives them back when its caller is done with the frame. A frame
-    larger than the whole budget waits until it can run alone; nothing is refused for its size here (``max_pixels``
-    does that)."""
+    """Bounds the pixels that the decoder threads of one process decode at once: each decode takes its frame's pixels
+    from the budget before it starts (a JPEG at its DCT-reduced size, anything else whole) and gives them back when
+    it ends. A frame larger than the whole budget waits until it can run alone; nothing is refused for its size here
+    (``max_pixels`` does that). Frames kept after decoding are bounded otherwise: each is reduced (short side >=
+    ``min_side``), so a batch holds its photos at a few megapixels each."""
 
     def __init__(self, pixels: int):
         self.total, self.free = max(1, pixels), max(1, pixels)
@@ -204,8 +205,7 @@ class PixelBudget:
 def decode(data: bytes, min_side: int = 0, max_pixels: int = MAX_PIXELS, max_scale: int = 8,
            budget: PixelBudget | None = None) -> Decoded:
     """Decode photo bytes into an upright RGB frame, reduced by up to ``max_scale`` while the short side stays
-    >= ``min_side``. With ``budget``, the decode waits for its pixels' share (held for the decode itself: the caller
-    that keeps the frame takes its share with :meth:`PixelBudget.hold`)."""
+    >= ``min_side``. With ``budget``, the decode waits for its pixels' share of it, held while it decodes."""
     header, im = probe(data, max_pixels)
     scale = min(reduction_for(header.width, header.height, min_side), max_scale)
     if header.format == "jpeg" and not _jpeg_complete(data):

@@ -31,7 +31,7 @@ from kemo.device import torch_device
 from kemo.frontend import FrontEnd, Prepared
 from kemo.resources import ActorResources, connect, resolve_resources
 from kemo.schema import LABELS, TRANSIENT
-from kemo.settings import CropSettings, DetectorSettings, InputSettings, crop_fingerprint
+from kemo.settings import CropSettings, DetectorSettings, InputSettings, crop_fingerprint, input_defaults
 
 log = logging.getLogger(__name__)
 KIND = outputs.LABELS
@@ -39,7 +39,8 @@ PARTS = "parts"
 CSV = "labels.csv"
 FORMATS = ("parquet", "csv")
 PHOTO = pa.schema([LABELS.field(n) for n in ("uri", "size", "mtime_ns", "etag")])  # a listed photo version
-LISTED = pa.schema([*PHOTO, LABELS.field("status"), LABELS.field("error")])  # … and what the listing found it to be
+# … and what the listing found it to be; file_id ties a local read to the very file listed (storage.read_bounded)
+LISTED = pa.schema([*PHOTO, LABELS.field("status"), LABELS.field("error"), ("file_id", pa.string())])
 SMOKE_FILES = 16
 KEYS = ["uri", "size", "mtime_ns", "etag", "face", "status", "label_name"]  # what the skip rule and summary read
 
@@ -201,7 +202,7 @@ def snapshot(cfg: LabelConfig) -> tuple[pa.Table, int]:
     entries = storage.list_input(cfg.input, cfg.links, etags=True)
     kept = [e for e in entries if not storage.os_metadata(e.rel)]
     rows = [{"uri": e.uri, "size": e.size, "mtime_ns": e.mtime_ns, "etag": e.etag, "status": e.status,
-             "error": e.error} for e in kept]
+             "error": e.error, "file_id": e.file_id} for e in kept]
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["uri"]), schema=LISTED)
     return (table.slice(0, SMOKE_FILES) if cfg.smoke_test else table), len(entries) - len(kept)
 
@@ -380,7 +381,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     formats = _check(cfg)
     fingerprint = _fingerprint(cfg)
-    out = outputs.Output(cfg.output, KIND)
+    out = outputs.Output(cfg.output, KIND, older=input_defaults())
     out.check_claim(fingerprint)  # another setup's labels are refused before anything is listed or written
     if fingerprint["weights_sha256"]:  # actors load exactly the weights fingerprinted here, from fetch_weights' cache
         cfg = dataclasses.replace(cfg, weights_sha256=fingerprint["weights_sha256"])

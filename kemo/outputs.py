@@ -189,11 +189,13 @@ def content_sha256(files: list[dict[str, Any]]) -> str:
 class Output:
     """One output directory of one kind (index, crops, labels, detector, classifier-report, benchmark)."""
 
-    def __init__(self, uri: str, kind: str):
+    def __init__(self, uri: str, kind: str, older: dict[str, Any] | None = None):
+        """``older``: fingerprint keys added after outputs of this kind were first written, with the value older
+        runs had; a fingerprint recorded without them is compared as if it held those values."""
         if not storage.is_s3(uri) and os.path.isfile(uri):
             raise NotADirectoryError(f"output {uri} is a file, not a directory: give a directory (new or an output "
                                      f"of this kind, {kind})")
-        self.uri, self.kind = uri, kind
+        self.uri, self.kind, self.older = uri, kind, plain(older or {})
         self.held: Lease | None = None  # while a run holds the lease, every write of the commit checks it first
 
     def path(self, *parts: str) -> str:
@@ -230,7 +232,8 @@ class Output:
             manifest = self.committed()
         except (FileNotFoundError, Damaged):
             return None
-        return manifest if manifest.get("fingerprint") == plain(fingerprint) else None
+        recorded = manifest.get("fingerprint")
+        return manifest if recorded is not None and {**self.older, **recorded} == plain(fingerprint) else None
 
     def files(self, folder: str) -> list[str]:
         """The committed files under ``folder``, as URIs (readers read these, never a listing)."""
@@ -257,7 +260,7 @@ class Output:
             previous = storage.read_json(self.path(RUN))
         except FileNotFoundError:
             return False
-        fingerprint = plain(fingerprint)
+        fingerprint, previous = plain(fingerprint), {**self.older, **previous}
         if previous != fingerprint:
             changed = sorted(k for k in {*fingerprint, *previous} if previous.get(k) != fingerprint.get(k))
             raise ValueError(f"{self.uri} holds a {self.kind} output of another run, another setup (differs in "

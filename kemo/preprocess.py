@@ -30,7 +30,7 @@ from kemo.detector.registry import check_detector, verify_detector
 from kemo.frontend import FrontEnd, Prepared
 from kemo.resources import ActorResources, connect, resolve_resources
 from kemo.schema import CROP, IDENTITY, TRANSIENT
-from kemo.settings import CropSettings, DetectorSettings, InputSettings, crop_fingerprint
+from kemo.settings import CropSettings, DetectorSettings, InputSettings, crop_fingerprint, input_defaults
 
 log = logging.getLogger(__name__)
 KIND = outputs.CROPS
@@ -123,16 +123,16 @@ def _rewrite_without(output: str, name: str, drop: pa.Array) -> tuple[pa.Table, 
     return keep, receipt
 
 
-def resume(output: str) -> tuple[set[str], int]:
+def resume(output: str, rewrite: bool = True) -> tuple[set[str], int]:
     """(photos already done, photos to do again): shards lose their transient-failure rows, so a rerun processes
-    those photos again."""
+    those photos again (``rewrite=False``: the same answer, the shards left as they are)."""
     done, dropped = set(), 0
     for name, t in outputs.read_parts(output, SHARDS, ["image_id", "status"]).items():
         retry = pc.is_in(t.column("status"), pa.array(TRANSIENT))
         n = pc.sum(retry).as_py() or 0
-        if n:
+        if n and rewrite:
             _rewrite_without(output, name, retry)  # its remaining rows, under their own name
-            dropped += n
+        dropped += n
         done.update(t.filter(pc.invert(retry)).column("image_id").to_pylist())
     return done, dropped
 
@@ -243,7 +243,7 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     check_detector(cfg)  # here, not later inside every actor's constructor
-    out = outputs.Output(cfg.output, KIND)
+    out = outputs.Output(cfg.output, KIND, older={"max_bytes": input_defaults()["max_bytes"]})
     done_before = _current(out, cfg)
     if done_before is not None:
         log.info("%s already holds these crops, committed: nothing to do, nothing written", cfg.output)
@@ -254,6 +254,13 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
         if cfg.smoke_test:
             manifest = manifest.slice(0, SMOKE_ROWS)
         claim = fingerprint(cfg, manifest)
+        out.check_claim(claim)  # another setup's crops: refused before anything changes
+        done, retried = resume(cfg.output, rewrite=False)
+        if set(manifest.column("image_id").to_pylist()) - done:
+            # Ray only for photos to process (finishing a run that died before its commit needs none), and before
+            # the claim: a cluster that cannot take this output refuses it unchanged
+            cfg = resolve_resources(cfg, connect())
+            check_output_reachable(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))
         out.claim(claim)
         if claim["weights_sha256"]:  # actors load exactly the weights fingerprinted here, from fetch_weights' cache
             cfg = dataclasses.replace(cfg, weights_sha256=claim["weights_sha256"])
@@ -264,9 +271,6 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
                      ", ".join(TRANSIENT))
         pending = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"),
                                                      pa.array(sorted(done), pa.string()))))
-        if pending.num_rows:  # Ray only for photos to process: finishing a run that died before its commit needs none
-            cfg = resolve_resources(cfg, connect())
-            check_output_reachable(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))
         log.info("%d photos: %d already in shards, %d to process with %s (%d actors × %d decoders, %g GPU each, "
                  "batch %d, %d in flight per actor)", manifest.num_rows, manifest.num_rows - pending.num_rows,
                  pending.num_rows, cfg.detector, cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size,

@@ -32,8 +32,8 @@ IDENTITY = ("image_id", "uri", "person_id", "split", "label", "agree_n", "box")
 # One row per input photo, whatever happened to it. `face_box` is the cropped face, xyxy pixels of the full-resolution
 # upright frame; `crop` is a JPEG of crop_size² (null unless status is ok). Statuses: ok, no_face, read_error,
 # decode_error, too_large, unsupported_format, special_file (a FIFO, socket or device: never opened), broken_link
-# (dangling, looping, a cycle), outside_link (its target leaves the input; not followed), error (an unexpected
-# failure, with its message in `error`).
+# (dangling or looping), outside_link (its target leaves the input; not followed), folder_link (a link to a folder
+# listed already, under its own path), error (an unexpected failure, with its message in `error`).
 CROP = pa.schema([
     *(MANIFEST.field(name) for name in IDENTITY),
     ("detector", pa.string()),
@@ -48,7 +48,7 @@ CROP = pa.schema([
     ("crop", pa.binary()),
 ])
 STATUSES = ("ok", "no_face", "read_error", "decode_error", "too_large", "unsupported_format", "special_file",
-            "broken_link", "outside_link", "error")
+            "broken_link", "outside_link", "folder_link", "error")
 # transient (throttling, a network blip, a GPU out of memory): every job does these photos again on a rerun
 TRANSIENT = ("read_error", "error")
 

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from kemo.image import MAX_PIXELS
+from kemo.storage import LINKS
 
 
 @dataclass(kw_only=True)
@@ -35,7 +36,8 @@ class CropSettings:
     jpeg_quality: int = field(default=95, metadata={
         "help": "crop JPEG quality; labelling passes crops through it before the classifier, as training crops were "
                 "(0 = not)"})
-    decode_min_side: int = field(default=1000, metadata={"help": "DCT-reduce JPEGs while the short side stays >= this"})
+    decode_min_side: int = field(default=1000, metadata={
+        "help": "decode photos reduced (JPEG by DCT scaling) while the short side stays >= this"})
     max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "refuse larger photos as too_large"})
 
 
@@ -47,6 +49,17 @@ class InputSettings:
         "help": "refuse larger files as too_large: no job reads more than this many bytes (+1) of any input file"})
     links: str = field(default="inside", metadata={
         "help": "symlinks: inside (followed only when the target stays inside the input) or anywhere"})
+
+    def __post_init__(self) -> None:
+        if self.links not in LINKS:
+            raise ValueError(f"--links {self.links!r}: choose from {', '.join(LINKS)}")
+        if self.max_bytes < 1:
+            raise ValueError(f"--max-bytes {self.max_bytes}: give a positive number of bytes")
+
+
+def input_defaults() -> dict[str, object]:
+    """The input settings as older outputs' fingerprints lack them (they came later): the values those runs used."""
+    return dataclasses.asdict(InputSettings())
 
 
 def crop_fingerprint(detector: DetectorSettings, crop: CropSettings) -> dict[str, object]:

@@ -8,6 +8,7 @@ How outputs are committed is :mod:`kemo.outputs`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -99,6 +100,10 @@ class NotAFile(OSError):
     """A FIFO, socket or device where a file was expected: it is never read (a FIFO would block for ever)."""
 
 
+class Changed(OSError):
+    """A local file that is no longer the one listed (a link re-pointed, a file replaced): not read."""
+
+
 @dataclass(frozen=True)
 class FileEntry:
     rel: str  # root-relative key with '/' separators, exactly as stored (not normalised; surrogate-escaped if need be)
@@ -106,9 +111,11 @@ class FileEntry:
     size: int
     mtime_ns: int | None
     etag: str | None = None  # S3 with etags=True: changes with the content even within LastModified's second
-    # set when the entry is not a readable file: broken_link, outside_link, special_file or read_error (with why)
+    # set when the entry is not a readable file: broken_link, outside_link, folder_link, special_file or
+    # read_error (with why)
     status: str | None = None
     error: str | None = None
+    file_id: str | None = None  # local files: "device:inode" of what was listed (a link's target), see read_bounded
 
 
 def os_metadata(rel: str) -> bool:
@@ -150,61 +157,88 @@ def _kind(mode: int) -> str:
             stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(mode), "not a regular file")
 
 
+def _file_id(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}"
+
+
 def _walk_local(base: str, links: str) -> list[FileEntry]:
     """Every entry under ``base``: regular files (and links the policy follows to one) as plain entries, everything
     else as an entry with a status; no entry ever raises. ``links="inside"`` follows a symlink only when its target
-    (resolved) stays inside the resolved root; a directory link back into its own ancestors is a cycle, not followed.
+    (resolved) stays inside the resolved root. Each real folder is walked once: the real tree first, then the folder
+    links in the order found, so a link to a folder already listed (its own ancestor, a sibling, a second link to the
+    same place) is a ``folder_link`` entry, and links between folders cannot multiply the listing.
     """
     if links not in LINKS:
         raise ValueError(f"--links {links!r}: choose from {', '.join(LINKS)}")
     real_root = os.path.realpath(base)
     out: list[FileEntry] = []
 
+    def rel(path: str) -> str:
+        return os.path.relpath(path, base).replace(os.sep, "/")
+
     def entry(path: str, st: os.stat_result | None, status: str | None = None, error: str | None = None) -> None:
-        out.append(FileEntry(os.path.relpath(path, base).replace(os.sep, "/"), local_uri(path),
-                             st.st_size if st and status is None else 0, st.st_mtime_ns if st else None,
-                             status=status, error=error))
+        out.append(FileEntry(rel(path), local_uri(path), st.st_size if st and status is None else 0,
+                             st.st_mtime_ns if st else None, status=status, error=error,
+                             file_id=_file_id(st) if st and status is None else None))
 
     root_st = os.stat(base)
-    stack = [(base, frozenset({(root_st.st_dev, root_st.st_ino)}))]
-    while stack:
-        directory, ancestors = stack.pop()
-        try:
-            with os.scandir(directory) as it:
-                items = sorted(it, key=lambda d: d.name)
-        except OSError as e:  # permissions, I/O: the directory's entries cannot be known; it gets the row
-            entry(directory, None, "read_error", f"cannot list this directory: {e.strerror or e}")
-            continue
-        for item in items:
-            path = item.path
+    listed = {(root_st.st_dev, root_st.st_ino): base}  # real folder → the path it is listed under
+    folder_links: list[tuple[str, os.stat_result, os.stat_result]] = []  # (link, its lstat, its target's stat)
+
+    def walk(start: str) -> None:
+        queue = collections.deque([start])
+        while queue:
+            directory = queue.popleft()
             try:
-                st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode):
-                    try:
-                        target = os.path.realpath(path, strict=True)
-                    except OSError as e:
-                        why = "a symlink loop" if e.errno == errno.ELOOP else "a dangling symlink"
-                        entry(path, st, "broken_link", f"{why} ({os.readlink(path)!r}): {e.strerror or e}")
-                        continue
-                    if links == "inside" and not _inside(target, real_root):
-                        entry(path, st, "outside_link", f"a symlink to {local_uri(target)}, outside the input: not "
-                                                        "followed (--links anywhere follows it)")
-                        continue
-                    tst = os.stat(target)
-                else:
-                    tst = st
-                if stat.S_ISDIR(tst.st_mode):
-                    key = (tst.st_dev, tst.st_ino)
-                    if key in ancestors:
-                        entry(path, st, "broken_link", "a symlink to a directory that holds it: a cycle, not followed")
+                with os.scandir(directory) as it:
+                    items = sorted(it, key=lambda d: d.name)
+            except OSError as e:  # permissions, I/O: the folder's entries cannot be known; it gets the row
+                entry(directory, None, "read_error", f"cannot list this folder: {e.strerror or e}")
+                continue
+            for item in items:
+                path = item.path
+                try:
+                    st = os.lstat(path)
+                    if stat.S_ISLNK(st.st_mode):
+                        try:
+                            target = os.path.realpath(path, strict=True)
+                        except OSError as e:
+                            why = "a symlink loop" if e.errno == errno.ELOOP else "a dangling symlink"
+                            entry(path, st, "broken_link", f"{why} ({os.readlink(path)!r}): {e.strerror or e}")
+                            continue
+                        if links == "inside" and not _inside(target, real_root):
+                            entry(path, st, "outside_link", f"a symlink to {local_uri(target)}, outside the input: "
+                                                            "not followed (--links anywhere follows it)")
+                            continue
+                        tst = os.stat(target)
+                        if stat.S_ISDIR(tst.st_mode):
+                            folder_links.append((path, st, tst))  # after the real tree
+                            continue
                     else:
-                        stack.append((path, ancestors | {key}))
-                elif stat.S_ISREG(tst.st_mode):
-                    entry(path, tst)
-                else:
-                    entry(path, st, "special_file", f"{_kind(tst.st_mode)}: never opened")
-            except OSError as e:  # vanished or unreadable between the listing and its stat
-                entry(path, None, "read_error", f"{type(e).__name__}: {e.strerror or e}")
+                        tst = st
+                    if stat.S_ISDIR(tst.st_mode):
+                        key = (tst.st_dev, tst.st_ino)
+                        if key in listed:  # the same folder mounted twice
+                            entry(path, st, "folder_link", f"the folder listed as {rel(listed[key])}: not listed twice")
+                        else:
+                            listed[key] = path
+                            queue.append(path)
+                    elif stat.S_ISREG(tst.st_mode):
+                        entry(path, tst)
+                    else:
+                        entry(path, st, "special_file", f"{_kind(tst.st_mode)}: never opened")
+                except OSError as e:  # vanished or unreadable between the listing and its stat
+                    entry(path, None, "read_error", f"{type(e).__name__}: {e.strerror or e}")
+
+    walk(base)
+    for path, st, tst in folder_links:  # grows while linked folders are walked
+        key = (tst.st_dev, tst.st_ino)
+        if key in listed:
+            entry(path, st, "folder_link", f"a symlink to the folder listed as {rel(listed[key])}: its photos have "
+                                           "their rows there")
+        else:
+            listed[key] = path
+            walk(path)
     return out
 
 
@@ -212,7 +246,8 @@ def list_input(root: str, links: str = "inside", etags: bool = False) -> list[Fi
     """Every entry under a job's input ``root`` (recursive), sorted by key; no single entry fails the listing.
 
     Regular files come back plain. Locally, what is not one (a dangling or looping symlink, a symlink the ``links``
-    policy does not follow, a FIFO, socket or device, an unlistable directory) comes back with ``status`` and
+    policy does not follow, a link to a folder listed already, a FIFO, socket or device, an unlistable folder) comes
+    back with ``status`` and
     ``error`` set, for the job to give it its row. Names that are not UTF-8 keep their bytes (``FileEntry.uri``).
     S3 "folder" marker keys are not files. ``etags=True`` lists S3 with boto3, whose ListObjectsV2 answer carries each
     object's ETag (pyarrow drops it).
@@ -268,11 +303,12 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def _read_upto(read: Callable[[int], bytes], limit: int, have: int) -> list[bytes]:
-    """Chunks from ``read`` until EOF or ``limit`` + 1 bytes in all (``have`` already read): never more."""
-    chunks = []
+def _read_upto(read: Callable[[int], bytes], limit: int, have: int, size: int | None) -> list[bytes]:
+    """Chunks from ``read`` until EOF or ``limit`` + 1 bytes in all (``have`` already read): never more. A known
+    ``size`` is asked for in one read (on S3 one ranged GET, not one per MiB); past it, or without it, 1 MiB at once."""
+    chunks, want = [], (size - have + 1) if size is not None else 1 << 20
     while have <= limit:
-        chunk = read(min(1 << 20, limit + 1 - have))
+        chunk = read(min(max(want, 1 << 20), limit + 1 - have))
         if not chunk:
             break
         chunks.append(chunk)
@@ -280,13 +316,16 @@ def _read_upto(read: Callable[[int], bytes], limit: int, have: int) -> list[byte
     return chunks
 
 
-def read_bounded(uri: str, limit: int, check_head: Callable[[bytes], object] | None = None) -> bytes:
+def read_bounded(uri: str, limit: int, check_head: Callable[[bytes], object] | None = None,
+                 file_id: str | None = None) -> bytes:
     """A whole input file of at most ``limit`` bytes, reading at most ``limit`` + 1 (``TooLarge`` beyond).
 
-    A size the file system knows at open time (``fstat``, S3's Content-Length) over ``limit`` is refused unread; the
+    A size the file system knows at open time (``fstat``, S3's Content-Length) over the limit is refused unread; the
     read itself stops at ``limit`` + 1 whatever was said. Locally only a regular file is read: the open never blocks
-    (``O_NONBLOCK``: a FIFO has no writer) and a FIFO, socket or device raises ``NotAFile``. ``check_head`` sees the
-    first ``HEAD_BYTES`` before the rest is read and may raise to stop there (a file that is no image is not read on).
+    (``O_NONBLOCK``: a FIFO has no writer) and a FIFO, socket or device raises ``NotAFile``. With the listing's
+    ``file_id``, a file that is no longer the one listed (a symlink re-pointed outside the input since) raises
+    ``Changed``, unread. ``check_head`` sees the first ``HEAD_BYTES`` before the rest is read and may raise to stop
+    there (a file that is no image is not read on).
     """
     def finish(size: int | None, read: Callable[[int], bytes]) -> bytes:
         if size is not None and size > limit:
@@ -294,21 +333,25 @@ def read_bounded(uri: str, limit: int, check_head: Callable[[bytes], object] | N
         head = read(min(HEAD_BYTES, limit + 1))
         if check_head is not None:
             check_head(head)
-        data = b"".join([head, *_read_upto(read, limit, len(head))])
+        data = b"".join([head, *_read_upto(read, limit, len(head), size)])
         if len(data) > limit:
             raise TooLarge(f"file of more than {limit} bytes exceeds the {limit}-byte limit")
         return data
 
     if not is_s3(uri):
         path = local_path(uri)
-        mode = os.stat(path).st_mode  # a FIFO is not even opened (that alone wakes a writer waiting on it)
-        if not stat.S_ISREG(mode):
-            raise NotAFile(f"{_kind(mode)}: never read")
+
+        def check(st: os.stat_result) -> None:
+            if not stat.S_ISREG(st.st_mode):
+                raise NotAFile(f"{_kind(st.st_mode)}: never read")
+            if file_id is not None and _file_id(st) != file_id:
+                raise Changed("not the file that was listed (replaced, or a symlink re-pointed since): not read")
+
+        check(os.stat(path))  # a FIFO is not even opened (that alone wakes a writer waiting on it)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with open(fd, "rb", buffering=0) as f:
             st = os.fstat(fd)  # of what was opened, whatever the name points to by now
-            if not stat.S_ISREG(st.st_mode):
-                raise NotAFile(f"{_kind(st.st_mode)}: never read")
+            check(st)
             return finish(st.st_size, f.read)
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not _pyarrow_addressable(key):

@@ -79,6 +79,10 @@ def build(root: Path, outside: Path) -> tuple[dict[str, str | None], Untouchable
     os.symlink("missing.jpg", root / "dangling.jpg")
     os.symlink("loop.jpg", root / "loop.jpg")
     os.symlink(".", root / "inner" / "cycle")  # a directory link to its own parent
+    for a, b in (("a", "b"), ("b", "c"), ("c", "a")):  # folders linking each other: walked once each, not 3! times
+        (root / "mesh" / a).mkdir(parents=True)
+        os.symlink(f"../{b}", root / "mesh" / a / f"to_{b}")
+    (root / "mesh" / "a" / "m.jpg").write_bytes(photo(5))
     os.mkfifo(root / "pipe.jpg")  # a FIFO named like a photo: opening it to read would block for ever
     os.symlink("/dev/zero", root / "zero.jpg")  # a device: endless bytes
     guard = Untouchable(outside / "secret.fifo")
@@ -86,6 +90,7 @@ def build(root: Path, outside: Path) -> tuple[dict[str, str | None], Untouchable
     (outside / "dir").mkdir()
     (outside / "dir" / "away.jpg").write_bytes(photo(2))
     os.symlink(outside / "dir", root / "outdir")
+    os.symlink(outside / "dir", root / "outdir2")  # the same outside folder again
     (outside / "away.jpg").write_bytes(photo(3))
     os.symlink(outside / "away.jpg", root / "away.jpg")
     with open(root / "sparse.jpg", "wb") as f:  # 2 GB that occupies no disk: must be refused, never read
@@ -94,11 +99,12 @@ def build(root: Path, outside: Path) -> tuple[dict[str, str | None], Untouchable
     with open(os.path.join(os.fsencode(root), NON_UTF8), "wb") as f:
         f.write(photo(4))
     expected: dict[str, str | None] = {
-        "plain.jpg": None, "inner/real.jpg": None, "inner/link.jpg": None, "innerdir/real.jpg": None,
-        "innerdir/link.jpg": None, os.fsdecode(NON_UTF8): None,
-        "dangling.jpg": "broken_link", "loop.jpg": "broken_link", "inner/cycle": "broken_link",
-        "innerdir/cycle": "broken_link", "pipe.jpg": "special_file", "zero.jpg": "outside_link",
-        "secret.jpg": "outside_link", "outdir": "outside_link", "away.jpg": "outside_link", "sparse.jpg": "too_large",
+        "plain.jpg": None, "inner/real.jpg": None, "inner/link.jpg": None, os.fsdecode(NON_UTF8): None,
+        "mesh/a/m.jpg": None, "dangling.jpg": "broken_link", "loop.jpg": "broken_link",
+        "inner/cycle": "folder_link", "innerdir": "folder_link", "mesh/a/to_b": "folder_link",
+        "mesh/b/to_c": "folder_link", "mesh/c/to_a": "folder_link", "pipe.jpg": "special_file",
+        "zero.jpg": "outside_link", "secret.jpg": "outside_link", "outdir": "outside_link",
+        "outdir2": "outside_link", "away.jpg": "outside_link", "sparse.jpg": "too_large",
     }
     return expected, guard
 
@@ -106,5 +112,6 @@ def build(root: Path, outside: Path) -> tuple[dict[str, str | None], Untouchable
 def anywhere(expected: dict[str, str | None]) -> dict[str, str | None]:
     """The same folder with ``--links anywhere``: outside targets are followed (a device or FIFO still never read)."""
     out = {k: v for k, v in expected.items() if v != "outside_link"}
-    out.update({"zero.jpg": "special_file", "secret.jpg": "special_file", "outdir/away.jpg": None, "away.jpg": None})
+    out.update({"zero.jpg": "special_file", "secret.jpg": "special_file", "outdir/away.jpg": None, "away.jpg": None,
+                "outdir2": "folder_link"})
     return out

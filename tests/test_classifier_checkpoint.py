@@ -61,7 +61,7 @@ class _Payload:
         return (print, ("pickled code ran",))
 
 
-def test_a_checkpoint_that_is_not_what_its_meta_says_is_refused_in_one_line(tmp_path):
+def test_a_checkpoint_that_is_not_what_its_meta_says_is_refused_in_one_line(tmp_path, capsys):
     path = str(tmp_path / "ckpt")
     save_checkpoint(path, create_model("kemotionnet", blocks=[1, 1, 1, 1]), "kemotionnet", {"blocks": [1, 1, 1, 1]},
                     image_size=48)
@@ -73,6 +73,8 @@ def test_a_checkpoint_that_is_not_what_its_meta_says_is_refused_in_one_line(tmp_
         "does not fit the resnet18 that meta.json names": ({**good, "architecture": "resnet18", "arguments": {}}, None),
         "names architecture 'vit_h14'": ({**good, "architecture": "vit_h14"}, None),
         "'classes' is missing": ({k: v for k, v in good.items() if k != "classes"}, None),
+        "three numbers each": ({**good, "normalize": {"mean": [0.5], "std": [0.5]}}, None),
+        "'image_size' must be": ({**good, "image_size": 0}, None),
         "is not a plain state dict": (good, forged.getvalue()),  # pickled code, its hash recorded: never run
         "truncated": (good, weights[: len(weights) // 2]),
     }
@@ -87,6 +89,7 @@ def test_a_checkpoint_that_is_not_what_its_meta_says_is_refused_in_one_line(tmp_
         else:
             assert "is not a plain state dict" in text, text
         _with(path, good, weights)
+    assert "pickled code ran" not in capsys.readouterr().out  # refused, never run
     assert load_checkpoint(path)[1]["architecture"] == "kemotionnet"  # the right files load again
     storage.write_bytes(storage.join(path, "meta.json"), b"{not json")
     with pytest.raises(CheckpointError, match="is not JSON"):

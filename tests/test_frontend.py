@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from PIL import Image
 
 from kemo import storage
 from kemo.frontend import FrontEnd
 from kemo.settings import CropSettings, DetectorSettings
 from tests import hostile
-from tests.photos import jpeg, scene
+from tests.photos import jpeg, pil_bytes, scene
 
 
 def test_a_photo_goes_through_read_decode_detect_and_crop(tmp_path):
@@ -62,3 +64,16 @@ def test_rows_of_the_hostile_folder_get_their_status_within_seconds_and_bounded_
     (prep,), _ = front.detect([{"uri": "/dev/zero"}])
     assert prep.status == "special_file" and "character device" in prep.error
     assert not guard.close()
+
+
+def test_a_pixel_budget_smaller_than_every_photo_decodes_them_one_at_a_time(tmp_path):
+    for i in range(8):
+        (tmp_path / f"{i}.png").write_bytes(pil_bytes(Image.fromarray(scene(400, 300)), "PNG"))
+    front = FrontEnd(DetectorSettings(detector="none"), CropSettings(crop_size=64), decoders=4,
+                     max_bytes=1 << 20, decode_pixels=1)
+    rows = [{"uri": str(tmp_path / f"{i}.png")} for i in range(8)]
+    with ThreadPoolExecutor(1) as pool:  # a deadlock fails the test instead of hanging it
+        prepared, _ = pool.submit(front.detect, rows).result(timeout=60)
+    # the whole-photo detector needs only the crop size: PNGs kept reduced by 4, as a JPEG would be
+    assert all(p.decoded is not None and p.decoded.image.shape == (75, 100, 3) for p in prepared)
+    assert front.budget.free == front.budget.total == 1

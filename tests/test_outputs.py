@@ -97,6 +97,21 @@ def test_claim_refuses_another_setup_and_is_written_once(tmp_path):
         out.claim({"a": (1, 3)})
 
 
+def test_an_older_fingerprint_without_a_later_key_is_read_with_its_old_value(tmp_path):
+    """Outputs made before a setting existed: their claim and commit count as that setting's old value, so a rerun
+    with the default resumes (or finds nothing to do) and only another value is refused."""
+    old = outputs.Output(str(tmp_path / "out"), "test")
+    old.claim({"a": 1})
+    with old.lease():
+        old.commit([old.write_json("summary.json", {"n": 1}), old.claim_receipt()], {}, {"a": 1})
+    new = outputs.Output(str(tmp_path / "out"), "test", older={"links": "inside"})
+    assert new.check_claim({"a": 1, "links": "inside"}) and new.current({"a": 1, "links": "inside"}) is not None
+    assert old.current({"a": 1, "links": "inside"}) is None  # without `older`, another fingerprint
+    with pytest.raises(ValueError, match="differs in links"):
+        new.check_claim({"a": 1, "links": "anywhere"})
+    assert new.current({"a": 1, "links": "anywhere"}) is None
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_second_run_is_refused_with_the_holders_name(where, tmp_path, request):
     root = root_for(where, tmp_path, request)

@@ -46,10 +46,11 @@ def test_a_listing_never_fails_on_an_entry_and_follows_links_only_inside_the_inp
         odd = by_rel[os.fsdecode(hostile.NON_UTF8)]
         assert odd.uri.startswith("file://") and storage.read_bytes(odd.uri) == hostile.photo(4)  # readable back
         assert storage.local_path(odd.uri) == os.path.join(str(tmp_path / "in"), os.fsdecode(hostile.NON_UTF8))
-        assert by_rel["innerdir/real.jpg"].size == len(hostile.photo(1))  # a followed link: its target's size
+        assert by_rel["inner/link.jpg"].size == len(hostile.photo(1))  # a followed link: its target's size
         assert "outside the input" in by_rel["outdir"].error and "--links anywhere" in by_rel["outdir"].error
         assert "loop" in by_rel["loop.jpg"].error and "dangling" in by_rel["dangling.jpg"].error
-        assert "cycle" in by_rel["inner/cycle"].error and "FIFO" in by_rel["pipe.jpg"].error
+        assert "listed as inner" in by_rel["inner/cycle"].error and "listed as inner" in by_rel["innerdir"].error
+        assert "listed as mesh/b" in by_rel["mesh/a/to_b"].error and "FIFO" in by_rel["pipe.jpg"].error
         anywhere = {e.rel: e.status for e in storage.list_input(str(tmp_path / "in"), links="anywhere")}
         assert anywhere == {k: (None if v == "too_large" else v) for k, v in hostile.anywhere(expected).items()}
         # the output store's own listing: regular files only
@@ -94,7 +95,31 @@ def test_bounded_reads_open_only_regular_files_and_never_read_past_the_limit(tmp
     with pytest.raises(ValueError, match="not wanted"):
         storage.read_bounded(str(root / "plain.jpg"), 1 << 20, refuse)
     assert heads == [data[:storage.HEAD_BYTES]]  # the format is judged on the first bytes alone
+    with pytest.raises(storage.TooLarge, match="more than 10 bytes"):  # procfs says 0 bytes: the read itself stops
+        storage.read_bounded("/proc/self/status", 10)
     assert not guard.close()
+
+
+def test_a_file_that_changed_since_it_was_listed_is_not_read(tmp_path, monkeypatch):
+    expected, guard = hostile.build(tmp_path / "in", tmp_path / "out")
+    root = tmp_path / "in"
+    link = next(e for e in storage.list_input(str(root)) if e.rel == "inner/link.jpg")
+    assert storage.read_bounded(link.uri, 1 << 20, file_id=link.file_id) == hostile.photo(1)
+    os.remove(root / "inner" / "link.jpg")
+    os.symlink(tmp_path / "out" / "away.jpg", root / "inner" / "link.jpg")  # re-pointed outside after the listing
+    with pytest.raises(storage.Changed):
+        storage.read_bounded(link.uri, 1 << 20, file_id=link.file_id)
+    os.remove(root / "inner" / "link.jpg")
+    os.symlink(guard.path, root / "inner" / "link.jpg")  # … or at the FIFO outside: not even opened
+    with pytest.raises(storage.NotAFile):
+        storage.read_bounded(link.uri, 1 << 20, file_id=link.file_id)
+    assert not guard.close()
+    # a FIFO swapped in between the stat and the open: the open does not block, fstat refuses it
+    real_stat, regular = os.stat, os.stat(root / "plain.jpg")
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: regular if str(p).endswith("pipe.jpg")
+                        else real_stat(p, *a, **k))
+    with pytest.raises(storage.NotAFile, match="FIFO"):
+        storage.read_bounded(str(root / "pipe.jpg"), 1 << 20)
 
 
 def test_bounded_reads_of_s3_objects(s3_bucket, moto_endpoint):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from kemo.classifier.registry import MODELS, create_model
 from kemo.config import code_version
 
 MODEL, META = "model.pt", "meta.json"
+MAX_META_BYTES, MAX_MODEL_BYTES = 1 << 20, 4 << 30  # bounded reads of regular files: a FIFO or a device is refused
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
@@ -55,10 +57,12 @@ def read_meta(path: str) -> dict[str, Any]:
     """A checkpoint's ``meta.json``, checked: every key a reader needs, of its type, and a known architecture."""
     uri = storage.join(path, META)
     try:
-        meta = storage.read_json(uri)
+        meta = json.loads(storage.read_bounded(uri, MAX_META_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{uri} not found: --checkpoint takes a directory holding model.pt and meta.json") \
             from None
+    except (storage.TooLarge, storage.NotAFile) as e:
+        raise CheckpointError(f"{uri}: {e}") from None
     except ValueError as e:  # not JSON, not UTF-8
         raise CheckpointError(f"{uri} is not JSON: {e}") from None
     if not isinstance(meta, dict):
@@ -66,6 +70,14 @@ def read_meta(path: str) -> dict[str, Any]:
     for key, kind in META_KEYS.items():
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{uri}: {key!r} is missing or not a {kind.__name__}")
+    norm = meta["normalize"]
+    if not all(isinstance(norm.get(k), list) and len(norm[k]) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in norm[k]) for k in ("mean", "std")):
+        raise CheckpointError(f"{uri}: 'normalize' needs 'mean' and 'std', three numbers each")
+    if isinstance(meta["image_size"], bool) or meta["image_size"] <= 0:
+        raise CheckpointError(f"{uri}: 'image_size' must be a positive number of pixels")
+    if not meta["classes"] or not all(isinstance(c, str) for c in meta["classes"]):
+        raise CheckpointError(f"{uri}: 'classes' must be the class names, in order")
     if meta["architecture"] not in MODELS:
         raise CheckpointError(f"{uri} names architecture {meta['architecture']!r}, which this kemo does not know "
                               f"({', '.join(MODELS)})")
@@ -77,7 +89,10 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str
     ``meta.json`` says (another architecture, a forged or truncated ``model.pt``) raises ``CheckpointError``."""
     meta = read_meta(path)
     uri = storage.join(path, MODEL)
-    data = storage.read_bytes(uri)
+    try:
+        data = storage.read_bounded(uri, MAX_MODEL_BYTES)
+    except (storage.TooLarge, storage.NotAFile) as e:
+        raise CheckpointError(f"{uri}: {e}") from None
     if hashlib.sha256(data).hexdigest() != meta["model_sha256"]:
         raise CheckpointError(f"{uri} is not the model.pt that meta.json describes (its SHA-256 differs: a write "
                               "was interrupted, or the file was replaced)")

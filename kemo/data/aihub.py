@@ -485,6 +485,8 @@ def load_or_index(input: str, index_dir: str, per_class: int = 0, seed: int = 0,
     if not storage.is_s3(input) and os.path.isfile(input):
         raise NotADirectoryError(f"--input {input} is a file, not a folder: give an AI-Hub root, an index output or a "
                                  "manifest .parquet")
+    if not storage.is_s3(input) and not os.path.isdir(input):
+        raise FileNotFoundError(f"--input {input}: no such folder")
     try:
         return load_manifest(input)  # an index output directory
     except FileNotFoundError:
@@ -507,5 +509,7 @@ def load_or_index(input: str, index_dir: str, per_class: int = 0, seed: int = 0,
         run(wanted)
     elif outputs.plain(expected) != {**dataclasses.asdict(InputSettings()), **previous}:  # older: no such keys
         raise ValueError(f"{index_dir} indexes {previous['root']} with per_class={previous['per_class']}, "
-                         f"seed={previous['seed']}; use a new --output for other inputs")
+                         f"seed={previous['seed']}, links={previous.get('links', 'inside')}, "
+                         f"max_bytes={previous.get('max_bytes', InputSettings().max_bytes)}; use a new --output for "
+                         "other inputs")
     return load_manifest(index_dir)

@@ -26,14 +26,15 @@ import pyarrow as pa
 
 from kemo import storage
 from kemo.crop import clip_box, valid_box
-from kemo.image import DecodeError, decode, largest_reduction, probe
+from kemo.image import DecodeError, check_head, decode, largest_reduction, probe
+from kemo.settings import InputSettings
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(InputSettings):
     """Export upright, downsized photos and YOLO face labels, split by person."""
 
     input: str = field(metadata={"help": "index output directory or manifest .parquet (local or s3://)"})
@@ -87,7 +88,7 @@ def yolo_line(box: list[float], width: int, height: int) -> str | None:
     return f"0 {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}"
 
 
-def export_one(row: dict[str, Any], split: str, out: str, max_side: int) -> str:
+def export_one(row: dict[str, Any], split: str, out: str, max_side: int, max_bytes: int) -> str:
     """Write one photo and its label; returns ``exported``, ``skipped`` (already there) or an error status."""
     name = file_id(row["image_id"])
     image_path = os.path.join(out, "images", split, f"{name}.jpg")
@@ -95,7 +96,13 @@ def export_one(row: dict[str, Any], split: str, out: str, max_side: int) -> str:
     if os.path.exists(label_path) and os.path.exists(image_path):  # the label is written last
         return "skipped"
     try:
-        data = storage.read_bytes(row["uri"])
+        data = storage.read_bounded(row["uri"], max_bytes, check_head)
+    except DecodeError as e:
+        return e.status
+    except storage.TooLarge:
+        return "too_large"
+    except storage.NotAFile:
+        return "special_file"
     except Exception:
         return "read_error"
     try:
@@ -175,7 +182,8 @@ def run(cfg: ExportConfig, manifest: pa.Table | None = None) -> dict[str, Any]:
     stale = _reconcile(cfg.output, {s: {file_id(r["image_id"]): file_key(r, cfg.max_side) for r in chosen[s]}
                                     for s in SPLITS})
     with ThreadPoolExecutor(cfg.jobs or os.cpu_count() or 1) as pool:  # cv2 decode/encode release the GIL
-        results = list(pool.map(lambda j: export_one(j[0], j[1], cfg.output, cfg.max_side), jobs))
+        results = list(pool.map(lambda j: export_one(j[0], j[1], cfg.output, cfg.max_side, cfg.max_bytes),
+                                 jobs))
     statuses = Counter(results)
     if stale:
         statuses["removed_stale"] = stale

@@ -43,6 +43,7 @@ from kemo.detector import modules
 from kemo.detector.export import STAMP, ExportConfig
 from kemo.detector.export import run as export
 from kemo.detector.metrics import Predictions, detection_map, primary_face_recall, ultralytics_map
+from kemo.settings import InputSettings
 
 log = logging.getLogger(__name__)
 KIND = outputs.DETECTOR
@@ -53,7 +54,7 @@ RESERVED = ("data", "epochs", "imgsz", "batch", "device", "workers", "seed", "pr
 
 
 @dataclass
-class TrainDetectorConfig:
+class TrainDetectorConfig(InputSettings):
     """Fine-tune a face detector on the corpus' annotated faces and report Table 4 (before/after)."""
 
     input: str = field(metadata={"help": "AI-Hub root, index output directory or manifest .parquet (local or s3://)"})
@@ -342,7 +343,9 @@ def table4(source: dict[str, Any], before: dict[str, Any] | None, after: dict[st
 
 
 def _fingerprint(cfg: TrainDetectorConfig, source: dict[str, Any], manifest: Any) -> dict[str, Any]:
-    ignored = ("input", "output", "weights", "weights_sha256", "model", "work", "gpus", "cpus", "workers", "device")
+    # the input settings change the manifest (hashed below) or only which broken photos are left out of the export
+    ignored = ("input", "output", "weights", "weights_sha256", "model", "work", "gpus", "cpus", "workers", "device",
+               "max_bytes", "links")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     settings["train_args"] = train_args(cfg)
     return {"settings": settings, "source_sha256": source["sha256"],
@@ -362,7 +365,7 @@ def run(cfg: TrainDetectorConfig, callbacks: dict[str, Any] | None = None) -> di
                                   imgsz=min(cfg.imgsz, SMOKE["imgsz"]))
     train_args(cfg)  # fail now, not after the export
     source = resolve_source(cfg)
-    manifest = aihub.load_or_index(cfg.input, storage.join(cfg.output, "index"), seed=cfg.seed)
+    manifest = aihub.load_or_index(cfg.input, storage.join(cfg.output, "index"), seed=cfg.seed, inputs=cfg)
     fingerprint = _fingerprint(cfg, source, manifest)
     out = outputs.Output(cfg.output, KIND)
     manifest_before = out.manifest()
@@ -387,7 +390,8 @@ def _train_and_commit(cfg: TrainDetectorConfig, out: outputs.Output, lease: outp
         log.warning("%s: %d photos have a face box, fewer than --images %d: splitting those 8:1:1", cfg.input, images,
                     cfg.images)
     exported = export(ExportConfig(input=cfg.input, output=dataset, counts=split_counts(images),
-                                   max_side=cfg.max_side or 2 * cfg.imgsz, seed=cfg.seed), manifest=manifest)
+                                   max_side=cfg.max_side or 2 * cfg.imgsz, seed=cfg.seed, max_bytes=cfg.max_bytes),
+                      manifest=manifest)
     counts = exported["counts"]
     if counts["train"] == 0 or counts["val"] == 0 or counts["test"] == 0:
         raise ValueError(f"too few photos with a face box for a train/val/test split: {counts}")
