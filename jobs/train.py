@@ -12,15 +12,12 @@ confusion.png, curves.png, config.json and, last, _commit.json. A rerun skips fi
 
 import logging
 
-import ray
-
 from kemo.classifier.experiment import TrainConfig, run
 from kemo.config import parse, refusals
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse(TrainConfig)
-    ray.init()
     with refusals():
         report = run(cfg)
     for row in report["rows"]:

@@ -1,7 +1,7 @@
 """kemo: Korean facial-emotion recognition at corpus scale, on Ray.
 
-Label and preprocess start Ray (``kemo.resources.connect``) only once they know they have work for it, so flag
-errors, refusals and reruns with nothing to do answer without it; the other jobs' doors call ``ray.init()``.
+Label, preprocess and train start Ray (``kemo.resources.connect``) only once they know they have work for it, so
+flag errors, refusals and reruns with nothing to do answer without it; the other jobs' doors call ``ray.init()``.
 Importing kemo makes ultralytics offline (no weight, font or pip downloads at run time) unless the caller has
 already decided otherwise.
 """

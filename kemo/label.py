@@ -376,8 +376,6 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     A rerun with nothing new writes nothing and loads no model. Photos listed before keep their rows; a replaced
     photo's old rows are superseded by its new ones.
     """
-    import ray
-
     t0 = time.perf_counter()
     formats = _check(cfg)
     fingerprint = _fingerprint(cfg)
@@ -407,12 +405,15 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
 
         load_checkpoint(cfg.checkpoint)
         verify_detector(cfg)
+        # then Ray, and actors sized for its nodes: a request no node can hold is refused before any file is written
+        import ray
+
+        cfg = resolve_resources(cfg, connect())
+        _check_reachable(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
     labelled, run_statuses = 0, Counter()
     with out.lease() as lease:
         out.claim(fingerprint)
         if pending.num_rows:
-            cfg = resolve_resources(cfg, connect())
-            _check_reachable(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
             log.info("labelling with %s + %s: %d actors × %d decoders, %g GPU each, batch %d", cfg.detector,
                      fingerprint["architecture"], cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size)
             labelled, run_statuses = _label_pending(cfg, pending)

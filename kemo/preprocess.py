@@ -123,14 +123,14 @@ def _rewrite_without(output: str, name: str, drop: pa.Array) -> tuple[pa.Table, 
     return keep, receipt
 
 
-def resume(output: str, rewrite: bool = True) -> tuple[set[str], int]:
+def resume(output: str) -> tuple[set[str], int]:
     """(photos already done, photos to do again): shards lose their transient-failure rows, so a rerun processes
-    those photos again (``rewrite=False``: the same answer, the shards left as they are)."""
+    those photos again."""
     done, dropped = set(), 0
     for name, t in outputs.read_parts(output, SHARDS, ["image_id", "status"]).items():
         retry = pc.is_in(t.column("status"), pa.array(TRANSIENT))
         n = pc.sum(retry).as_py() or 0
-        if n and rewrite:
+        if n:
             _rewrite_without(output, name, retry)  # its remaining rows, under their own name
         dropped += n
         done.update(t.filter(pc.invert(retry)).column("image_id").to_pylist())
@@ -239,8 +239,6 @@ def _current(out: outputs.Output, cfg: PreprocessConfig) -> dict[str, Any] | Non
 
 def run(cfg: PreprocessConfig) -> dict[str, Any]:
     """Preprocess ``cfg.input`` into committed crop shards under ``cfg.output``; returns the summary."""
-    import ray
-
     t0 = time.perf_counter()
     check_detector(cfg)  # here, not later inside every actor's constructor
     out = outputs.Output(cfg.output, KIND, older={"max_bytes": input_defaults()["max_bytes"]})
@@ -249,18 +247,17 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
         log.info("%s already holds these crops, committed: nothing to do, nothing written", cfg.output)
         return {**done_before, "seconds": round(time.perf_counter() - t0, 2)}
     verify_detector(cfg)  # weights that do not load fail here, before the lease or any file is written
+    # Ray, and actors sized for its nodes, before anything is written: a request that no node can hold, or a cluster
+    # that cannot take this output, is refused with the output unchanged
+    import ray
+
+    cfg = resolve_resources(cfg, connect())
+    check_output_reachable(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))
     with out.lease() as lease:
         manifest = load_input(cfg)
         if cfg.smoke_test:
             manifest = manifest.slice(0, SMOKE_ROWS)
         claim = fingerprint(cfg, manifest)
-        out.check_claim(claim)  # another setup's crops: refused before anything changes
-        done, retried = resume(cfg.output, rewrite=False)
-        if set(manifest.column("image_id").to_pylist()) - done:
-            # Ray only for photos to process (finishing a run that died before its commit needs none), and before
-            # the claim: a cluster that cannot take this output refuses it unchanged
-            cfg = resolve_resources(cfg, connect())
-            check_output_reachable(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))
         out.claim(claim)
         if claim["weights_sha256"]:  # actors load exactly the weights fingerprinted here, from fetch_weights' cache
             cfg = dataclasses.replace(cfg, weights_sha256=claim["weights_sha256"])

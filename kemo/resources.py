@@ -1,12 +1,17 @@
-"""What each actor of a Ray Data pool reserves, and how the automatic values are filled from the cluster."""
+"""What each actor of a Ray Data pool reserves, how the automatic values are filled from the nodes that will run the
+actors, and the refusal of a request that no node can hold."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 R = TypeVar("R", bound="ActorResources")
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the cluster config on the head node
 
 
 @dataclass(kw_only=True)
@@ -23,33 +28,111 @@ class ActorResources:
         "help": "pixels an actor's decoder threads decode at once (~10 bytes each): a larger photo decodes alone"})
 
 
-def connect() -> dict[str, float]:
+@dataclass(frozen=True)
+class Node:
+    """What one node offers an actor: an alive node, or a node type that the cluster's autoscaler can start."""
+
+    name: str  # the node's IP address, or "node type <name>" for one the autoscaler can start
+    cpus: float
+    gpus: float
+    launchable: bool = False
+
+    def holds(self, cpus: float, gpus: float) -> bool:
+        return self.cpus >= cpus and self.gpus >= gpus
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.cpus:g} CPU, {self.gpus:g} GPU)"
+
+
+def cluster_nodes() -> list[Node]:
+    """The alive nodes, then the worker node types the autoscaler may start (from the cluster config it publishes,
+    which Ray Train reads too); none on a fixed cluster or an embedded Ray."""
+    import ray
+
+    nodes = [Node(n.get("NodeManagerAddress", "?"), float(n["Resources"].get("CPU", 0)),
+                  float(n["Resources"].get("GPU", 0))) for n in ray.nodes() if n.get("Alive")]
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # no autoscaler state on this Ray: a fixed cluster
+        config = None
+    for group in (config.node_group_configs if config else []):
+        if group.max_count != 0:
+            nodes.append(Node(f"node type {group.name}", float(group.resources.get("CPU", 0)),
+                              float(group.resources.get("GPU", 0)), launchable=True))
+    if not config or not config.node_group_configs:
+        nodes += _bootstrap_node_types(os.path.expanduser(BOOTSTRAP_CONFIG))
+    return nodes
+
+
+def _bootstrap_node_types(path: str) -> list[Node]:
+    """The worker node types of the cluster config that `ray up` leaves on the head node (where `ray job submit`
+    runs drivers) for its autoscaler: JSON despite the name, with each type's CPUs filled in from its instance type
+    (a count still missing is unknown: inf)."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(config, dict):
+        return []
+    head = config.get("head_node_type")
+    out = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        if name == head or not isinstance(spec, dict) or not spec.get("max_workers"):
+            continue
+        res = spec.get("resources") or {}
+        out.append(Node(f"node type {name}", float(res.get("CPU", math.inf)), float(res.get("GPU", 0)),
+                        launchable=True))
+    return out
+
+
+def connect() -> list[Node]:
     """Ray, for a job that has work for it: the instance this process is already connected to (a test's, a caller's),
     else ``ray.init()``: the cluster that ``RAY_ADDRESS`` or ``ray job submit`` names, or an embedded one. Jobs call
     it once they know they have work, so a refusal or a rerun with nothing to do answers without starting Ray.
-    Returns the cluster's resources."""
+    Returns the nodes that can run actors (:func:`cluster_nodes`)."""
     import ray
 
     if not ray.is_initialized():
         ray.init()
-    return ray.cluster_resources()
+    return cluster_nodes()
 
 
-def resolve_resources(cfg: R, cluster: dict[str, float]) -> R:
-    """Fill the automatic resource knobs from the cluster's resources (the nodes up now: on an autoscaling cluster
-    that has not scaled up yet, give --gpus-per-actor and --decoders explicitly). Any config with these fields."""
-    gpus = int(cluster.get("GPU", 0))
-    cpus = int(cluster.get("CPU", 1))
-    gpa = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if gpus else 0.0)
-    # up to 8 decoders per GPU, but never more CPUs than a GPU's share of the node (g5.xlarge: 4 vCPUs, 1 GPU)
-    decoders = cfg.decoders or (max(1, min(8, cpus // max(gpus, 1) - 1)) if gpa else 1)
+def resolve_resources(cfg: R, nodes: list[Node]) -> R:
+    """Fill the automatic resource knobs from the nodes that will run the actors, then check that one can.
+
+    A GPU actor's CPUs come from the GPU nodes themselves, the smallest of them (one CPU a GPU node keeps for the
+    rest: writers, Ray's own): never from cluster-wide totals, where CPU-only nodes and the head would promise CPUs
+    that no GPU node has. Node types an autoscaler can start count as nodes. A request that no node can hold is
+    refused here, naming the request and the nodes, instead of waiting for ever. Any config with these fields.
+    """
+    gpu_nodes = [n for n in nodes if n.gpus >= 1]
+    gpa = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if gpu_nodes else 0.0)
+    if cfg.decoders:
+        decoders = cfg.decoders
+    elif gpa:
+        # up to 8 decoders per GPU actor, within its share of its node (g5.xlarge: 4 vCPUs, 1 GPU → 3)
+        shares = [n.cpus // max(1, int(n.gpus // gpa)) - 1 for n in nodes if n.gpus >= gpa and n.cpus]
+        decoders = max(1, min(8, int(min(shares)))) if shares else 1
+    else:
+        decoders = 1
+    alive = [n for n in nodes if not n.launchable]
     if cfg.actors:
         actors = cfg.actors
     elif gpa:
-        actors = max(1, int(gpus / gpa))
+        actors = max(1, sum(min(int(n.gpus // gpa), int(n.cpus // decoders)) for n in alive if n.holds(decoders, gpa)))
     else:
-        actors = max(1, cpus // decoders)
+        actors = max(1, sum(int(n.cpus // decoders) for n in alive))
+    check_placeable(decoders, gpa, nodes, "actor", "--decoders or --gpus-per-actor")
     batch = cfg.batch_size or (64 if gpa else 16)
     calls = cfg.calls_per_actor or (2 if gpa else 1)
     return dataclasses.replace(cfg, gpus_per_actor=gpa, decoders=decoders, actors=actors, batch_size=batch,
                                calls_per_actor=calls)
+
+
+def check_placeable(cpus: float, gpus: float, nodes: list[Node], what: str, flags: str) -> None:
+    """Refuse a request for each ``what`` (an actor, a training worker) that no node, alive or launchable, can hold:
+    Ray would only warn that the job may hang for ever."""
+    if not any(n.holds(cpus, gpus) for n in nodes):
+        raise ValueError(f"each {what} asks for {cpus:g} CPU and {gpus:g} GPU, and no node can hold that: "
+                         f"{'; '.join(map(str, nodes)) or 'no nodes'}. Change {flags}, or add a node that can")

@@ -52,20 +52,27 @@ def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops
         run(TrainConfig(shards=(shards,), output=out, models=("resnet50",)))
 
 
-def test_cpu_workers_reserve_their_share_of_the_node():
+def test_cpu_workers_reserve_their_share_of_the_node_and_unplaceable_workers_are_refused():
     from kemo.classifier.experiment import cpus_per_worker
+    from kemo.resources import Node
 
-    def node(cpus, alive=True):
-        return {"Alive": alive, "Resources": {"CPU": cpus}}
+    def node(cpus, gpus=0, launchable=False):
+        return Node("n", cpus, gpus, launchable)
 
     cfg = TrainConfig(shards=("s",), output="o")
     assert cpus_per_worker(cfg, [node(2)]) == 2  # one worker: every core, not Ray's default of one
     assert cpus_per_worker(dataclasses.replace(cfg, workers=2), [node(2)]) == 1
-    assert cpus_per_worker(dataclasses.replace(cfg, workers=2), [node(16), node(16), node(64, alive=False)]) == 16
+    # a node type the autoscaler could start is no CPU of the alive cluster's share
+    assert cpus_per_worker(dataclasses.replace(cfg, workers=2), [node(16), node(16), node(64, launchable=True)]) == 16
     assert cpus_per_worker(dataclasses.replace(cfg, workers=3), [node(8)]) == 2
     assert cpus_per_worker(dataclasses.replace(cfg, workers=8), [node(4)]) == 1  # never below one
-    assert cpus_per_worker(dataclasses.replace(cfg, use_gpu=True), [node(8)]) == 1
+    assert cpus_per_worker(dataclasses.replace(cfg, use_gpu=True), [node(8, 1)]) == 1
     assert cpus_per_worker(dataclasses.replace(cfg, cpus_per_worker=3), [node(8)]) == 3
+    with pytest.raises(ValueError, match="each training worker asks for 1 CPU and 1 GPU, and no node can hold"):
+        cpus_per_worker(dataclasses.replace(cfg, use_gpu=True), [node(8)])
+    with pytest.raises(ValueError, match="asks for 12 CPU"):
+        cpus_per_worker(dataclasses.replace(cfg, cpus_per_worker=12), [node(8), node(8)])
+    assert cpus_per_worker(dataclasses.replace(cfg, use_gpu=True), [node(8), node(8, 1, launchable=True)]) == 1
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import psutil
 import pytest
 
+from kemo import storage
 from kemo.data import aihub
 from kemo.data.synth import SynthConfig, generate
 from kemo.preprocess import read_crops
@@ -150,7 +151,9 @@ def _stop(cluster: LocalCluster) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A head with no CPUs (drivers only, as in cluster.yaml) and a worker node with 2, token auth on both."""
+    """A head with no CPUs (drivers only, as in cluster.yaml), a worker node with 2 CPUs and one with 1 CPU and a
+    declared GPU (Ray lets a CPU machine declare one): a mixed cluster, where jobs with default flags must size
+    their actors for the GPU node itself. Token auth on all three."""
     temp = str(tmp_path_factory.mktemp("ray"))
     own_temp = None
     if len(temp) > 38:  # Ray's unix sockets live under it, and socket paths end at ~107 characters
@@ -170,8 +173,8 @@ def cluster(tmp_path_factory):
     # one temp dir per node, as on separate machines: nodes sharing one share the runtime_resources folder where
     # each node unpacks a job's working dir, and one node's runtime-env agent then deletes or replaces the folder
     # that a driver on the other runs in (seen as FileNotFoundError from os.getcwd() in the driver)
-    head_temp, worker_temp = os.path.join(temp, "h"), os.path.join(temp, "w")
-    logs = [os.path.join(temp, "head.log"), os.path.join(temp, "worker.log")]
+    head_temp, worker_temp, gpu_temp = os.path.join(temp, "h"), os.path.join(temp, "w"), os.path.join(temp, "g")
+    logs = [os.path.join(temp, "head.log"), os.path.join(temp, "worker.log"), os.path.join(temp, "gpu.log")]
     try:
         c.procs.append(_start_node(
             ["--head", "--port", str(_free_port()), "--num-cpus", "0", "--include-dashboard", "true",
@@ -185,7 +188,10 @@ def cluster(tmp_path_factory):
         c.procs.append(_start_node(
             ["--address", c.gcs, "--num-cpus", "2", "--dashboard-agent-listen-port", str(_free_port()),
              "--object-store-memory", str(200 * 2**20), "--temp-dir", worker_temp], env, logs[1]))
-        _wait("two alive nodes", lambda: c.alive_nodes() == 2, c.procs, logs)
+        c.procs.append(_start_node(
+            ["--address", c.gcs, "--num-cpus", "1", "--num-gpus", "1", "--dashboard-agent-listen-port",
+             str(_free_port()), "--object-store-memory", str(200 * 2**20), "--temp-dir", gpu_temp], env, logs[2]))
+        _wait("three alive nodes", lambda: c.alive_nodes() == 3, c.procs, logs)
         yield c
     finally:
         hard = _stop(c)
@@ -197,9 +203,10 @@ def cluster(tmp_path_factory):
             print(f"test cluster: hard-killed {hard}")
 
 
-def submit(cluster: LocalCluster, entrypoint: list[str], env_vars: dict[str, str] | None = None) -> tuple[str, str]:
+def submit(cluster: LocalCluster, entrypoint: list[str], env_vars: dict[str, str] | None = None,
+           submission_id: str | None = None) -> tuple[str, str]:
     """`ray job submit --working-dir .` from the repository root, as the README says; (final status, output)."""
-    sid = f"kemo-test-{uuid.uuid4().hex[:8]}"
+    sid = submission_id or f"kemo-test-{uuid.uuid4().hex[:8]}"
     cmd = [RAY, "job", "submit", "--address", cluster.address, "--submission-id", sid, "--working-dir", "."]
     if env_vars:
         cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
@@ -269,6 +276,25 @@ def test_preprocess_job(cluster, small_corpus, moto_endpoint, s3_bucket, upload_
     assert statuses == ["ok"] * len(ids), [(i, s, e) for i, s, e in
                                           zip(ids, statuses, crops.column("error").to_pylist()) if s != "ok"]
     assert all(c[:2] == b"\xff\xd8" for c in crops.column("crop").to_pylist())  # JPEG bytes
+
+
+def test_a_request_no_node_can_hold_is_refused_in_seconds(cluster, small_corpus, moto_endpoint, s3_bucket,
+                                                          upload_tree):
+    """Two decoders beside a GPU: no node of this cluster has both, so the job says so and ends, instead of waiting
+    for ever as Ray would; nothing is written."""
+    root, _ = small_corpus
+    upload_tree(root, "corpus-refused")
+    out = f"s3://{s3_bucket}/refused"
+    sid = f"kemo-test-{uuid.uuid4().hex[:8]}"
+    status, output = submit(cluster, ["python", "jobs/preprocess.py", "--input", f"s3://{s3_bucket}/corpus-refused",
+                                      "--output", out, "--detector", "annotations", "--decoders", "2"],
+                            s3_env(moto_endpoint), submission_id=sid)
+    assert status == "FAILED", output[-3000:]
+    assert "each actor asks for 2 CPU and 1 GPU, and no node can hold that" in output, output[-3000:]
+    assert "(2 CPU, 0 GPU)" in output and "(1 CPU, 1 GPU)" in output
+    job = json.loads(cluster.get(f"/api/jobs/{sid}"))
+    assert (job["end_time"] - job["start_time"]) / 1000 < 10, job  # the job's own time, from its start
+    assert not [k for k in storage.list_files(f"s3://{s3_bucket}") if k.rel.startswith("refused/_run")]
 
 
 def test_label_job(cluster, small_corpus, moto_endpoint, s3_bucket, upload_tree, tmp_path):

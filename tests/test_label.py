@@ -454,13 +454,18 @@ def test_an_input_or_output_that_is_a_file_is_named_as_such(labelled, tmp_path):
 def test_job_script_smoke_test(folder, checkpoint, tmp_path):
     root, expected = folder
     out = str(tmp_path / "out")
-    proc = subprocess.run([sys.executable, "jobs/label.py", "--input", root, "--output", out, "--checkpoint",
-                           checkpoint, "--detector", "none", "--crop-size", "64", "--smoke-test"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "jobs/label.py", "--input", root, "--output", out, "--checkpoint", checkpoint,
+               "--detector", "none", "--crop-size", "64", "--smoke-test"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(expected) > 16 and "16 files: 16 labelled" in proc.stdout
+    assert "Started a local Ray instance" in proc.stderr  # what the rerun below must not print
     rows = read_labels(out)
     assert rows.num_rows == 16 and set(rows.column("detector").to_pylist()) == {"none"}
+    before = tree_snapshot(out)
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "16 files: 0 labelled" in again.stdout, again.stderr[-3000:]
+    assert "Started a local Ray instance" not in again.stderr and tree_snapshot(out) == before  # no Ray, no write
 
 
 @pytest.mark.slow

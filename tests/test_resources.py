@@ -1,29 +1,77 @@
-"""kemo.resources: the automatic actor-pool knobs, filled from the cluster's resources."""
+"""kemo.resources: the automatic actor-pool knobs, filled from the nodes that will run the actors, and the refusal of
+a request that no node can hold."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from kemo.preprocess import PreprocessConfig
-from kemo.resources import resolve_resources
+from kemo.resources import Node, _bootstrap_node_types, resolve_resources
 
 
 def cfg(**kwargs) -> PreprocessConfig:
     return PreprocessConfig(input="i", output="o", **kwargs)
 
 
+def knobs(r: PreprocessConfig) -> tuple:
+    return r.gpus_per_actor, r.decoders, r.actors, r.batch_size, r.calls_per_actor
+
+
 def test_cpu_only_cluster_one_decoder_per_actor_an_actor_per_cpu():
-    r = resolve_resources(cfg(), {"CPU": 8})
-    assert (r.gpus_per_actor, r.decoders, r.actors, r.batch_size, r.calls_per_actor) == (0.0, 1, 8, 16, 1)
+    assert knobs(resolve_resources(cfg(), [Node("a", 8, 0)])) == (0.0, 1, 8, 16, 1)
+    assert knobs(resolve_resources(cfg(), [Node("head", 0, 0), Node("w1", 2, 0), Node("w2", 4, 0)]))[2] == 6
 
 
-def test_gpu_cluster_one_actor_per_gpu_with_its_share_of_decoders():
-    r = resolve_resources(cfg(), {"CPU": 16, "GPU": 2})
-    # 16 CPUs over 2 GPUs leave 8 a GPU: 7 decoders, one CPU spare for the rest of the node
-    assert (r.gpus_per_actor, r.decoders, r.actors, r.batch_size, r.calls_per_actor) == (1.0, 7, 2, 64, 2)
-    assert resolve_resources(cfg(), {"CPU": 64, "GPU": 1}).decoders == 8  # never more than 8 a GPU
+def test_gpu_nodes_one_actor_per_gpu_with_its_own_nodes_share_of_decoders():
+    # two nodes of 8 CPUs and a GPU: 7 decoders each, one CPU spare on each node for the rest
+    assert knobs(resolve_resources(cfg(), [Node("a", 8, 1), Node("b", 8, 1)])) == (1.0, 7, 2, 64, 2)
+    assert resolve_resources(cfg(), [Node("a", 64, 1)]).decoders == 8  # never more than 8 a GPU
+    # a head of 8 CPUs beside a g5.xlarge (4 CPUs, 1 GPU): the GPU node's share, 3, not the cluster's 11
+    assert knobs(resolve_resources(cfg(), [Node("head", 8, 0), Node("g5", 4, 1)]))[:3] == (1.0, 3, 1)
+    # the smallest GPU node decides: 4-GPU node of 48 CPUs (11 each) and a 1-GPU node of 4 (3)
+    assert resolve_resources(cfg(), [Node("g5.12x", 48, 4), Node("g5.x", 4, 1)]).decoders == 3
+
+
+def test_a_mixed_cluster_with_a_small_gpu_node_gets_a_request_it_can_place():
+    """A 2-CPU node without a GPU and a 1-CPU node with one: the old cluster-wide rule asked {CPU: 2, GPU: 1}."""
+    r = resolve_resources(cfg(), [Node("cpu", 2, 0), Node("gpu", 1, 1)])
+    assert knobs(r)[:3] == (1.0, 1, 1)
+
+
+def test_a_request_no_node_can_hold_is_refused_with_the_request_and_the_nodes():
+    nodes = [Node("10.0.0.1", 2, 0), Node("10.0.0.2", 1, 1)]
+    with pytest.raises(ValueError) as e:
+        resolve_resources(cfg(decoders=2), nodes)
+    assert "2 CPU and 1 GPU" in str(e.value) and "10.0.0.1 (2 CPU, 0 GPU); 10.0.0.2 (1 CPU, 1 GPU)" in str(e.value)
+    with pytest.raises(ValueError, match="0.5 GPU"):
+        resolve_resources(cfg(gpus_per_actor=0.5, decoders=3), nodes)
+    # a node type the autoscaler can start counts: the request waits for it, as it should
+    r = resolve_resources(cfg(decoders=2), [*nodes, Node("node type gpu", 8, 1, launchable=True)])
+    assert (r.decoders, r.actors) == (2, 1)
+
+
+def test_an_autoscaling_cluster_with_no_gpu_node_up_yet_sizes_actors_for_its_gpu_node_type():
+    r = resolve_resources(cfg(), [Node("head", 0, 0), Node("node type gpu", 8, 1, launchable=True)])
+    assert knobs(r)[:3] == (1.0, 7, 1)
 
 
 def test_given_values_are_kept():
     r = resolve_resources(cfg(decoders=3, actors=5, batch_size=7, gpus_per_actor=0.5, calls_per_actor=4),
-                          {"CPU": 16, "GPU": 2})
-    assert (r.gpus_per_actor, r.decoders, r.actors, r.batch_size, r.calls_per_actor) == (0.5, 3, 5, 7, 4)
-    assert resolve_resources(cfg(gpus_per_actor=0), {"CPU": 4, "GPU": 1}).actors == 4  # CPU actors on a GPU cluster
+                          [Node("a", 8, 1), Node("b", 8, 1)])
+    assert knobs(r) == (0.5, 3, 5, 7, 4)
+    assert resolve_resources(cfg(gpus_per_actor=0), [Node("a", 4, 1)]).actors == 4  # CPU actors on a GPU cluster
+
+
+def test_the_node_types_of_a_ray_up_head(tmp_path):
+    """What `ray up` leaves on the head (JSON, CPUs filled in from the instance types), as cluster.yaml shapes it."""
+    path = tmp_path / "ray_bootstrap_config.yaml"
+    path.write_text(json.dumps({"head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 0}, "max_workers": 0},
+        "gpu": {"resources": {"GPU": 1, "CPU": 8}, "max_workers": 8},
+        "gpu4": {"resources": {"GPU": 4}, "max_workers": 2},
+        "off": {"resources": {"CPU": 4}, "max_workers": 0}}}))
+    assert _bootstrap_node_types(str(path)) == [Node("node type gpu", 8, 1, True),
+                                                Node("node type gpu4", float("inf"), 4, True)]
+    assert _bootstrap_node_types(str(tmp_path / "none.yaml")) == []

@@ -182,3 +182,21 @@ def test_conditional_writes_create_once_and_replace_only_an_unchanged_file(where
     assert replaced and v2 != v1 and storage.read_bytes(uri) == b"third"
     assert storage.replace_if_version(uri, b"fourth", v1) == (False, None)  # v1 is gone: refused, unchanged
     assert storage.read_bytes(uri) == b"third"
+
+
+def test_a_folder_that_cannot_be_listed_gets_a_read_error_entry(tmp_path, monkeypatch):
+    """As root (these tests' user) every folder is listable, so the refusal comes from a patched scandir."""
+    (tmp_path / "in" / "locked").mkdir(parents=True)
+    (tmp_path / "in" / "locked" / "x.jpg").write_bytes(b"x")
+    (tmp_path / "in" / "open.jpg").write_bytes(b"y")
+    real = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    entries = {e.rel: (e.status, e.error) for e in storage.list_input(str(tmp_path / "in"))}
+    assert entries == {"open.jpg": (None, None),
+                       "locked": ("read_error", "cannot list this folder: Permission denied")}

@@ -36,7 +36,7 @@ from kemo.benchmark.loops import PLAIN_DECODE, plain_decode, plain_label_loop, p
 from kemo.benchmark.probes import Sampler, machine, marginal, rate, time_each
 from kemo.benchmark.report import markdown, scaling_png
 from kemo.image import decode
-from kemo.resources import resolve_resources
+from kemo.resources import cluster_nodes, resolve_resources
 
 log = logging.getLogger(__name__)
 ALONE = 60  # photos for the timings of one stage alone
@@ -135,7 +135,7 @@ def alone(detector_name: str, cfg: BenchmarkConfig, cluster: dict[str, float]) -
     from kemo.preprocess import CropPhotos, PreprocessConfig
 
     pcfg = resolve_resources(PreprocessConfig(input="-", output="-", detector=detector_name, weights=cfg.weights,
-                                              **crop_settings(cfg)), cluster)
+                                              **crop_settings(cfg)), cluster_nodes())
     torch_threads = torch.get_num_threads()
     udf = CropPhotos(asdict(pcfg))  # its front end sets the actor's torch/cv2 threads in this process
     cv2.setNumThreads(1)
@@ -227,7 +227,6 @@ def kemo_job(manifest: str, detector_name: str, cfg: BenchmarkConfig, out_dir: s
              ) -> dict[str, Any]:
     """The whole preprocess job into a fresh output: its wall time (Ray Data start-up included), summary, resolved
     resources and what was sampled of its workers. ``resources``: PreprocessConfig's actors, decoders, ..."""
-    import ray
 
     from kemo.preprocess import PreprocessConfig
     from kemo.preprocess import run as preprocess
@@ -241,7 +240,7 @@ def kemo_job(manifest: str, detector_name: str, cfg: BenchmarkConfig, out_dir: s
         summary = preprocess(pcfg)
         seconds = time.perf_counter() - t0
     return {"seconds": seconds, "summary": summary, "sampled": sampler.report(),
-            "resources": resources_of(resolve_resources(pcfg, ray.cluster_resources()))}
+            "resources": resources_of(resolve_resources(pcfg, cluster_nodes()))}
 
 
 def preprocess_benchmark(cfg: BenchmarkConfig, cluster: dict[str, float], work: str, rows: list[dict[str, Any]],
@@ -406,7 +405,6 @@ def label_benchmark(cfg: BenchmarkConfig, cluster: dict[str, float], work: str, 
     """kemo's label job against :func:`plain_label_loop` on the same photos, with the same detector and classifier:
     a K-EmotionNet checkpoint with random weights (the speed does not depend on them). kemo's steady rate is timed
     between its first and last part file, written every 16 rows."""
-    import ray
     import torch
 
     from kemo.classifier.checkpoint import save_checkpoint
@@ -442,7 +440,7 @@ def label_benchmark(cfg: BenchmarkConfig, cluster: dict[str, float], work: str, 
         "steady_ratio_vs_plain": round(kemo_steady / plain_steady, 2),
         "kemo_fixed_cost_s": round(max(0.0, kemo_s - n / kemo_steady), 2),
         "statuses": summary["processed_statuses"],
-        "resources": resources_of(resolve_resources(lcfg, ray.cluster_resources())), "sampled": sampler.report(),
+        "resources": resources_of(resolve_resources(lcfg, cluster_nodes())), "sampled": sampler.report(),
     }
 
 

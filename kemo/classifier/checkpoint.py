@@ -12,16 +12,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from kemo import storage
 from kemo.classes import CLASS_NAMES
-from kemo.classifier.registry import MODELS, create_model
 from kemo.config import code_version
+
+if TYPE_CHECKING:  # torch is imported where a model is built: reading meta.json (a rerun's check) needs none
+    import torch
+    from torch import nn
 
 MODEL, META = "model.pt", "meta.json"
 MAX_META_BYTES, MAX_MODEL_BYTES = 1 << 20, 4 << 30  # bounded reads of regular files: a FIFO or a device is refused
@@ -32,6 +33,8 @@ def save_checkpoint(path: str, model: nn.Module, architecture: str, arguments: d
                     image_size: int = 224, normalize: dict[str, list[float]] | None = None,
                     classes: list[str] | tuple[str, ...] = CLASS_NAMES, **extra: Any) -> dict[str, Any]:
     """Write ``model.pt`` then ``meta.json`` (the file a reader checks first) under ``path``; returns the meta."""
+    import torch
+
     model = getattr(model, "module", model)  # DDP-wrapped under Ray Train with several workers
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     buffer = io.BytesIO()
@@ -54,7 +57,8 @@ META_KEYS = {"architecture": str, "arguments": dict, "classes": list, "image_siz
 
 
 def read_meta(path: str) -> dict[str, Any]:
-    """A checkpoint's ``meta.json``, checked: every key a reader needs, of its type, and a known architecture."""
+    """A checkpoint's ``meta.json``, checked: every key a reader needs, of its type (the architecture is checked
+    against the registry where the model is built, :func:`load_checkpoint`)."""
     uri = storage.join(path, META)
     try:
         meta = json.loads(storage.read_bounded(uri, MAX_META_BYTES).decode("utf-8"))
@@ -78,16 +82,20 @@ def read_meta(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{uri}: 'image_size' must be a positive number of pixels")
     if not meta["classes"] or not all(isinstance(c, str) for c in meta["classes"]):
         raise CheckpointError(f"{uri}: 'classes' must be the class names, in order")
-    if meta["architecture"] not in MODELS:
-        raise CheckpointError(f"{uri} names architecture {meta['architecture']!r}, which this kemo does not know "
-                              f"({', '.join(MODELS)})")
     return meta
 
 
 def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode on ``device``, meta) from a checkpoint directory; a checkpoint that is not what its
     ``meta.json`` says (another architecture, a forged or truncated ``model.pt``) raises ``CheckpointError``."""
+    import torch
+
+    from kemo.classifier.registry import MODELS, create_model
+
     meta = read_meta(path)
+    if meta["architecture"] not in MODELS:
+        raise CheckpointError(f"{storage.join(path, META)} names architecture {meta['architecture']!r}, which this "
+                              f"kemo does not know ({', '.join(MODELS)})")
     uri = storage.join(path, MODEL)
     try:
         data = storage.read_bounded(uri, MAX_MODEL_BYTES)
@@ -125,6 +133,8 @@ def input_batch(images: np.ndarray | list[np.ndarray], meta: dict[str, Any], dev
                 ) -> torch.Tensor:
     """uint8 RGB images (N, H, W, 3), any size → the normalised float (N, 3, S, S) batch the checkpoint expects,
     resized exactly as the training data was (:func:`kemo.classifier.data.resize_square`)."""
+    import torch
+
     from kemo.classifier.data import resize_square
 
     size = meta["image_size"]

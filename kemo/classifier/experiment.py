@@ -36,6 +36,7 @@ from kemo.classifier.metrics import classification_report
 from kemo.classifier.networks import KEMOTIONNET_BLOCKS
 from kemo.classifier.registry import MODELS
 from kemo.classifier.train import TRAIN_STATE, RunSpec, evaluate, fit, learning_rate
+from kemo.resources import Node, check_placeable, connect
 
 log = logging.getLogger(__name__)
 KIND = outputs.CLASSIFIER
@@ -97,15 +98,19 @@ def evaluate_checkpoint(path: str, images: np.ndarray, labels: np.ndarray, batch
     return classification_report(confusion.cpu().numpy(), meta["classes"])
 
 
-def cpus_per_worker(cfg: TrainConfig, nodes: list[dict[str, Any]]) -> float:
-    """What each worker reserves: given, or on CPU an equal share of the cluster's CPUs (at most one node's), so that
-    torch in each worker uses its cores instead of Ray's default of one."""
+def cpus_per_worker(cfg: TrainConfig, nodes: list[Node]) -> float:
+    """What each worker reserves: given, or on CPU an equal share of the alive nodes' CPUs (at most one node's), so
+    that torch in each worker uses its cores instead of Ray's default of one. A worker that no node (alive, or a type
+    the autoscaler can start) can hold is refused here, not left waiting."""
     if cfg.cpus_per_worker:
-        return cfg.cpus_per_worker
-    if cfg.use_gpu:
-        return 1
-    cpus = [n["Resources"].get("CPU", 0) for n in nodes if n.get("Alive")]
-    return max(1, min(int(sum(cpus) // cfg.workers), int(max(cpus, default=1))))
+        cpus = cfg.cpus_per_worker
+    elif cfg.use_gpu:
+        cpus = 1
+    else:
+        alive = [n.cpus for n in nodes if not n.launchable]
+        cpus = max(1, min(int(sum(alive) // cfg.workers), int(max(alive, default=1))))
+    check_placeable(cpus, 1 if cfg.use_gpu else 0, nodes, "training worker", "--cpus-per-worker or --use-gpu")
+    return cpus
 
 
 def _uri(checkpoint: Any, output: str) -> str:
@@ -243,7 +248,7 @@ def _train_and_test(cfg: TrainConfig, out: outputs.Output, shard_of: dict[str, s
     import ray
 
     runs_dir = out.path("runs")
-    cpus = cpus_per_worker(cfg, ray.nodes())
+    cpus = None  # Ray, and the workers sized for its nodes, only once a run needs training
     rows, all_runs, data_reports, receipts = [], [], {}, []
     for tag, planned in plan.items():
         shards = shard_of[tag]
@@ -257,6 +262,8 @@ def _train_and_test(cfg: TrainConfig, out: outputs.Output, shard_of: dict[str, s
             receipts.append(outputs.Receipt.of(f"{RESULTS}/{name}.json", data))
         train = val = test = None
         if len(results) < len(planned):  # decode the crops only when a run needs them
+            if cpus is None:
+                cpus = cpus_per_worker(cfg, connect())
             splits, data_report = load_splits(shards, cfg.image_size, cfg.min_agree)
             if not len(splits["train"].labels) or not len(splits["val"].labels) or not len(splits["test"].labels):
                 raise ValueError(f"{shards}: a split has no usable photo: {data_report['splits']}")
