@@ -19,6 +19,7 @@ import ray
 from kemo.config import parse, refusals
 from kemo.detector.train import TrainDetectorConfig, run
 from kemo.preprocess import check_output_reachable
+from kemo.resources import cluster_nodes
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -26,7 +27,7 @@ if __name__ == "__main__":
     with refusals():
         if cfg.gpus > 0:
             ray.init()
-            check_output_reachable(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))  # the task runs anywhere
+            check_output_reachable(cfg.output, len(cluster_nodes()))  # the task runs anywhere
             meta = ray.get(ray.remote(num_gpus=cfg.gpus, num_cpus=cfg.cpus)(run).remote(cfg))
         else:
             meta = run(cfg)

@@ -311,14 +311,15 @@ def _fingerprint(cfg: LabelConfig) -> dict[str, Any]:
             "all_faces": cfg.all_faces, "max_bytes": cfg.max_bytes, "links": cfg.links}
 
 
-def _check_reachable(cfg: LabelConfig, alive_nodes: int) -> None:
-    """Actors on any node read the photos, the checkpoint and the weights; the driver alone writes the output."""
-    if alive_nodes <= 1:
+def _check_reachable(cfg: LabelConfig, nodes: int) -> None:
+    """Actors on any node read the photos, the checkpoint and the weights; the driver alone writes the output.
+    ``nodes``: the alive nodes and the node types an autoscaler can start."""
+    if nodes <= 1:
         return
     for flag, uri in (("--input", cfg.input), ("--checkpoint", cfg.checkpoint), ("--weights", cfg.weights)):
         if uri and not storage.is_s3(uri):
-            raise ValueError(f"{flag} {uri} is a local path but the cluster has {alive_nodes} nodes: actors on "
-                             "other nodes cannot read it; give an s3:// URI")
+            raise ValueError(f"{flag} {uri} is a local path but the cluster has {nodes} nodes (or node types it can "
+                             "start): actors on other nodes cannot read it; give an s3:// URI")
 
 
 def _label_pending(cfg: LabelConfig, pending: pa.Table) -> tuple[int, Counter]:
@@ -406,10 +407,9 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
         load_checkpoint(cfg.checkpoint)
         verify_detector(cfg)
         # then Ray, and actors sized for its nodes: a request no node can hold is refused before any file is written
-        import ray
-
-        cfg = resolve_resources(cfg, connect())
-        _check_reachable(cfg, sum(1 for n in ray.nodes() if n.get("Alive")))
+        nodes = connect()
+        cfg = resolve_resources(cfg, nodes)
+        _check_reachable(cfg, len(nodes))  # node types the autoscaler can start count: actors may run there
     labelled, run_statuses = 0, Counter()
     with out.lease() as lease:
         out.claim(fingerprint)

@@ -137,11 +137,12 @@ def resume(output: str) -> tuple[set[str], int]:
     return done, dropped
 
 
-def check_output_reachable(output: str, alive_nodes: int) -> None:
-    """Every shard must land where the driver commits it: a local path is one machine's disk."""
-    if not storage.is_s3(output) and alive_nodes > 1:
-        raise ValueError(f"--output {output} is a local path but the cluster has {alive_nodes} nodes: shards would "
-                         "land on whichever node wrote them; give an s3:// output")
+def check_output_reachable(output: str, nodes: int) -> None:
+    """Every shard must land where the driver commits it: a local path is one machine's disk. ``nodes``: the alive
+    nodes and the node types an autoscaler can start."""
+    if not storage.is_s3(output) and nodes > 1:
+        raise ValueError(f"--output {output} is a local path but the cluster has {nodes} nodes (or node types it can "
+                         "start): shards would land on whichever node wrote them; give an s3:// output")
 
 
 # --------------------------------------------------------------------------------------------------- the job
@@ -251,8 +252,9 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     # that cannot take this output, is refused with the output unchanged
     import ray
 
-    cfg = resolve_resources(cfg, connect())
-    check_output_reachable(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))
+    nodes = connect()
+    cfg = resolve_resources(cfg, nodes)
+    check_output_reachable(cfg.output, len(nodes))  # node types the autoscaler can start count: actors may go there
     with out.lease() as lease:
         manifest = load_input(cfg)
         if cfg.smoke_test:

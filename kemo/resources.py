@@ -106,13 +106,15 @@ def resolve_resources(cfg: R, nodes: list[Node]) -> R:
     that no GPU node has. Node types an autoscaler can start count as nodes. A request that no node can hold is
     refused here, naming the request and the nodes, instead of waiting for ever. Any config with these fields.
     """
-    gpu_nodes = [n for n in nodes if n.gpus >= 1]
+    gpu_nodes = [n for n in nodes if n.gpus >= 1 and n.cpus >= 1]  # a GPU with no CPU beside it runs no actor
     gpa = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if gpu_nodes else 0.0)
     if cfg.decoders:
         decoders = cfg.decoders
     elif gpa:
         # up to 8 decoders per GPU actor, within its share of its node (g5.xlarge: 4 vCPUs, 1 GPU → 3)
-        shares = [n.cpus // max(1, int(n.gpus // gpa)) - 1 for n in nodes if n.gpus >= gpa and n.cpus]
+        # a node type whose CPUs the cluster config leaves unknown (inf) says nothing: 1 decoder where none is known
+        shares = [n.cpus // max(1, int(n.gpus // gpa)) - 1 for n in nodes
+                  if n.gpus >= gpa and n.cpus and math.isfinite(n.cpus)]
         decoders = max(1, min(8, int(min(shares)))) if shares else 1
     else:
         decoders = 1

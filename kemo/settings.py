@@ -51,6 +51,7 @@ class InputSettings:
         "help": "symlinks: inside (followed only when the target stays inside the input) or anywhere"})
 
     def __post_init__(self) -> None:
+        getattr(super(), "__post_init__", lambda: None)()  # the other settings a job config inherits
         if self.links not in LINKS:
             raise ValueError(f"--links {self.links!r}: choose from {', '.join(LINKS)}")
         if self.max_bytes < 1:

@@ -294,7 +294,7 @@ def test_a_request_no_node_can_hold_is_refused_in_seconds(cluster, small_corpus,
     assert "(2 CPU, 0 GPU)" in output and "(1 CPU, 1 GPU)" in output
     job = json.loads(cluster.get(f"/api/jobs/{sid}"))
     assert (job["end_time"] - job["start_time"]) / 1000 < 10, job  # the job's own time, from its start
-    assert not [k for k in storage.list_files(f"s3://{s3_bucket}") if k.rel.startswith("refused/_run")]
+    assert not [e.rel for e in storage.list_files(f"s3://{s3_bucket}") if e.rel.startswith("refused/")]
 
 
 def test_label_job(cluster, small_corpus, moto_endpoint, s3_bucket, upload_tree, tmp_path):

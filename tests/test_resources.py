@@ -55,6 +55,30 @@ def test_a_request_no_node_can_hold_is_refused_with_the_request_and_the_nodes():
 def test_an_autoscaling_cluster_with_no_gpu_node_up_yet_sizes_actors_for_its_gpu_node_type():
     r = resolve_resources(cfg(), [Node("head", 0, 0), Node("node type gpu", 8, 1, launchable=True)])
     assert knobs(r)[:3] == (1.0, 7, 1)
+    # a node type whose CPUs the config does not say: one decoder, placeable, whatever the order of the nodes
+    unknown = Node("node type gpu", float("inf"), 1, launchable=True)
+    for nodes in ([Node("head", 4, 0), unknown], [unknown, Node("head", 4, 0)]):
+        assert knobs(resolve_resources(cfg(), nodes))[:2] == (1.0, 1)
+    assert resolve_resources(cfg(), [unknown, Node("g5", 4, 1)]).decoders == 3  # the known one decides
+
+
+def test_a_gpu_node_without_cpus_runs_no_actor_and_does_not_turn_gpu_actors_on():
+    r = resolve_resources(cfg(), [Node("gpu head", 0, 1), Node("w", 4, 0)])
+    assert knobs(r)[:3] == (0.0, 1, 4)
+
+
+def test_cluster_nodes_lists_the_alive_nodes_and_ray_ups_node_types(ray_local, tmp_path, monkeypatch):
+    from kemo import resources
+
+    monkeypatch.setattr(resources, "BOOTSTRAP_CONFIG", str(tmp_path / "absent.json"))
+    assert resources.cluster_nodes() == [Node(resources.cluster_nodes()[0].name, 2, 0)]  # ray_local: 2 CPUs
+    path = tmp_path / "ray_bootstrap_config.yaml"
+    path.write_text(json.dumps({"head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 0}, "max_workers": 0}, "gpu": {"resources": {"GPU": 1, "CPU": 8},
+                                                                     "max_workers": 8}}}))
+    monkeypatch.setattr(resources, "BOOTSTRAP_CONFIG", str(path))
+    assert resources.cluster_nodes()[1:] == [Node("node type gpu", 8, 1, True)]
+    assert resources.connect() == resources.cluster_nodes()  # connected already: the same Ray, not a new one
 
 
 def test_given_values_are_kept():

@@ -127,7 +127,7 @@ def decode_benchmark(cfg: BenchmarkConfig, rows: list[dict[str, Any]], work: str
 
 
 @contextlib.contextmanager
-def alone(detector_name: str, cfg: BenchmarkConfig, cluster: dict[str, float]) -> Iterator[tuple[Any, Any]]:
+def alone(detector_name: str, cfg: BenchmarkConfig) -> Iterator[tuple[Any, Any]]:
     """(kemo's preprocess UDF built in this process as an actor builds it, its resolved config), its CPU stages held
     to one core; torch's and OpenCV's threads are restored after, since the plain loop must get their defaults."""
     import torch
@@ -165,7 +165,7 @@ def detect_alone(name: str, cfg: BenchmarkConfig, rows: list[dict[str, Any]], cl
     photo at a time, same device and threads; and its input preparation on one core."""
     import torch
 
-    with alone(name, cfg, cluster) as (udf, pcfg):
+    with alone(name, cfg) as (udf, pcfg):
         front = udf.front
         det = front.detector
         prepared = [front.load(r) for r in rows]  # read + decode + detector input
@@ -197,7 +197,7 @@ def stage_ceilings(rows: list[dict[str, Any]], detector_name: str, cfg: Benchmar
     """Photos/s of each of kemo's stages alone, through the UDF's own methods: the CPU stages on one core scaled
     to all cores, the detector at the job's batch size (one per core on CPU, one per GPU on GPU)."""
     cores, gpus = int(cluster.get("CPU", 1)), int(cluster.get("GPU", 0))
-    with alone(detector_name, cfg, cluster) as (udf, pcfg):
+    with alone(detector_name, cfg) as (udf, pcfg):
         front = udf.front
         t_read = time_each(lambda r: storage.read_bytes(r["uri"]), rows)
         prepared: list[Any] = []
