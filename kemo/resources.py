@@ -32,7 +32,7 @@ class ActorResources:
 class Node:
     """What one node offers an actor: an alive node, or a node type that the cluster's autoscaler can start."""
 
-    name: str  # the node's IP address, or "node type <name>" for one the autoscaler can start
+    name: str  # "node <id> at <IP>", or "node type <name>" for one the autoscaler can start
     cpus: float
     gpus: float
     launchable: bool = False
@@ -49,8 +49,9 @@ def cluster_nodes() -> list[Node]:
     which Ray Train reads too); none on a fixed cluster or an embedded Ray."""
     import ray
 
-    nodes = [Node(n.get("NodeManagerAddress", "?"), float(n["Resources"].get("CPU", 0)),
-                  float(n["Resources"].get("GPU", 0))) for n in ray.nodes() if n.get("Alive")]
+    nodes = [Node(f"node {n.get('NodeID', '?')[:8]} at {n.get('NodeManagerAddress', '?')}",
+                  float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
+             for n in ray.nodes() if n.get("Alive")]
     try:
         config = ray._private.state.state.get_cluster_config()
     except Exception:  # no autoscaler state on this Ray: a fixed cluster
