@@ -39,7 +39,7 @@ class DemoConfig:
     size: str = field(default="1600x1200", metadata={"help": "generated photo size WxH"})
     seed: int = 0
     detector_epochs: int = field(default=20, metadata={"help": "epochs of the face detector (YOLO11n from its YAML)"})
-    classifier_epochs: int = field(default=12, metadata={"help": "epochs of each classifier"})
+    classifier_epochs: int = field(default=10, metadata={"help": "epochs of each classifier"})
     classifier_size: int = field(default=48, metadata={"help": "classifier input side"})
     classifier_batch: int = field(default=32, metadata={"help": "classifier batch (~10 steps an epoch on 300 photos)"})
 
