@@ -17,11 +17,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from kemo import storage
 from kemo.crop import clip_box, crop_region, crop_square, resize_whole
 from kemo.detector.base import Faces
 from kemo.detector.registry import create_detector
-from kemo.image import Decoded, DecodeError, PixelBudget, check_head, decode
+from kemo.image import Decoded, DecodeError, PixelBudget, decode, read_photo
 from kemo.settings import CropSettings, DetectorSettings
 
 log = logging.getLogger(__name__)
@@ -63,13 +62,9 @@ class FrontEnd:
         if size is not None and size > self.max_bytes:  # known from the listing: not even opened
             return Prepared("too_large", f"file of {size} bytes exceeds the {self.max_bytes}-byte limit")
         try:
-            data = storage.read_bounded(row["uri"], self.max_bytes, check_head, row.get("file_id"))
-        except DecodeError as e:  # not an image, from its first bytes: the rest is never read
+            data = read_photo(row["uri"], self.max_bytes, row.get("file_id"))
+        except DecodeError as e:  # too large, a FIFO, or no image from its first bytes: the rest is never read
             return Prepared(e.status, str(e))
-        except storage.TooLarge as e:  # the listing said less (a file growing, a size the OS does not know)
-            return Prepared("too_large", str(e))
-        except storage.NotAFile as e:  # a FIFO or device swapped in after the listing
-            return Prepared("special_file", str(e))
         except Exception as e:  # missing object, permissions, network: the photo still gets its row
             return Prepared("read_error", f"{type(e).__name__}: {e}")
         hint = self.detector.decode_hint(row, self.crop_settings)

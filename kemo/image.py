@@ -4,7 +4,8 @@ The format is sniffed from content, never from the name. Sizes are read from the
 refused before any pixel is decoded. Baseline/progressive JPEG in YCbCr or gray (nearly every phone photo) decodes
 with OpenCV's libjpeg-turbo, optionally DCT-reduced by 2, 4 or 8; everything else (PNG, WebP, CMYK JPEG, palette,
 16-bit, alpha) through Pillow with explicit conversions, then reduced by the same factor. EXIF orientation is then
-applied as ``kemo.exif`` does. A ``PixelBudget`` bounds how many pixels the decoder threads of a process decode at once.
+applied as ``kemo.exif`` does. A ``PixelBudget`` bounds how many pixels the decoder threads of a process decode at once;
+``read_photo`` reads a photo's bytes bounded, as every job that decodes photos does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from kemo import storage
 from kemo.exif import ORIENTATION_TAG, ORIENTATIONS, SWAPS_AXES, apply_orientation
 
 MAX_PIXELS = 100_000_000  # the corpus tops out at 6431×4951 ≈ 32 MP
@@ -93,6 +95,20 @@ def check_head(data: bytes) -> str:
     if fmt is None:
         raise DecodeError("decode_error", f"not an image (starts with {data[:8]!r})")
     return fmt
+
+
+def read_photo(uri: str, max_bytes: int, file_id: str | None = None) -> bytes:
+    """A photo's bytes, read bounded (:func:`kemo.storage.read_bounded`, sniffed from its first bytes); what must not
+    be read raises ``DecodeError`` with its row's status: ``too_large`` past ``max_bytes`` (the listing said less: a
+    growing file, a size the OS does not know), ``special_file`` for a FIFO or device swapped in after the listing,
+    or the sniffer's own status for a file that is no image. Other failures (missing, permissions, network, a file
+    that changed since it was listed) propagate: the caller's ``read_error``."""
+    try:
+        return storage.read_bounded(uri, max_bytes, check_head, file_id)
+    except storage.TooLarge as e:
+        raise DecodeError("too_large", str(e)) from None
+    except storage.NotAFile as e:
+        raise DecodeError("special_file", str(e)) from None
 
 
 def _metadata_bomb(e: Exception) -> bool:

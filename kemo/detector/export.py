@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from kemo import storage
 from kemo.crop import clip_box, valid_box
-from kemo.image import DecodeError, check_head, decode, largest_reduction, probe
+from kemo.image import DecodeError, decode, largest_reduction, probe, read_photo
 from kemo.settings import InputSettings
 
 log = logging.getLogger(__name__)
@@ -96,13 +96,9 @@ def export_one(row: dict[str, Any], split: str, out: str, max_side: int, max_byt
     if os.path.exists(label_path) and os.path.exists(image_path):  # the label is written last
         return "skipped"
     try:
-        data = storage.read_bounded(row["uri"], max_bytes, check_head)
+        data = read_photo(row["uri"], max_bytes)
     except DecodeError as e:
         return e.status
-    except storage.TooLarge:
-        return "too_large"
-    except storage.NotAFile:
-        return "special_file"
     except Exception:
         return "read_error"
     try:
