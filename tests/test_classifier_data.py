@@ -1,32 +1,98 @@
-"""Crop shards → in-memory training arrays: what is kept, what is left out and why, pixels and labels."""
-
+"""Crop shards → Ray Data training splits: what is kept, what is left out and why, pixels and labels, a fixed order
+that depends on the photos alone, and the cache decision."""
 
 import cv2
 import numpy as np
+import pytest
 
 from kemo import outputs
-from kemo.classifier.data import decode_crop, load_splits
+from kemo.classes import CLASS_NAMES
+from kemo.classifier.data import (
+    CACHE_SHARE,
+    cache_decision,
+    datasets,
+    decode_crop,
+    order_keys,
+    plan,
+    split_dataset,
+)
 from kemo.data import aihub
 from kemo.preprocess import KIND, read_crops
 
 
-def test_load_splits_keeps_labelled_agreed_crops_and_counts_the_rest(corpus_index, annotation_crops):
-    out = annotation_crops
+def rows_of(ds):
+    """(key, label, image) per row of a split, in its order."""
+    out = []
+    for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
+        out += list(zip(batch["key"].tolist(), batch["label"].tolist(), batch["image"]))
+    return out
+
+
+def test_plan_counts_usable_crops_per_split_and_class_from_the_small_columns(corpus_index, annotation_crops):
     manifest = {r["image_id"]: r for r in aihub.load_manifest(corpus_index).to_pylist()}
-    splits, report = load_splits(out, image_size=32, min_agree=3, jobs=2)
-    kept = sum(len(s.labels) for s in splits.values())
-    assert kept + sum(report["left_out"].values()) == report["rows"] == len(manifest)
+    strict = plan(annotation_crops, image_size=32, min_agree=3)
     unknown = sum(1 for r in manifest.values() if r["label"] < 0)
     two_only = sum(1 for r in manifest.values() if r["label"] >= 0 and r["agree_n"] < 3)
-    assert report["left_out"] == {"unknown label": unknown, "fewer than 3 annotators agree": two_only}
+    assert strict.report["left_out"] == {"unknown label": unknown, "fewer than 3 annotators agree": two_only}
     assert unknown > 0 and two_only > 0
-    for name, s in splits.items():
-        assert s.images.shape == (len(s.labels), 32, 32, 3) and s.images.dtype == np.uint8
-        assert all(manifest[i]["split"] == name and manifest[i]["label"] == y for i, y in zip(s.image_ids, s.labels))
-        assert report["splits"][name]["photos"] == len(s.labels)
-    assert len(splits["train"].labels) > len(splits["val"].labels) > 0
-    loose, _ = load_splits(out, image_size=32, min_agree=2, jobs=2)
-    assert sum(len(s.labels) for s in loose.values()) == kept + two_only
+    kept = sum(strict.photos(s) for s in ("train", "val", "test"))
+    assert kept + unknown + two_only == strict.report["rows"] == len(manifest)
+    for split in ("train", "val", "test"):
+        expected = [sum(1 for r in manifest.values() if r["split"] == split and r["label"] == c and r["agree_n"] >= 3)
+                    for c in range(len(CLASS_NAMES))]
+        assert strict.counts[split] == expected
+        assert strict.report["splits"][split]["per_class"] == dict(zip(CLASS_NAMES, expected))
+    loose = plan(annotation_crops, image_size=32, min_agree=2)
+    assert sum(loose.photos(s) for s in ("train", "val", "test")) == kept + two_only
+    assert loose.decoded_bytes() == (loose.photos("train") + loose.photos("val")) * 32 * 32 * 3
+
+
+def test_a_split_streams_its_usable_photos_decoded_in_the_order_of_their_keys(corpus_index, annotation_crops):
+    manifest = {r["image_id"]: r for r in aihub.load_manifest(corpus_index).to_pylist()}
+    data = plan(annotation_crops, image_size=32, min_agree=3)
+    crops = {r["image_id"]: r for r in read_crops(annotation_crops).to_pylist()}
+    for split in ("train", "val"):
+        rows = rows_of(split_dataset(data, split))
+        ids = [i for i, r in manifest.items() if r["split"] == split and r["label"] >= 0 and r["agree_n"] >= 3]
+        by_key = dict(zip(order_keys(ids).tolist(), ids))
+        assert len(rows) == data.photos(split) == len(ids)
+        assert [k for k, _, _ in rows] == sorted(by_key)  # a keyed hash of image_id: a shuffle fixed by the photos
+        for key, label, image in rows[:10]:
+            image_id = by_key[key]
+            assert label == manifest[image_id]["label"] and image.shape == (32, 32, 3) and image.dtype == np.uint8
+            assert np.array_equal(image, decode_crop(crops[image_id]["crop"], 32))
+
+
+def test_the_shards_row_order_and_files_never_reach_training(annotation_crops, tmp_path):
+    """Ray Data writes rows in an order that varies between runs; the splits (and so a seeded run) must not."""
+    table = read_crops(annotation_crops)
+    shuffled = str(tmp_path / "shuffled")
+    order = np.random.default_rng(0).permutation(table.num_rows)
+    parts = [outputs.write_part(shuffled, "shards", table.take(order[:40]), ["b"]),
+             outputs.write_part(shuffled, "shards", table.take(order[40:]), ["a"])]
+    outputs.Output(shuffled, KIND).commit(parts, {})
+    for split in ("train", "test"):
+        original = rows_of(split_dataset(plan(annotation_crops, 32), split))
+        again = rows_of(split_dataset(plan(shuffled, 32), split))
+        assert [(k, y) for k, y, _ in again] == [(k, y) for k, y, _ in original]
+        assert all(np.array_equal(a, b) for (*_, a), (*_, b) in zip(again, original))
+
+
+def test_cached_splits_are_materialised_once_and_auto_caches_what_fits(annotation_crops):
+    data = plan(annotation_crops, 32)
+    splits, decision = datasets(data, "memory")
+    assert decision["cached"] and decision["cache"] == "memory" and "crops_that_do_not_decode" not in decision
+    assert type(splits["train"]).__name__ == "MaterializedDataset" == type(splits["val"]).__name__
+    assert type(splits["test"]).__name__ == "Dataset"  # tested once per run: streamed
+    assert splits["train"].count() == data.photos("train")
+    cached, streamed = rows_of(splits["train"]), rows_of(split_dataset(data, "train"))
+    assert [(k, y) for k, y, _ in cached] == [(k, y) for k, y, _ in streamed]
+    assert all(np.array_equal(a, b) for (*_, a), (*_, b) in zip(cached, streamed))
+    gb = 2 ** 30
+    assert cache_decision("auto", int(CACHE_SHARE * 8 * gb), 8 * gb) and not cache_decision("auto", 5 * gb, 8 * gb)
+    assert cache_decision("memory", 100 * gb, 8 * gb) and not cache_decision("none", 1, 8 * gb)
+    with pytest.raises(ValueError, match="--cache must be one of auto, memory, none"):
+        cache_decision("disk", 1, 1)
 
 
 def test_decode_crop_resizes_to_the_training_size_and_refuses_garbage():
@@ -36,19 +102,3 @@ def test_decode_crop_resizes_to_the_training_size_and_refuses_garbage():
     small = decode_crop(jpeg.tobytes(), 32)
     assert small.shape == (32, 32, 3) and small[16, 4, 0] > 200 and small[16, 4, 2] < 50 and small[16, 28, 0] < 50
     assert decode_crop(b"not a jpeg", 32) is None
-
-
-def test_the_shards_row_order_never_reaches_training(annotation_crops, tmp_path):
-    """Ray Data writes rows in an order that varies between runs; the arrays (and so a seeded run) must not."""
-    table = read_crops(annotation_crops)
-    shuffled = str(tmp_path / "shuffled")
-    order = np.random.default_rng(0).permutation(table.num_rows)
-    parts = [outputs.write_part(shuffled, "shards", table.take(order[:40]), ["b"]),
-             outputs.write_part(shuffled, "shards", table.take(order[40:]), ["a"])]
-    outputs.Output(shuffled, KIND).commit(parts, {})
-    original, _ = load_splits(annotation_crops, image_size=32, jobs=2)
-    again, _ = load_splits(shuffled, image_size=32, jobs=2)
-    for name in original:
-        assert again[name].image_ids == original[name].image_ids == sorted(original[name].image_ids)
-        assert np.array_equal(again[name].images, original[name].images)
-        assert np.array_equal(again[name].labels, original[name].labels)

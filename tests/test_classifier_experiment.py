@@ -100,4 +100,5 @@ def test_a_checkpoint_is_evaluated_as_its_own_input_batch_predicts(side, tmp_pat
     with torch.no_grad():
         predicted = model(input_batch(images, meta)).argmax(1).numpy()
     expected = classification_report(confusion_matrix(labels, predicted, 7), meta["classes"])
-    assert evaluate_checkpoint(str(tmp_path), images, labels, batch_size=4) == expected
+    batches = [(images[i:i + 4], labels[i:i + 4]) for i in range(0, 11, 4)]
+    assert evaluate_checkpoint(str(tmp_path), batches) == expected

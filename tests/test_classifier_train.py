@@ -1,6 +1,7 @@
 """Ray Train runs of the classifiers on CPU (two workers, the best checkpoint, a killed worker resumed exactly); the
 evaluation pass on a model whose outputs are known; checkpoint schedule, learning rate and augmentation."""
 
+import json
 import os
 
 import numpy as np
@@ -8,15 +9,20 @@ import pytest
 import torch
 
 from kemo.classifier.checkpoint import input_batch, load_checkpoint
+from kemo.classifier.data import arrays_dataset
 from kemo.classifier.train import (
     TRAIN_STATE,
     RunSpec,
+    array_batches,
     augment,
+    capacity_attempts,
+    class_weights,
     evaluate,
     fit,
     keeps_checkpoint,
     learning_rate,
     random_erasing,
+    train_one_epoch,
 )
 
 SPEC = RunSpec(model="resnet18", epochs=3, batch_size=32, image_size=32)
@@ -38,9 +44,21 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_local, data, tmp_path_factory):
-    train, val = data
-    return fit(train, val, SPEC, str(tmp_path_factory.mktemp("runs")), "r18", workers=2)
+def splits(ray_local, data):
+    """The photos as Ray Data splits; train materialised (the cache), val streamed: both paths in every run."""
+    (x, y), (xv, yv) = data
+    return arrays_dataset(x, y).materialize(), arrays_dataset(xv, yv)
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("trace"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(splits, tmp_path_factory, traces):
+    train, val = splits
+    return fit(train, val, SPEC, str(tmp_path_factory.mktemp("runs")), "r18", workers=2, _trace=traces)
 
 
 @pytest.mark.slow
@@ -60,9 +78,20 @@ def test_two_workers_train_and_the_best_checkpoint_scores_what_it_reported(unint
 
 
 @pytest.mark.slow
+def test_each_worker_trains_on_a_disjoint_equal_share_each_epoch_reshuffled(uninterrupted, data, traces):
+    (_, y), _ = data
+    seen = {(e, r): json.load(open(os.path.join(traces, f"epoch{e}-rank{r}.json"))) for e in (1, 2, 3) for r in (0, 1)}
+    for epoch in (1, 2, 3):
+        a, b = seen[epoch, 0], seen[epoch, 1]
+        assert len(a) == len(b) == len(y) // 2 and len(set(a)) == len(a)  # equal shares, each photo once
+        assert not set(a) & set(b) and set(a) | set(b) == set(range(len(y)))  # disjoint, and every photo
+    assert seen[1, 0] != seen[2, 0] and sorted(seen[1, 0]) == sorted(seen[2, 0])  # the same share, in a new order
+
+
+@pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_where_an_uninterrupted_run_does(
-        uninterrupted, data, tmp_path):
-    train, val = data
+        uninterrupted, splits, tmp_path):
+    train, val = splits
     marker = str(tmp_path / "killed")
     result = fit(train, val, SPEC, str(tmp_path / "runs"), "r18", workers=2, max_failures=1,
                  _fail_once={"epoch": 1, "rank": 1, "marker": marker})
@@ -98,18 +127,21 @@ def test_evaluate_counts_every_photo_once_and_sums_the_cross_entropy():
     images[:, 0, 0, 0] = codes
     identity = {"mean": [0.0] * 3, "std": [1.0] * 3}
     model = Lookup().train()
-    confusion, loss = evaluate(model, images, labels, batch_size=2, normalize=identity, num_classes=3)
+    confusion, loss = evaluate(model, array_batches(images, labels, np.arange(5), 2), normalize=identity,
+                               num_classes=3)
     assert not model.training and not loss.requires_grad
     assert confusion.tolist() == [[1, 0, 0], [0, 2, 1], [1, 0, 0]]  # cm[true, predicted]
     assert float(confusion.trace()) / float(confusion.sum()) == 0.6
     # -log P: right with 1/2 three times (photos 0, 1, 4), wrong with 1/4 twice (photos 2, 3)
     assert float(loss) == pytest.approx(3 * np.log(2) + 2 * np.log(4))
-    # two workers, batches of 2: rank 0 takes photos 0, 1 and 4, rank 1 photos 2 and 3; together the whole set
-    shares = [evaluate(model, images, labels, 2, identity, 3, rank=r, world=2) for r in (0, 1)]
+    # two workers' disjoint shares (photos 0, 1 and 4; photos 2 and 3) add up to the whole set
+    shares = [evaluate(model, array_batches(images, labels, np.array(idx), 2), identity, 3)
+              for idx in ([0, 1, 4], [2, 3])]
     assert shares[0][0].tolist() == [[1, 0, 0], [0, 2, 0], [0, 0, 0]]
     assert shares[1][0].tolist() == [[0, 0, 0], [0, 0, 1], [1, 0, 0]]
     assert float(shares[0][1]) == pytest.approx(3 * np.log(2)) and float(shares[1][1]) == pytest.approx(4 * np.log(2))
-    empty, nothing = evaluate(model, images[:0], labels[:0], num_classes=3)
+    assert torch.equal(shares[0][0] + shares[1][0], confusion)
+    empty, nothing = evaluate(model, array_batches(images, labels, np.arange(0), 2), num_classes=3)
     assert empty.tolist() == [[0] * 3] * 3 and float(nothing) == 0.0
 
 
@@ -143,3 +175,33 @@ def test_augmentation_is_per_photo_and_erasing_covers_2_to_33_percent():
     assert torch.equal(random_erasing(zeros, g, 0.0), zeros)
     erased = (random_erasing(zeros, g, 1.0) != 0).float().mean((1, 2, 3))
     assert erased.min() >= 0.015 and erased.max() <= 0.36
+
+
+def test_balance_weights_are_inverse_frequency_and_the_sampler_evens_out_a_batch():
+    assert class_weights([60, 30, 10, 0]) == pytest.approx([100 / 180, 100 / 90, 100 / 30, 0.0])
+    counts = [90, 10]
+    weights = torch.tensor(class_weights(counts))
+    y = torch.tensor([0] * 90 + [1] * 10)
+    picks = torch.multinomial(weights[y], 10_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert abs(float((y[picks] == 1).float().mean()) - 0.5) < 0.02  # 10% of the batch, drawn as half
+
+    # both options train; the sampler's epoch counts as many photos as the batches held
+    x = torch.zeros(8, 16, 16, 3, dtype=torch.uint8)
+    labels = np.array([0] * 7 + [1])
+    for balance in ("weights", "sampler"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 7))
+        spec = RunSpec(batch_size=4, image_size=16, erasing=0.0, balance=balance)
+        sums = train_one_epoch(model, torch.optim.Adam(model.parameters()),
+                               array_batches(x.numpy(), labels, np.arange(8), 4), spec, torch.Generator(),
+                               torch.tensor(class_weights([7, 1, 0, 0, 0, 0, 0])))
+        assert float(sums[1]) == 8 and np.isfinite(float(sums[0]))
+
+
+def test_capacity_timeout_becomes_start_timeouts_and_retries_that_add_up_to_it():
+    assert capacity_attempts(0) == (None, -1)  # no limit: Ray Train's own default, every start retried
+    assert capacity_attempts(300) == (60.0, 4)  # five starts of 60 s
+    assert capacity_attempts(20) == (20.0, 0)  # one start of 20 s, no retry
+    assert capacity_attempts(90) == (60.0, 1)
+    with pytest.raises(ValueError, match="--capacity-timeout"):
+        capacity_attempts(-1)

@@ -108,7 +108,7 @@ def plain_train(x: np.ndarray, y: np.ndarray, spec: Any, threads: int, channels_
     import torch
 
     from kemo.classifier.registry import create_model
-    from kemo.classifier.train import train_one_epoch
+    from kemo.classifier.train import array_batches, train_one_epoch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     saved = torch.get_num_threads()
@@ -124,7 +124,7 @@ def plain_train(x: np.ndarray, y: np.ndarray, spec: Any, threads: int, channels_
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch)).numpy()
             generator = torch.Generator(device=device).manual_seed(epoch)
             t0 = time.perf_counter()
-            train_one_epoch(model, optimizer, x, y, order, spec, generator)
+            train_one_epoch(model, optimizer, array_batches(x, y, order, spec.batch_size), spec, generator)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             rates.append(rate(len(y), time.perf_counter() - t0))

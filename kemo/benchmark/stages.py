@@ -331,13 +331,16 @@ def scaling_benchmark(cfg: BenchmarkConfig, cluster: dict[str, float], work: str
 
 
 def train_benchmark(cfg: BenchmarkConfig, cores: int, work: str) -> dict[str, Any]:
-    """Classifier training: kemo's Ray Train run (one worker holding every core or the GPU, data in the object
-    store, validation and a checkpoint every epoch) against :func:`plain_train` on the same tensors. The plain loop
+    """Classifier training: kemo's Ray Train run (one worker holding every core or the GPU, its photos streamed from
+    Ray Data with the cache, ``--cache memory``; validation and a checkpoint every epoch) against :func:`plain_train`,
+    the in-memory loop, on the same tensors; and the data path alone (the cached split through the same local
+    shuffle and ``iter_torch_batches``, no model), so the report says whether training is data-bound. The plain loop
     runs before and after Ray Train and the two are averaged, so drift in the machine's load shows up in both. On a
     GPU the plain loop runs once more with channels_last (kemo's Ray Train loop has no such option)."""
     import ray
     import torch
 
+    from kemo.classifier.data import arrays_dataset
     from kemo.classifier.train import TRAIN_STATE, RunSpec, fit
 
     gpu = torch.cuda.is_available() and ray.cluster_resources().get("GPU", 0) >= 1
@@ -347,13 +350,16 @@ def train_benchmark(cfg: BenchmarkConfig, cores: int, work: str) -> dict[str, An
     n = cfg.train_images or (8192 if gpu else 512)
     x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)  # the speed is content-blind
     y = rng.integers(0, 7, n).astype(np.int64)
-    val = (x[: cfg.train_batch], y[: cfg.train_batch])  # one batch: evaluation is part of kemo's epoch, kept small
     steady = slice(1, None)  # the first epoch warms up allocators and kernels
+    train = arrays_dataset(x, y).materialize()  # what --cache memory hands Ray Train: blocks in the object store
+    # one batch: evaluation is part of kemo's epoch, kept small
+    val = arrays_dataset(x[: cfg.train_batch], y[: cfg.train_batch]).materialize()
     with Sampler(cfg.sample_every):  # the sampler's own CPU time weighs on both paths alike
         before = plain_train(x, y, spec, cores)
+    data_path = data_path_rates(train, spec.batch_size, spec.epochs)
     with Sampler(cfg.sample_every) as sampler:
         t0 = time.perf_counter()
-        result = fit((x, y), val, spec, os.path.join(work, "train"), "bench", workers=1, use_gpu=gpu,
+        result = fit(train, val, spec, os.path.join(work, "train"), "bench", workers=1, use_gpu=gpu,
                      cpus_per_worker=1 if gpu else cores)
         kemo_wall = time.perf_counter() - t0
     if result.error:
@@ -366,23 +372,42 @@ def train_benchmark(cfg: BenchmarkConfig, cores: int, work: str) -> dict[str, An
     plain = round(float(np.mean(before[steady] + after[steady])), 1)
     kemo_steps = round(float(np.mean([h["train_images_per_s"] for h in history][steady])), 1)
     kemo_epochs = round(float(np.mean([len(y) / h["epoch_seconds"] for h in history][steady])), 1)
+    data_alone = round(float(np.mean(data_path[steady])), 1)
     channels_last = round(float(np.mean(plain_train(x, y, spec, cores, channels_last=True)[steady])), 1) if gpu \
         else None
     return {
         "model": spec.model, "image_size": size, "images": len(y), "batch": spec.batch_size, "epochs": spec.epochs,
         "device": "cuda" if gpu else f"cpu ({cores} threads)",
         "precision": "bf16 autocast" if gpu else "fp32",  # kemo.classifier.train.train_one_epoch's choice
+        "input": "Ray Data, cached in the object store (--cache memory), local shuffle buffer",
         "plain_loop_images_per_s": plain,
         "plain_loop_images_per_s_before_after": [round(float(np.mean(r[steady])), 1) for r in (before, after)],
         "kemo_images_per_s": kemo_steps, "ratio_vs_plain": round(kemo_steps / plain, 2),
         # the whole epoch: training, validation on one batch, and the checkpoint written and registered
         "kemo_epoch_images_per_s": kemo_epochs, "epoch_ratio_vs_plain": round(kemo_epochs / plain, 2),
+        "data_path_images_per_s": data_alone, "data_path_vs_model": round(data_alone / kemo_steps, 2),
+        "data_bound": data_alone < 1.2 * kemo_steps,  # less than 20% headroom: the data path sets the pace
         "kemo_wall_s": round(kemo_wall, 1),
         "kemo_fixed_cost_s": round(max(0.0, kemo_wall - sum(h["epoch_seconds"] for h in history)), 1),
         "plain_loop_channels_last_images_per_s": channels_last,
         "channels_last_ratio_vs_plain": round(channels_last / plain, 2) if channels_last else None,
         "sampled": sampler.report(),
     }
+
+
+def data_path_rates(ds: Any, batch_size: int, epochs: int) -> list[float]:
+    """Images/s per epoch of a training split through the worker's input path alone (local shuffle buffer,
+    ``iter_torch_batches``, the uint8 batch made contiguous), with no model: the most the data path can feed."""
+    from kemo.classifier.train import dataset_batches
+
+    rates = []
+    for epoch in range(epochs):
+        t0, photos = time.perf_counter(), 0
+        for images, labels in dataset_batches(ds, batch_size, shuffle_seed=epoch):
+            images.contiguous()
+            photos += len(labels)
+        rates.append(rate(photos, time.perf_counter() - t0))
+    return rates
 
 
 # --------------------------------------------------------------------------------------------------- label

@@ -1,35 +1,48 @@
-"""Training data for the classifiers: crop shards → uint8 arrays at the training size, decoded once.
+"""Training data for the classifiers: committed crop shards → Ray Data datasets of decoded photos, never in the driver.
 
-150 epochs must not decode the same JPEGs 150 times (decoding, not the GPU, would set the pace): every usable crop is
-decoded and resized here, once, into one (N, S, S, 3) uint8 array per split (49k crops at 224² are ~7.4 GB), which
-the trainer keeps in memory.
-Usable = status ``ok``, a known label (not -1), and at least ``min_agree`` annotators behind it; what was left out
-and why is counted in the returned report.
+The driver reads only the small columns of the shards (which photos are usable, per split and class: the report,
+a few bytes a photo); the JPEG crops are read, filtered, put in order and decoded by Ray Data tasks on whichever nodes
+have CPUs, and Ray Train's workers pull their share (``ray.train.get_dataset_shard``). Usable = status ``ok``, a known
+label (not -1), at least ``min_agree`` annotators behind it; what was left out and why is counted in the report.
+
+Order: every photo gets a key, a keyed hash of its ``image_id``, and each split is sorted by it and cut into blocks
+of :data:`BLOCK_ROWS`: a global shuffle that depends on the photos alone (not on the shards' row order, which varies
+between preprocessing runs, nor on Ray's task timing), so every execution of a split streams the same rows in the same
+blocks, Ray Train's ``streaming_split`` hands each worker the same share, and a resumed run sees what an uninterrupted
+one saw. Epochs differ by a seeded local shuffle buffer in each worker (:mod:`kemo.classifier.train`).
+
+Decode once (``--cache``): ``memory`` materialises the decoded train and val splits in Ray's object store (spread over
+the nodes that decoded them) for every epoch and every run of these shards; ``none`` re-reads and re-decodes each epoch
+on CPU tasks (a 224² crop decodes and resizes in about a millisecond); ``auto`` caches when the decoded splits take at
+most :data:`CACHE_SHARE` of the cluster's object store.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
+import logging
+import math
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from kemo import outputs
+from kemo import outputs, storage
 from kemo.classes import CLASS_NAMES
-from kemo.schema import CROP
+from kemo.schema import SPLITS
 
-COLUMNS = ["image_id", "split", "label", "agree_n", "status", "crop"]
-
-
-@dataclass
-class Split:
-    images: np.ndarray  # (N, S, S, 3) uint8 RGB
-    labels: np.ndarray  # (N,) int64 class indices, kemo.classes order
-    image_ids: list[str]
+log = logging.getLogger(__name__)
+SMALL = ["image_id", "split", "label", "agree_n", "status"]  # what the driver reads: no pixels
+READ = [*SMALL, "crop"]
+BLOCK_ROWS = 128  # rows per block after ordering: small blocks split evenly over workers and shuffle well locally
+CACHES = ("auto", "memory", "none")
+CACHE_SHARE = 0.5  # of the cluster's object store: the rest is for Ray Data's own blocks in flight and the workers
+ORDER_SEED = 0  # the splits' order is one for every run of the same shards, so one cache serves them all
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -46,48 +59,144 @@ def decode_crop(data: bytes | None, size: int) -> np.ndarray | None:
     return None if image is None else resize_square(image, size)
 
 
-def load_splits(shards: str, image_size: int = 224, min_agree: int = 2,
-                jobs: int = 0) -> tuple[dict[str, Split], dict[str, Any]]:
-    """The train/val/test arrays of one committed crop output, and a report of what was kept and left out."""
-    table = outputs.Output(shards, outputs.CROPS).read_table("shards", COLUMNS, CROP)
-    meta = table.drop_columns(["crop"]).to_pylist()  # small columns as Python; the JPEGs stay in Arrow
-    crops = table.column("crop")
+def usable(table: pa.Table, min_agree: int) -> tuple[np.ndarray, list[str]]:
+    """Per row: whether it trains (status ok, a known label, ``min_agree`` annotators) and, if not, why. One rule for
+    the driver's report and the read tasks."""
+    status = table.column("status").to_numpy(zero_copy_only=False)
+    label = table.column("label").fill_null(-1).to_numpy(zero_copy_only=False)
+    agree = table.column("agree_n").fill_null(0).to_numpy(zero_copy_only=False)
+    reasons = np.where(status != "ok", np.char.add("status ", status.astype(str)),
+                       np.where(label < 0, "unknown label",
+                                np.where(agree < min_agree, f"fewer than {min_agree} annotators agree", "")))
+    return reasons == "", reasons.tolist()
+
+
+def order_keys(image_ids: list[str], seed: int = ORDER_SEED) -> np.ndarray:
+    """A keyed 64-bit hash of each ``image_id``: the position of the photo in its split's order."""
+    key = seed.to_bytes(8, "little", signed=True)
+    return np.asarray([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, key=key).digest(), "little",
+                                      signed=True) for i in image_ids], np.int64)
+
+
+@dataclass
+class TrainingData:
+    """A committed crop output, planned for training: which shard files, which photos, and the report. Pixels stay
+    in the shards until a Ray Data task reads them."""
+
+    shards: str
+    files: list[str]
+    image_size: int
+    min_agree: int
+    counts: dict[str, list[int]]  # split → photos per class, kemo.classes order
+    report: dict[str, Any]
+
+    def photos(self, split: str) -> int:
+        return sum(self.counts[split])
+
+    def decoded_bytes(self, splits: tuple[str, ...] = ("train", "val")) -> int:
+        return sum(self.photos(s) for s in splits) * self.image_size ** 2 * 3
+
+
+def plan(shards: str, image_size: int = 224, min_agree: int = 2) -> TrainingData:
+    """Read the small columns of a committed crop output (never its crops) and count what each split trains on."""
+    files = outputs.Output(shards, outputs.CROPS).files("shards")
     left_out: Counter[str] = Counter()
-    usable: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    for i, r in enumerate(meta):
-        if r["status"] != "ok":
-            left_out[f"status {r['status']}"] += 1
-        elif r["label"] is None or r["label"] < 0:
-            left_out["unknown label"] += 1
-        elif (r["agree_n"] or 0) < min_agree:
-            left_out[f"fewer than {min_agree} annotators agree"] += 1
-        elif r["split"] in usable:
-            usable[r["split"]].append(i)
-        else:
-            left_out[f"split {r['split']}"] += 1
-    splits: dict[str, Split] = {}
-    for name, rows in usable.items():
-        rows.sort(key=lambda i: meta[i]["image_id"])  # the shards' row order varies between preprocessing runs
-        images = np.empty((len(rows), image_size, image_size, 3), np.uint8)  # decoded straight into place
-
-        def fill(k: int, rows: list[int] = rows, images: np.ndarray = images) -> bool:
-            pixels = decode_crop(crops[rows[k]].as_py(), image_size)
-            if pixels is None:
-                return False
-            images[k] = pixels
-            return True
-
-        with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:  # cv2 decodes and resizes without the GIL
-            ok = np.fromiter(pool.map(fill, range(len(rows))), bool, count=len(rows))
-        if not ok.all():
-            left_out["crop does not decode"] += int((~ok).sum())
-            images = images[ok]
-        kept = [i for i, good in zip(rows, ok) if good]
-        splits[name] = Split(images, np.asarray([meta[i]["label"] for i in kept], np.int64),
-                             [meta[i]["image_id"] for i in kept])
-    report = {"shards": shards, "rows": len(meta), "image_size": image_size, "min_agree": min_agree,
+    counts = {s: [0] * len(CLASS_NAMES) for s in SPLITS}
+    rows = 0
+    for uri in files:
+        table = storage.read_parquet_columns(uri, SMALL)
+        rows += table.num_rows
+        ok, reasons = usable(table, min_agree)
+        split = table.column("split").to_pylist()
+        label = table.column("label").fill_null(-1).to_pylist()
+        for good, why, s, y in zip(ok.tolist(), reasons, split, label):
+            if not good:
+                left_out[why] += 1
+            elif s in counts:
+                counts[s][y] += 1
+            else:
+                left_out[f"split {s}"] += 1
+    report = {"shards": shards, "rows": rows, "image_size": image_size, "min_agree": min_agree,
               "left_out": dict(sorted(left_out.items())),
-              "splits": {name: {"photos": len(s.labels), "per_class": {CLASS_NAMES[c]: int((s.labels == c).sum())
-                                                                       for c in range(len(CLASS_NAMES))}}
-                         for name, s in splits.items()}}
-    return splits, report
+              "splits": {s: {"photos": sum(c), "per_class": dict(zip(CLASS_NAMES, c))} for s, c in counts.items()}}
+    return TrainingData(shards, files, image_size, min_agree, counts, report)
+
+
+def read_usable(batch: dict[str, np.ndarray], split: str, min_agree: int) -> Iterator[pa.Table]:
+    """Ray Data task: one shard file (a row of ``uri``) → its usable rows of ``split`` as (order, label, crop)."""
+    for uri in batch["uri"]:
+        table = storage.read_parquet_columns(str(uri), READ)
+        ok, _ = usable(table, min_agree)
+        table = table.filter(pc.and_(pa.array(ok), pc.equal(table.column("split"), split)))
+        for start in range(0, table.num_rows, BLOCK_ROWS):
+            chunk = table.slice(start, BLOCK_ROWS)
+            yield pa.table({"order": order_keys(chunk.column("image_id").to_pylist()),
+                            "label": chunk.column("label").cast(pa.int64()), "crop": chunk.column("crop")})
+
+
+def decode_batch(batch: pa.Table, size: int) -> dict[str, np.ndarray]:
+    """Ray Data task: JPEG crops → ``image`` (n, size, size, 3) uint8 RGB, ``label`` and ``key`` (the photo's order
+    key, which names it in tests' traces) as int64. A crop that does not
+    decode (preprocessing wrote it, so a damaged shard) is dropped with a warning."""
+    pixels = [decode_crop(b, size) for b in batch.column("crop").to_pylist()]
+    good = [i for i, p in enumerate(pixels) if p is not None]
+    if len(good) < len(pixels):
+        log.warning("%d crops do not decode; left out", len(pixels) - len(good))
+    images = np.stack([pixels[i] for i in good]) if good else np.empty((0, size, size, 3), np.uint8)
+    return {"image": images, "label": batch.column("label").to_numpy()[good],
+            "key": batch.column("order").to_numpy()[good]}
+
+
+def split_dataset(data: TrainingData, split: str) -> Any:
+    """One split as a Ray Data dataset of ``image`` and ``label``, in its fixed order (see the module's doc)."""
+    import ray
+
+    photos = data.photos(split)
+    ds = ray.data.from_items([{"uri": u} for u in data.files], override_num_blocks=max(1, len(data.files)))
+    ds = ds.map_batches(read_usable, fn_kwargs={"split": split, "min_agree": data.min_agree}, batch_size=1,
+                        batch_format="numpy")
+    # sorted by the keyed hash, then cut into equal blocks by row count: the same blocks at every execution
+    ds = ds.sort("order").repartition(max(1, math.ceil(photos / BLOCK_ROWS)))
+    return ds.map_batches(decode_batch, fn_kwargs={"size": data.image_size}, batch_size=BLOCK_ROWS,
+                          batch_format="pyarrow")
+
+
+def arrays_dataset(images: np.ndarray, labels: np.ndarray) -> Any:
+    """Photos already in memory ((N, S, S, 3) uint8, (N,) labels) as a split like :func:`split_dataset`'s, in blocks
+    of :data:`BLOCK_ROWS`, keyed by position: for benchmarks and tests, whose photos are generated in the process."""
+    import ray
+    from ray.data.extensions import ArrowTensorArray
+
+    return ray.data.from_arrow([
+        pa.table({"image": ArrowTensorArray.from_numpy(images[i:i + BLOCK_ROWS]),
+                  "label": pa.array(labels[i:i + BLOCK_ROWS], pa.int64()),
+                  "key": pa.array(np.arange(i, min(i + BLOCK_ROWS, len(labels))), pa.int64())})
+        for i in range(0, len(labels), BLOCK_ROWS)])
+
+
+def cache_decision(cache: str, decoded_bytes: int, object_store_bytes: float) -> bool:
+    """Whether to keep the decoded splits in the object store: ``memory`` yes, ``none`` no, ``auto`` when they take
+    at most :data:`CACHE_SHARE` of it."""
+    if cache not in CACHES:
+        raise ValueError(f"--cache must be one of {', '.join(CACHES)}, not {cache!r}")
+    return cache == "memory" or (cache == "auto" and decoded_bytes <= CACHE_SHARE * object_store_bytes)
+
+
+def datasets(data: TrainingData, cache: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The train, val and test datasets of planned crops, train and val materialised when cached; and what was
+    decided (written into the report)."""
+    import ray
+
+    store = float(ray.cluster_resources().get("object_store_memory", 0))
+    cached = cache_decision(cache, data.decoded_bytes(), store)
+    out = {s: split_dataset(data, s) for s in SPLITS}
+    decision = {"cache": cache, "cached": cached, "decoded_train_val_gb": round(data.decoded_bytes() / 1e9, 3),
+                "object_store_gb": round(store / 1e9, 3)}
+    if cached:
+        for s in ("train", "val"):
+            out[s] = out[s].materialize()
+            decoded = out[s].count()
+            if decoded != data.photos(s):
+                decision.setdefault("crops_that_do_not_decode", {})[s] = data.photos(s) - decoded
+    log.info("training data of %s: %s", data.shards, decision)
+    return out, decision

@@ -3,10 +3,12 @@
     from kemo.classifier.experiment import TrainConfig, run
     run(TrainConfig(shards=("out/crops/yolo", "out/crops/none"), output="out/classify"))
 
-For each crop output the usable crops are decoded once (:mod:`kemo.classifier.data`); each model is trained once per
-seed on Ray Train (:func:`kemo.classifier.train.fit`, under ``OUTPUT/runs/<preprocessing>-<model>-seed<k>``), and its
-best-validation checkpoint is evaluated on the test split (:func:`evaluate_checkpoint`, the same evaluation pass as
-validation's). A run is named after its spec and the crops' content, so other settings or other crops never resume it;
+For each crop output the driver counts the usable crops from the shards' small columns; Ray Data tasks read, order and
+decode the crops, once for every run of those shards when they fit the object store (``--cache``,
+:mod:`kemo.classifier.data`); each model is trained once per seed on Ray Train (:func:`kemo.classifier.train.fit`,
+under ``OUTPUT/runs/<preprocessing>-<model>-seed<k>``), and its best-validation checkpoint is evaluated on the test
+split in a Ray task (:func:`evaluate_checkpoint`, the same evaluation pass as validation's). The driver never holds
+pixels. A run is named after its spec and the crops' content, so other settings or other crops never resume it;
 one that finished is not trained again (its ``results/<run>.json``), an interrupted one resumes from its last
 checkpoint, and a rerun that finds the same report committed writes nothing.
 Output: ``report.json`` (data used, every run, accuracy and macro-F1 mean ± std over seeds, per-class
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +34,11 @@ import torch
 from kemo import outputs, storage
 from kemo.classes import CLASS_NAMES
 from kemo.classifier.checkpoint import load_checkpoint
-from kemo.classifier.data import load_splits, resize_square
+from kemo.classifier.data import CACHES, TrainingData, datasets, plan, resize_square
 from kemo.classifier.metrics import classification_report
 from kemo.classifier.networks import KEMOTIONNET_BLOCKS
 from kemo.classifier.registry import MODELS
-from kemo.classifier.train import TRAIN_STATE, RunSpec, evaluate, fit, learning_rate
+from kemo.classifier.train import BALANCES, TRAIN_STATE, RunSpec, capacity_attempts, evaluate, fit, learning_rate
 from kemo.resources import Node, check_placeable, connect
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ KIND = outputs.CLASSIFIER
 RESULTS = "results"  # results/<run>.json per finished run: a file of the output, and what a rerun skips
 REPORT = "report.json"
 SMOKE = {"epochs": 2, "seeds": 1, "image_size": 64}
+FIXED_CLUSTER_CAPACITY_TIMEOUT_S = 300.0  # a lost node is not coming back by itself: say so after five minutes
 
 
 @dataclass
@@ -72,7 +76,24 @@ class TrainConfig:
     max_failures: int = field(default=3, metadata={"help": "worker-group restarts per run"})
     checkpoint_every: int = field(default=10, metadata={
         "help": "a checkpoint to resume from every N epochs, besides each new best and the last (1 = every epoch)"})
+    cache: str = field(default="auto", metadata={
+        "help": "decoded train/val photos in Ray's object store across epochs: memory, none (decode every epoch) or "
+                "auto (memory when they take at most half of the object store)"})
+    balance: str = field(default="none", metadata={
+        "help": "class balance: none, weights (inverse-frequency loss weights) or sampler (batches resampled)"})
+    capacity_timeout: float | None = field(default=None, metadata={
+        "help": "seconds a run waits for nodes to hold its workers again (a node lost) before it stops; a rerun "
+                f"resumes. 0 = no limit; default: no limit with an autoscaler, {FIXED_CLUSTER_CAPACITY_TIMEOUT_S:g} "
+                "on a fixed cluster"})
     smoke_test: bool = field(default=False, metadata={"help": f"a quick check: {SMOKE}"})
+
+    def __post_init__(self) -> None:  # flag errors before anything starts
+        if self.cache not in CACHES:
+            raise ValueError(f"--cache must be one of {', '.join(CACHES)}, not {self.cache!r}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"--balance must be one of {', '.join(BALANCES)}, not {self.balance!r}")
+        if self.capacity_timeout is not None:
+            capacity_attempts(self.capacity_timeout)
 
 
 def _tag(shards: str) -> str:
@@ -83,19 +104,34 @@ def _tag(shards: str) -> str:
         return os.path.basename(shards.rstrip("/"))
 
 
-def evaluate_checkpoint(path: str, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class figures and the confusion matrix of a checkpoint on a split (uint8 photos, resized
-    to the checkpoint's input size if they are not at it), in fp32."""
+def evaluate_checkpoint(path: str, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class figures and the confusion matrix of a checkpoint on batches of (uint8 photos,
+    labels), resized to the checkpoint's input size if they are not at it, in fp32."""
     model, meta = load_checkpoint(path, "cuda" if torch.cuda.is_available() else "cpu")
     size = meta["image_size"]
-    if images.shape[1:3] != (size, size):
-        images = np.stack([resize_square(image, size) for image in images])
-    confusion, _ = evaluate(model, images, labels, batch_size, normalize=meta["normalize"],
-                            num_classes=len(meta["classes"]))
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the driver's GPU memory goes back to the training workers
+
+    def at_size() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in batches:
+            images = np.asarray(images)
+            if images.shape[1:3] != (size, size):
+                images = np.stack([resize_square(image, size) for image in images])
+            yield torch.from_numpy(images), torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+
+    confusion, _ = evaluate(model, at_size(), normalize=meta["normalize"], num_classes=len(meta["classes"]))
     return classification_report(confusion.cpu().numpy(), meta["classes"])
+
+
+def _test_task(checkpoint: str, test: Any) -> dict[str, Any]:
+    """Ray task: a checkpoint on the test split, streamed from its dataset (the driver never holds the photos)."""
+    batches = ((b["image"], b["label"]) for b in test.iter_batches(batch_size=256, batch_format="numpy"))
+    return evaluate_checkpoint(checkpoint, batches)
+
+
+def test_on_ray(checkpoint: str, test: Any, use_gpu: bool) -> dict[str, Any]:
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=2)(_test_task)
+    return ray.get(task.remote(checkpoint, test))
 
 
 def cpus_per_worker(cfg: TrainConfig, nodes: list[Node]) -> float:
@@ -201,24 +237,27 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     tags = [t if tags.count(t) == 1 else f"{t}-{os.path.basename(x.rstrip('/'))}" for t, x in zip(tags, shard_list)]
     if len(set(tags)) != len(tags):
         raise ValueError(f"crop outputs must differ in detector or folder name: {shard_list}")
-    plan = {tag: [] for tag in tags}  # tag → [(model, seed, spec, run name)]
+    plan_of = {tag: [] for tag in tags}  # tag → [(model, seed, spec, run name)]
     for shards, tag in zip(shard_list, tags):
         data_key = _data_key(shards, cfg.min_agree)
         for model in models:
             for seed in range(cfg.seeds):
                 spec = RunSpec(model=model, arguments=arguments.get(model, {}), seed=seed, epochs=cfg.epochs,
                                batch_size=cfg.batch_size, lr=cfg.lr, erasing=cfg.erasing,
-                               image_size=cfg.image_size, init_weights=cfg.init_weights, schedule=cfg.schedule)
-                key = hashlib.sha256(json.dumps([dataclasses.asdict(spec), data_key], sort_keys=True).encode())
+                               image_size=cfg.image_size, init_weights=cfg.init_weights, schedule=cfg.schedule,
+                               balance=cfg.balance)
+                keyed = {k: v for k, v in dataclasses.asdict(spec).items() if (k, v) != ("balance", "none")}
+                # (balance none is how every run trained before the option: their names stay theirs)
+                key = hashlib.sha256(json.dumps([keyed, data_key], sort_keys=True).encode())
                 # other settings or other crops never resume this run
-                plan[tag].append((model, seed, spec, f"{tag}-{model}-seed{seed}-{key.hexdigest()[:10]}"))
+                plan_of[tag].append((model, seed, spec, f"{tag}-{model}-seed{seed}-{key.hexdigest()[:10]}"))
     out = outputs.Output(cfg.output, KIND)
-    fingerprint = {"runs": [name for runs in plan.values() for *_, name in runs], "min_agree": cfg.min_agree}
+    fingerprint = {"runs": [name for runs in plan_of.values() for *_, name in runs], "min_agree": cfg.min_agree}
     if out.current(fingerprint) is not None:
         log.info("%s already holds this report, committed: nothing trained, nothing written", cfg.output)
         return out.read_json(REPORT)
     with out.lease() as lease:
-        report, files = _train_and_test(cfg, out, dict(zip(tags, shard_list)), plan)
+        report, files = _train_and_test(cfg, out, dict(zip(tags, shard_list)), plan_of)
         report["seconds"] = round(time.perf_counter() - t0, 1)
         out.uncommit()
         files += [out.write_json(REPORT, report),
@@ -241,16 +280,14 @@ def _data_key(shards: str, min_agree: int) -> str:
 
 
 def _train_and_test(cfg: TrainConfig, out: outputs.Output, shard_of: dict[str, str],
-                    plan: dict[str, list[tuple[str, int, RunSpec, str]]]
+                    plan_of: dict[str, list[tuple[str, int, RunSpec, str]]]
                     ) -> tuple[dict[str, Any], list[outputs.Receipt]]:
     """Every planned run that has no result yet, trained and tested; returns the report (with ``best_of``, the
     runs the plots may show) and the receipts of every run's result.json."""
-    import ray
-
     runs_dir = out.path("runs")
-    cpus = None  # Ray, and the workers sized for its nodes, only once a run needs training
+    cluster = None  # Ray, and the workers sized for its nodes, only once a run needs training
     rows, all_runs, data_reports, receipts = [], [], {}, []
-    for tag, planned in plan.items():
+    for tag, planned in plan_of.items():
         shards = shard_of[tag]
         results: dict[str, dict[str, Any]] = {}
         for *_, name in planned:
@@ -260,39 +297,27 @@ def _train_and_test(cfg: TrainConfig, out: outputs.Output, shard_of: dict[str, s
                 continue
             results[name] = json.loads(data)
             receipts.append(outputs.Receipt.of(f"{RESULTS}/{name}.json", data))
-        train = val = test = None
-        if len(results) < len(planned):  # decode the crops only when a run needs them
-            if cpus is None:
-                cpus = cpus_per_worker(cfg, connect())
-            splits, data_report = load_splits(shards, cfg.image_size, cfg.min_agree)
-            if not len(splits["train"].labels) or not len(splits["val"].labels) or not len(splits["test"].labels):
-                raise ValueError(f"{shards}: a split has no usable photo: {data_report['splits']}")
-            # one copy in the object store for every run of these shards; the driver keeps only the test split
-            train = ray.put((splits["train"].images, splits["train"].labels))
-            val = ray.put((splits["val"].images, splits["val"].labels))
-            test = splits["test"]
-            del splits
+        splits: dict[str, Any] = {}
+        if len(results) < len(planned):  # read the crops only when a run needs them
+            data = plan(shards, cfg.image_size, cfg.min_agree)  # small columns: no Ray, no pixels
+            if not all(data.photos(s) for s in ("train", "val", "test")):
+                raise ValueError(f"{shards}: a split has no usable photo: {data.report['splits']}")
+            if cluster is None:
+                cluster = _cluster(cfg)
+            splits, decision = datasets(data, cfg.cache)
+            data_report = {**data.report, "cache": decision}
         else:
+            data = None
             data_report = next(iter(results.values()))["data"]
         data_reports[tag] = data_report
         by_model: dict[str, list[dict[str, Any]]] = {}
         for model, seed, spec, name in planned:
             if name not in results:
-                log.info("training %s", name)
-                result = fit(train, val, spec, runs_dir, name, workers=cfg.workers, use_gpu=cfg.use_gpu,
-                             max_failures=cfg.max_failures, data_report=data_report, cpus_per_worker=cpus,
-                             checkpoint_every=cfg.checkpoint_every)
-                (best, best_metrics), = result.best_checkpoints
-                with best.as_directory() as d:
-                    tested = evaluate_checkpoint(d, test.images, test.labels)
-                with result.checkpoint.as_directory() as d:  # the latest: its history has every epoch
-                    history = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)["history"]
-                results[name] = {"name": name, "preprocessing": tag, "model": model, "seed": seed,
-                                 "spec": dataclasses.asdict(spec), "checkpoint": _uri(best, cfg.output),
-                                 "best_val": best_metrics, "test": tested, "history": history, "data": data_report}
+                results[name] = _train_one(cfg, cluster, data, splits, data_report, tag, model, seed, spec,
+                                           runs_dir, name)
                 receipts.append(out.write_json(f"{RESULTS}/{name}.json", results[name]))
             by_model.setdefault(model, []).append(results[name])
-        del train, val
+        del splits  # the cached photos leave the object store
         for model, runs in by_model.items():
             all_runs.extend(runs)
             top = max(runs, key=lambda r: r["best_val"]["val_accuracy"])
@@ -306,3 +331,37 @@ def _train_and_test(cfg: TrainConfig, out: outputs.Output, shard_of: dict[str, s
               "label_filter": f"annotators' majority with agree_n >= {cfg.min_agree}; unknown labels left out",
               "config": dataclasses.asdict(cfg), "best_of": all_runs}  # chosen on validation, never on test
     return report, receipts
+
+
+@dataclass
+class _Cluster:
+    cpus_per_worker: float
+    capacity_timeout: float
+
+
+def _cluster(cfg: TrainConfig) -> _Cluster:
+    """Ray started (or joined), the workers sized for its nodes, and the wait for lost capacity: no limit where an
+    autoscaler can start nodes, :data:`FIXED_CLUSTER_CAPACITY_TIMEOUT_S` where none can."""
+    nodes = connect()
+    timeout = cfg.capacity_timeout
+    if timeout is None:
+        timeout = 0.0 if any(n.launchable for n in nodes) else FIXED_CLUSTER_CAPACITY_TIMEOUT_S
+    return _Cluster(cpus_per_worker(cfg, nodes), timeout)
+
+
+def _train_one(cfg: TrainConfig, cluster: _Cluster, data: TrainingData, splits: dict[str, Any],
+               data_report: dict[str, Any], tag: str, model: str, seed: int, spec: RunSpec, runs_dir: str,
+               name: str) -> dict[str, Any]:
+    """One run trained (or resumed) and tested: its result.json's content."""
+    log.info("training %s", name)
+    result = fit(splits["train"], splits["val"], spec, runs_dir, name, workers=cfg.workers, use_gpu=cfg.use_gpu,
+                 max_failures=cfg.max_failures, data_report=data_report, cpus_per_worker=cluster.cpus_per_worker,
+                 checkpoint_every=cfg.checkpoint_every, capacity_timeout=cluster.capacity_timeout,
+                 class_counts=data.counts["train"])
+    (best, best_metrics), = result.best_checkpoints
+    tested = test_on_ray(_uri(best, cfg.output), splits["test"], cfg.use_gpu)
+    with result.checkpoint.as_directory() as d:  # the latest: its history has every epoch
+        history = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)["history"]
+    return {"name": name, "preprocessing": tag, "model": model, "seed": seed, "spec": dataclasses.asdict(spec),
+            "checkpoint": _uri(best, cfg.output), "best_val": best_metrics, "test": tested, "history": history,
+            "data": data_report}

@@ -1,23 +1,29 @@
-"""One classifier training run on Ray Train: in-memory crops → TorchTrainer (V2) → best checkpoint.
+"""One classifier training run on Ray Train: Ray Data splits → TorchTrainer (V2) → best checkpoint.
 
-The arrays of :func:`kemo.classifier.data.load_splits` are put in Ray's object store once; every worker maps them
-(zero-copy) and takes its share of a seeded permutation each epoch. Augmentation runs on batched tensors on the worker's
-device: a per-photo horizontal flip and light random resized crop in one ``grid_sample``, then the paper's Random
-Erasing. Adam; bf16 autocast on GPU; validation accuracy every epoch (:func:`evaluate`, each worker on its share of the
-batches, summed over workers). Every epoch reports its metrics; a checkpoint (the :mod:`kemo.classifier.checkpoint`
-directory, plus ``train_state.pt`` for resuming) comes with each new best validation accuracy, every
-``checkpoint_every`` epochs and the last: Ray keeps the best by validation accuracy and the latest, a failed worker
-restarts the group from the latest (``FailureConfig``), and a relaunch with the same output and run name resumes from it
-too.
+The train and val datasets of :mod:`kemo.classifier.data` reach the workers through ``ray.train.get_dataset_shard``:
+train in equal shares (DDP steps in lockstep), val in disjoint shares that together are every photo (:class:`Shares`),
+both in the splits' fixed order. Each epoch every worker streams its share through a local shuffle buffer seeded by
+(seed, epoch, rank), so a resumed run sees the batches an uninterrupted one saw. Augmentation runs on batched tensors
+on the worker's device: a per-photo horizontal flip and light random resized crop in one ``grid_sample``, then the
+paper's Random Erasing. Adam; bf16 autocast on GPU; optionally class-balanced (``balance``: a weighted loss, or each
+batch resampled towards equal classes). Validation accuracy every epoch (:func:`evaluate`, summed over workers). Every
+epoch reports its metrics; a checkpoint (the :mod:`kemo.classifier.checkpoint` directory, plus ``train_state.pt`` for
+resuming) comes with each new best validation accuracy, every ``checkpoint_every`` epochs and the last: Ray keeps the
+best by validation accuracy and the latest, a failed worker restarts the group from the latest (``FailureConfig``), and
+a relaunch with the same output and run name resumes from it too. When no node can hold a worker group again
+(a node lost), the run waits ``capacity_timeout`` seconds for one and then ends with :class:`CapacityLost`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +55,7 @@ class RunSpec:
     erasing: float = 0.5  # probability of Random Erasing per photo
     image_size: int = 224
     init_weights: str | None = None  # a user's weights file (path or s3://) to start from; nothing downloads
+    balance: str = "none"  # none | weights (class-weighted loss) | sampler (batches resampled towards equal classes)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -84,8 +91,43 @@ def random_erasing(x: torch.Tensor, generator: torch.Generator, p: float) -> tor
     return torch.where(mask[:, None], noise, x)
 
 
-def _to_input(images: np.ndarray, idx: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(images[idx]).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 (B, S, S, 3) RGB photos, int64 (B,) class indices
+BALANCES = ("none", "weights", "sampler")
+
+
+def array_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int) -> Iterator[Batch]:
+    """In-memory photos as the training loop takes them: ``images[order]`` in batches (a plain loop's, and tests')."""
+    for b in range(0, len(order), batch_size):
+        idx = np.sort(order[b:b + batch_size])  # sorted: a faster gather
+        yield torch.from_numpy(images[idx]), torch.from_numpy(labels[idx])
+
+
+def dataset_batches(shard: Any, batch_size: int, shuffle_seed: int | None = None,
+                    seen: list[int] | None = None) -> Iterator[Batch]:
+    """A Ray Data shard (``image``, ``label``, ``key``) as the training loop takes it; with ``shuffle_seed``, through a
+    seeded local shuffle buffer of :func:`shuffle_buffer` rows. Photos stay uint8 until the device, a quarter of the
+    bytes. ``seen`` (tests) collects the keys of the photos passed on."""
+    buffer = shuffle_buffer(batch_size) if shuffle_seed is not None else None
+    for batch in shard.iter_torch_batches(batch_size=batch_size, device="cpu", prefetch_batches=2,
+                                          local_shuffle_buffer_size=buffer, local_shuffle_seed=shuffle_seed):
+        if seen is not None:
+            seen.extend(batch["key"].tolist())
+        yield batch["image"], batch["label"]
+
+
+def shuffle_buffer(batch_size: int) -> int:
+    """Rows a worker shuffles among: eight batches, at least 1,024 (at 224², ~150 MB of the worker's memory)."""
+    return max(8 * batch_size, 1024)
+
+
+def class_weights(counts: list[int]) -> list[float]:
+    """Inverse-frequency weights, mean 1 over the photos (a class with none gets 0): ``n / (k · n_c)``."""
+    n, k = sum(counts), sum(1 for c in counts if c)
+    return [n / (k * c) if c else 0.0 for c in counts]
+
+
+def _to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
 
 
 def learning_rate(spec: RunSpec, epoch: int) -> float:
@@ -96,39 +138,41 @@ def learning_rate(spec: RunSpec, epoch: int) -> float:
     raise ValueError(f"unknown schedule {spec.schedule!r}: cosine or constant")
 
 
-def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: np.ndarray, labels: np.ndarray,
-                    order: np.ndarray, spec: RunSpec, generator: torch.Generator) -> torch.Tensor:
-    """One pass over ``images[order]`` (uint8 (N, S, S, 3), in memory) in batches of ``spec.batch_size``: augment on
-    the model's device, Adam step, bf16 autocast on GPU. Returns (summed loss, photos) as a float64 tensor on the
-    device, so the loop never waits for the GPU."""
+def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch],
+                    spec: RunSpec, generator: torch.Generator, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One pass over ``batches``: augment on the model's device, Adam step, bf16 autocast on GPU. ``weights`` (per
+    class, on the device) balance the classes as ``spec.balance`` says: the loss's class weights (``weights``), or each
+    batch resampled with replacement in proportion to its photos' weights (``sampler``). Returns (summed loss, photos)
+    as a float64 tensor on the device, so the loop never waits for the GPU."""
     device = next(model.parameters()).device
     mean = torch.tensor(IMAGENET["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET["std"], device=device).view(1, 3, 1, 1)
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     model.train()
-    for b in range(0, len(order), spec.batch_size):
-        idx = np.sort(order[b:b + spec.batch_size])  # sorted: a faster gather from the shared array
-        x = augment(_to_input(images, idx, device), generator)
+    for images, labels in batches:
+        x = _to_input(images, device)
+        y = labels.to(device, non_blocking=True)
+        if spec.balance == "sampler" and weights is not None:
+            pick = torch.multinomial(weights[y], len(y), replacement=True, generator=generator)
+            x, y = x[pick], y[pick]
+        x = augment(x, generator)
         x = random_erasing((x - mean) / std, generator, spec.erasing)
-        y = torch.from_numpy(labels[idx]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x).float(), y, weight=weights if spec.balance == "weights" else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        sums[0] += loss.detach().double() * len(idx)  # no host sync per step
-        sums[1] += len(idx)
+        sums[0] += loss.detach().double() * len(y)  # no host sync per step
+        sums[1] += len(y)
     return sums
 
 
-def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 256,
-             normalize: dict[str, list[float]] = IMAGENET, num_classes: int = len(CLASS_NAMES), bf16: bool = False,
-             rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model (in eval mode, without gradients) on uint8 photos (N, S, S, 3) already at its input size, normalised
-    by ``normalize``; bf16 autocast if ``bf16`` and on GPU. ``rank`` of ``world`` workers takes batches rank,
-    rank + world, ... so that the workers' results add up to the whole set's. Returns (confusion matrix
-    ``cm[true, predicted]`` as (num_classes, num_classes) int64 counts, summed cross-entropy as float64) on the
-    model's device, so nothing waits for the GPU until the caller reads them."""
+def evaluate(model: torch.nn.Module, batches: Iterable[Batch], normalize: dict[str, list[float]] = IMAGENET,
+             num_classes: int = len(CLASS_NAMES), bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model (in eval mode, without gradients) on uint8 photo batches already at its input size, normalised by
+    ``normalize``; bf16 autocast if ``bf16`` and on GPU. Workers each evaluate their share and add up. Returns
+    (confusion matrix ``cm[true, predicted]`` as (num_classes, num_classes) int64 counts, summed cross-entropy as
+    float64) on the model's device, so nothing waits for the GPU until the caller reads them."""
     device = next(model.parameters()).device
     mean = torch.tensor(normalize["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(normalize["std"], device=device).view(1, 3, 1, 1)
@@ -136,10 +180,9 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, bat
     loss = torch.zeros((), dtype=torch.float64, device=device)
     model.eval()
     with torch.no_grad():
-        for b in range(rank * batch_size, len(labels), world * batch_size):
-            idx = np.arange(b, min(b + batch_size, len(labels)))
-            x = (_to_input(images, idx, device) - mean) / std
-            y = torch.from_numpy(labels[idx]).to(device)
+        for images, labels in batches:
+            x = (_to_input(images, device) - mean) / std
+            y = labels.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
                 logits = model(x)
             loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
@@ -179,8 +222,7 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     spec = RunSpec(**config["spec"])
-    x_train, y_train = ray.get(config["train"])
-    x_val, y_val = ray.get(config["val"])
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     device = ray.train.torch.get_device()
     if device.type == "cpu" and config.get("cpus_per_worker"):
         torch.set_num_threads(int(config["cpus_per_worker"]))  # the worker's CPU share, as Ray reserved it
@@ -191,38 +233,42 @@ def train_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     net = getattr(model, "module", model)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    weights = torch.tensor(config["class_weights"], device=device) if config.get("class_weights") else None
     start, best, history = 0, -1.0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
-            weights = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
-        net.load_state_dict(weights)
+            model_state = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
+        net.load_state_dict(model_state)
         optimizer.load_state_dict(state["optimizer"])
         start, best, history = state["epoch"] + 1, state["best"], state["history"]
-    per_worker = len(y_train) // world  # equal shares: DDP needs the same number of steps everywhere
     fail = config.get("_fail_once")  # tests: {"epoch": k, "rank": r, "marker": path} kills one worker once
+    trace = config.get("_trace")  # tests: a folder where each worker writes the photos (order keys) of each epoch
 
     for epoch in range(start, spec.epochs):
         if fail and epoch == fail["epoch"] and rank == fail["rank"] and not os.path.exists(fail["marker"]):
             open(fail["marker"], "w").close()
             os._exit(1)  # a worker process dies without warning
-        g = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
-        mine = torch.randperm(len(y_train), generator=g)[rank * per_worker:(rank + 1) * per_worker].numpy()
-        aug = torch.Generator(device=device).manual_seed(spec.seed * 100_003 + epoch * 1_009 + rank)
-        torch.manual_seed(spec.seed * 100_003 + epoch * 1_009 + rank)  # dropout: per rank, and again on resume
+        seed = spec.seed * 100_003 + epoch * 1_009 + rank
+        aug = torch.Generator(device=device).manual_seed(seed)
+        torch.manual_seed(seed)  # dropout: per rank, and again on resume
         for group in optimizer.param_groups:  # a function of the epoch alone, so a resumed run follows the same curve
             group["lr"] = learning_rate(spec, epoch)
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # train loss, train n, val correct, val n
+        seen: list[int] | None = [] if trace else None
         started = time.perf_counter()
-        sums[:2] = train_one_epoch(model, optimizer, x_train, y_train, mine, spec, aug)
+        sums[:2] = train_one_epoch(model, optimizer, dataset_batches(train_shard, spec.batch_size, seed, seen),
+                                   spec, aug, weights)
+        if trace:
+            storage.write_bytes(storage.join(trace, f"epoch{epoch + 1}-rank{rank}.json"), json.dumps(seen).encode())
         if device.type == "cuda":
             torch.cuda.synchronize()
-        train_seconds = time.perf_counter() - started  # this worker's training steps, without evaluation
+        train_seconds = time.perf_counter() - started  # this worker's steps and the data they waited for
         if world > 1:  # BatchNorm statistics as rank 0 has them, explicitly: evaluation bypasses the DDP wrapper
             for buffer in net.buffers():
                 torch.distributed.broadcast(buffer, 0)
-        confusion, _ = evaluate(net, x_val, y_val, spec.batch_size, bf16=True, rank=rank, world=world)
+        confusion, _ = evaluate(net, dataset_batches(val_shard, spec.batch_size), bf16=True)
         sums[2], sums[3] = confusion.trace(), confusion.sum()
         if world > 1:
             torch.distributed.all_reduce(sums)
@@ -251,33 +297,118 @@ def train_loop(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
 
 
+class CapacityLost(RuntimeError):
+    """A run could not get its workers back within ``capacity_timeout``; a rerun resumes from its latest checkpoint."""
+
+
+def _shares(options: Any) -> Any:
+    """Ray Train's DataConfig with kemo's split: train in equal shares (DDP needs the same steps on every worker), val
+    in disjoint shares that together hold every photo (an equal split would leave up to ``workers - 1`` out), both in
+    the datasets' own order (``preserve_order``, which also turns off Ray's locality hints: they make the shares
+    depend on timing)."""
+    from ray.train import DataConfig
+
+    class Shares(DataConfig):
+        def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any,
+                      **kwargs: Any) -> list[dict[str, Any]]:  # kwargs: Ray's own placeholder for later arguments
+            output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=name == "train")):
+                    output[i][name] = split
+            return output
+
+    return Shares(execution_options=options)
+
+
 def fit(train: Any, val: Any, spec: RunSpec, storage_uri: str, name: str, workers: int = 1, use_gpu: bool = False,
         max_failures: int = 3, data_report: dict[str, Any] | None = None, cpus_per_worker: float = 0,
-        checkpoint_every: int = 1, _fail_once: dict[str, Any] | None = None):
+        checkpoint_every: int = 1, capacity_timeout: float = 0, class_counts: list[int] | None = None,
+        _fail_once: dict[str, Any] | None = None, _trace: str | None = None):
     """Train one run under ``storage_uri/name`` (relaunching with the same two resumes it); returns Ray's Result,
-    whose ``best_checkpoints`` hold the best-validation checkpoint. ``train`` and ``val`` are (images, labels)
-    pairs, or ObjectRefs of them so that a grid of runs shares one copy in the object store. ``cpus_per_worker``
+    whose ``best_checkpoints`` hold the best-validation checkpoint. ``train`` and ``val`` are Ray Datasets of
+    ``image`` (uint8 (S, S, 3) RGB at ``spec.image_size``) and ``label``, materialised or not. ``cpus_per_worker``
     (0 = Ray's default of 1) is what each worker reserves and, on CPU, how many threads its torch uses. A checkpoint
-    is written at every new best validation accuracy, every ``checkpoint_every`` epochs and at the last epoch."""
+    is written at every new best validation accuracy, every ``checkpoint_every`` epochs and at the last epoch.
+    ``capacity_timeout`` (seconds, 0 = wait as long as it takes, as on an autoscaling cluster) bounds the wait for
+    a worker group that cannot be placed; past it the run raises :class:`CapacityLost`. ``class_counts`` (train
+    photos per class) are what ``spec.balance`` balances."""
     import dataclasses
 
-    import ray
+    from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if spec.balance not in BALANCES:
+        raise ValueError(f"--balance must be one of {', '.join(BALANCES)}, not {spec.balance!r}")
     fs, path = storage.resolve(storage_uri)
-    refs = [x if isinstance(x, ray.ObjectRef) else ray.put(x) for x in (train, val)]
-    config = {"spec": dataclasses.asdict(spec), "train": refs[0], "val": refs[1],
-              "data_report": data_report, "cpus_per_worker": cpus_per_worker, "checkpoint_every": checkpoint_every}
+    config = {"spec": dataclasses.asdict(spec), "data_report": data_report, "cpus_per_worker": cpus_per_worker,
+              "checkpoint_every": checkpoint_every,
+              "class_weights": class_weights(class_counts) if class_counts and spec.balance != "none" else None}
     if _fail_once:
         config["_fail_once"] = _fail_once
+    if _trace:
+        config["_trace"] = _trace
+    start_timeout, limit = capacity_attempts(capacity_timeout)
     trainer = TorchTrainer(
-        train_loop, train_loop_config=config,
+        train_loop, train_loop_config=config, datasets={"train": train, "val": val},
+        dataset_config=_shares(ExecutionOptions(preserve_order=True)),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker} if cpus_per_worker else None),
         run_config=RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=limit),
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_accuracy",
                                                checkpoint_score_order="max")))
-    return trainer.fit()
+    with _env(START_TIMEOUT_ENV, None if start_timeout is None else f"{start_timeout:g}"):
+        try:
+            return trainer.fit()
+        except Exception as error:  # Ray Train's TrainingFailedError wraps what the controller gave up on
+            if limit >= 0 and _is_capacity_error(error):
+                raise CapacityLost(
+                    f"{name}: no node could hold {workers} training worker(s) "
+                    f"({cpus_per_worker or 1:g} CPU{' and 1 GPU' if use_gpu else ''} each) for {capacity_timeout:g} s "
+                    "(--capacity-timeout); the run stopped. Run the same command again when the capacity is back: "
+                    "it resumes from the latest checkpoint") from error
+            raise
+
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train propagates it to its controller
+DEFAULT_START_TIMEOUT_S = 60.0  # Ray Train 2.60's own default
+
+
+def capacity_attempts(capacity_timeout: float) -> tuple[float | None, int]:
+    """(worker-group start timeout to set, or None for Ray's own; controller retries) that together wait about
+    ``capacity_timeout`` seconds for capacity; 0 = no limit (Ray's defaults: every start retried)."""
+    if capacity_timeout < 0:
+        raise ValueError(f"--capacity-timeout must be 0 (no limit) or more seconds, not {capacity_timeout:g}")
+    if not capacity_timeout:
+        return None, -1
+    start = min(DEFAULT_START_TIMEOUT_S, float(capacity_timeout))
+    return start, max(0, math.ceil(capacity_timeout / start) - 1)  # a start that times out is retried `limit` times
+
+
+def _is_capacity_error(error: BaseException) -> bool:
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)):
+            return True
+        error = getattr(error, "controller_failure", None) or error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """``os.environ[name] = value`` for the block (None: left as it is), unless the user set it."""
+    if value is None or name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
