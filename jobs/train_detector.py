@@ -18,8 +18,7 @@ import ray
 
 from kemo.config import parse, refusals
 from kemo.detector.train import TrainDetectorConfig, run
-from kemo.preprocess import check_output_reachable
-from kemo.resources import cluster_nodes
+from kemo.resources import check_shared, cluster_nodes
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -27,7 +26,9 @@ if __name__ == "__main__":
     with refusals():
         if cfg.gpus > 0:
             ray.init()
-            check_output_reachable(cfg.output, len(cluster_nodes()))  # the task runs anywhere
+            # the task runs on any node: what it reads and writes must be there too
+            check_shared({"--input": cfg.input, "--output": cfg.output}, len(cluster_nodes()),
+                         "the training task may run on another node")
             meta = ray.get(ray.remote(num_gpus=cfg.gpus, num_cpus=cfg.cpus)(run).remote(cfg))
         else:
             meta = run(cfg)

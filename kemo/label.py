@@ -29,7 +29,7 @@ from kemo.detector.base import Faces
 from kemo.detector.registry import check_detector, verify_detector
 from kemo.device import torch_device
 from kemo.frontend import FrontEnd, Prepared
-from kemo.resources import ActorResources, connect, resolve_resources
+from kemo.resources import ActorResources, check_shared, connect, resolve_resources
 from kemo.schema import LABELS, TRANSIENT
 from kemo.settings import CropSettings, DetectorSettings, InputSettings, crop_fingerprint, input_defaults
 
@@ -311,17 +311,6 @@ def _fingerprint(cfg: LabelConfig) -> dict[str, Any]:
             "all_faces": cfg.all_faces, "max_bytes": cfg.max_bytes, "links": cfg.links}
 
 
-def _check_reachable(cfg: LabelConfig, nodes: int) -> None:
-    """Actors on any node read the photos, the checkpoint and the weights; the driver alone writes the output.
-    ``nodes``: the alive nodes and the node types an autoscaler can start."""
-    if nodes <= 1:
-        return
-    for flag, uri in (("--input", cfg.input), ("--checkpoint", cfg.checkpoint), ("--weights", cfg.weights)):
-        if uri and not storage.is_s3(uri):
-            raise ValueError(f"{flag} {uri} is a local path but the cluster has {nodes} nodes (or node types it can "
-                             "start): actors on other nodes cannot read it; give an s3:// URI")
-
-
 def _label_pending(cfg: LabelConfig, pending: pa.Table) -> tuple[int, Counter]:
     """Stream the pending photos through the actor pool; the driver writes whole photos' rows into parts as they
     come (rows are small: crops never leave the actors). Returns (photos labelled, their statuses)."""
@@ -409,7 +398,10 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
         # then Ray, and actors sized for its nodes: a request no node can hold is refused before any file is written
         nodes = connect()
         cfg = resolve_resources(cfg, nodes)
-        _check_reachable(cfg, len(nodes))  # node types the autoscaler can start count: actors may run there
+        # actors on any node read the photos, the checkpoint and the weights (node types the autoscaler can start
+        # count: actors may run there); the driver alone writes the output
+        check_shared({"--input": cfg.input, "--checkpoint": cfg.checkpoint, "--weights": cfg.weights}, len(nodes),
+                     "actors on other nodes cannot read it")
     labelled, run_statuses = 0, Counter()
     with out.lease() as lease:
         out.claim(fingerprint)

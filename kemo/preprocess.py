@@ -28,7 +28,7 @@ from kemo.crop import encode_jpeg, iou, primary_face
 from kemo.detector.base import Faces
 from kemo.detector.registry import check_detector, verify_detector
 from kemo.frontend import FrontEnd, Prepared
-from kemo.resources import ActorResources, connect, resolve_resources
+from kemo.resources import ActorResources, check_shared, connect, resolve_resources
 from kemo.schema import CROP, IDENTITY, TRANSIENT
 from kemo.settings import CropSettings, DetectorSettings, InputSettings, crop_fingerprint, input_defaults
 
@@ -135,14 +135,6 @@ def resume(output: str) -> tuple[set[str], int]:
         dropped += n
         done.update(t.filter(pc.invert(retry)).column("image_id").to_pylist())
     return done, dropped
-
-
-def check_output_reachable(output: str, nodes: int) -> None:
-    """Every shard must land where the driver commits it: a local path is one machine's disk. ``nodes``: the alive
-    nodes and the node types an autoscaler can start."""
-    if not storage.is_s3(output) and nodes > 1:
-        raise ValueError(f"--output {output} is a local path but the cluster has {nodes} nodes (or node types it can "
-                         "start): shards would land on whichever node wrote them; give an s3:// output")
 
 
 # --------------------------------------------------------------------------------------------------- the job
@@ -254,7 +246,8 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
 
     nodes = connect()
     cfg = resolve_resources(cfg, nodes)
-    check_output_reachable(cfg.output, len(nodes))  # node types the autoscaler can start count: actors may go there
+    # node types the autoscaler can start count: actors may go there
+    check_shared({"--output": cfg.output}, len(nodes), "shards would land on whichever node wrote them")
     with out.lease() as lease:
         manifest = load_input(cfg)
         if cfg.smoke_test:

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from kemo import storage
+
 R = TypeVar("R", bound="ActorResources")
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the cluster config on the head node
 
@@ -139,3 +141,15 @@ def check_placeable(cpus: float, gpus: float, nodes: list[Node], what: str, flag
     if not any(n.holds(cpus, gpus) for n in nodes):
         raise ValueError(f"each {what} asks for {cpus:g} CPU and {gpus:g} GPU, and no node can hold that: "
                          f"{'; '.join(map(str, nodes)) or 'no nodes'}. Change {flags}, or add a node that can")
+
+
+def check_shared(paths: dict[str, str | None], nodes: int, why: str) -> None:
+    """A local path is one machine's disk: with more than one node (``nodes``: the alive nodes and the node types an
+    autoscaler can start), every path that work on other nodes reads or writes must be on S3. ``paths``: flag → the
+    path given (None: not given); ``why``: what would go wrong, for the message."""
+    if nodes <= 1:
+        return
+    for flag, uri in paths.items():
+        if uri and not storage.is_s3(uri):
+            raise ValueError(f"{flag} {uri} is a local path but the cluster has {nodes} nodes (or node types it can "
+                             f"start): {why}; give an s3:// URI")

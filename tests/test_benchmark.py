@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kemo.benchmark import BenchmarkConfig, run
-from kemo.benchmark.config import STAGES, effective, parse_stages
+from kemo.benchmark.config import DEFAULT_STAGES, effective, parse_stages
 from kemo.benchmark.loops import plain_train
 from kemo.benchmark.stages import decode_methods, worker_counts
 from tests.photos import jpeg, scene
@@ -40,7 +40,7 @@ def test_smoke_test_config():
     """--smoke-test shrinks the work, not what runs; list fields are tuples, and a bare str is refused."""
     cfg = effective(BenchmarkConfig(smoke_test=True, images=300, train_model="resnet18", detectors=("haar",)))
     assert (cfg.images, cfg.size, cfg.train_epochs, cfg.train_images) == (14, "320x240", 2, 32)
-    assert (cfg.stages, cfg.detectors, cfg.train_model) == (STAGES, ("haar",), "resnet18")
+    assert (cfg.stages, cfg.detectors, cfg.train_model) == (DEFAULT_STAGES, ("haar",), "resnet18")
     assert effective(BenchmarkConfig(images=300)).images == 300
     with pytest.raises(TypeError, match="tuple of str"):
         BenchmarkConfig(detectors="haar")

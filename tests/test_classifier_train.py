@@ -3,6 +3,7 @@ evaluation pass on a model whose outputs are known; checkpoint schedule, learnin
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from kemo.classifier.checkpoint import input_batch, load_checkpoint
 from kemo.classifier.data import arrays_dataset
 from kemo.classifier.train import (
     TRAIN_STATE,
+    CapacityLost,
     RunSpec,
     array_batches,
     augment,
@@ -80,7 +82,8 @@ def test_two_workers_train_and_the_best_checkpoint_scores_what_it_reported(unint
 @pytest.mark.slow
 def test_each_worker_trains_on_a_disjoint_equal_share_each_epoch_reshuffled(uninterrupted, data, traces):
     (_, y), _ = data
-    seen = {(e, r): json.load(open(os.path.join(traces, f"epoch{e}-rank{r}.json"))) for e in (1, 2, 3) for r in (0, 1)}
+    seen = {(e, r): json.load(open(os.path.join(traces, f"epoch{e}-rank{r}.json")))["keys"]
+            for e in (1, 2, 3) for r in (0, 1)}
     for epoch in (1, 2, 3):
         a, b = seen[epoch, 0], seen[epoch, 1]
         assert len(a) == len(b) == len(y) // 2 and len(set(a)) == len(a)  # equal shares, each photo once
@@ -106,6 +109,19 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_where_an_unin
         return {k: v for k, v in m.items() if k not in timing}
 
     assert learned(result.metrics) == learned(uninterrupted.metrics)  # same seeds, same data order: the same run
+
+
+@pytest.mark.slow
+def test_workers_no_node_can_hold_end_the_run_once_the_capacity_timeout_is_spent(splits, tmp_path):
+    """Ray Train retries a worker group that cannot start without end; with a capacity timeout the run stops with
+    a message that says what to do (on a cluster the rerun resumes: tests/test_job_submit.py)."""
+    train, val = splits
+    t0 = time.monotonic()
+    with pytest.raises(CapacityLost, match=r"no node could hold 1 training worker\(s\) \(64 CPU each\) for 5 s"):
+        fit(train, val, SPEC, str(tmp_path / "runs"), "big", workers=1, cpus_per_worker=64, capacity_timeout=5)
+    waited = time.monotonic() - t0
+    print(f"capacity timeout 5 s: the run ended after {waited:.1f} s")
+    assert 5 <= waited < 30
 
 
 class Lookup(torch.nn.Module):

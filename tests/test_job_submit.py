@@ -333,3 +333,102 @@ def test_label_job(cluster, small_corpus, moto_endpoint, s3_bucket, upload_tree,
         assert r["status"] == "ok", (name, r["error"])
         assert r["label_name"] == CLASS_NAMES[r["label"]] and len(r["probs"]) == len(CLASS_NAMES)
         assert abs(sum(r["probs"]) - 1) < 1e-3 and r["detector"] == "none"
+
+
+# Two workers on the cluster, each writing the photos (order keys) it trained on per epoch to S3: what the test
+# checks against the shards. Through kemo.classifier's own functions, as jobs/train.py's driver calls them.
+SHARES = """
+import sys
+import ray
+from kemo.classifier import data, train
+ray.init()
+shards, runs, trace = sys.argv[1:4]
+planned = data.plan(shards, 32)
+splits, decision = data.datasets(planned, "none")  # re-read from S3 and decoded on the nodes every epoch
+spec = train.RunSpec(model="resnet18", epochs=2, batch_size=8, image_size=32)
+result = train.fit(splits["train"], splits["val"], spec, runs, "shares", workers=2, cpus_per_worker=1, _trace=trace)
+print("SHARES_DONE", result.metrics["epoch"], decision["cached"])
+"""
+
+
+def _train_keys(shards: str) -> set[int]:
+    from kemo.classifier.data import order_keys, usable
+
+    table = read_crops(shards, ["image_id", "split", "label", "agree_n", "status"])
+    ok, _ = usable(table, 2)
+    ids = [i for i, good, s in zip(table.column("image_id").to_pylist(), ok, table.column("split").to_pylist())
+           if good and s == "train"]
+    return set(order_keys(ids).tolist())
+
+
+def _restart_worker_node(cluster: LocalCluster) -> None:
+    """The 2-CPU worker node again (the test killed it), with its own temp dir as before."""
+    env = _clean_env()
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster.token_path, MARK: cluster.marker,
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+    log = os.path.join(cluster.temp_dir, "worker.log")
+    cluster.procs[1] = _start_node(
+        ["--address", cluster.gcs, "--num-cpus", "2", "--dashboard-agent-listen-port", str(_free_port()),
+         "--object-store-memory", str(200 * 2**20), "--temp-dir", os.path.join(cluster.temp_dir, "w2")], env, log)
+    _wait("three alive nodes again", lambda: cluster.alive_nodes() == 3, cluster.procs, [log])
+
+
+def test_training_across_the_cluster_on_s3(cluster, moto_endpoint, s3_bucket, upload_tree, tmp_path):
+    """Crops on S3 → two Ray Train workers fed by Ray Data: each epoch the workers' shares of the train split are
+    disjoint, equal and together the split (less at most one photo, for equal steps). Then jobs/train.py --workers 2
+    into an S3 output loses the 2-CPU node mid-run: with nowhere to put its two workers it ends within its
+    --capacity-timeout, saying so; once the node is back, the same command resumes from the latest checkpoint,
+    finishes and commits the report."""
+    cfg = SynthConfig(out=str(tmp_path / "corpus"), per_class=12, seed=12, size="320x240", jobs=2)
+    generate(cfg)
+    upload_tree(cfg.out, "train-corpus")
+    shards, bucket = f"s3://{s3_bucket}/train-crops", f"s3://{s3_bucket}"
+    status, output = submit(cluster, ["python", "jobs/preprocess.py", "--input", f"{bucket}/train-corpus",
+                                      "--output", shards, "--detector", "annotations", "--crop-size", "32"],
+                            s3_env(moto_endpoint))
+    assert status == "SUCCEEDED", output[-4000:]
+
+    status, output = submit(cluster, ["python", "-c", SHARES, shards, f"{bucket}/share-runs", f"{bucket}/trace"],
+                            s3_env(moto_endpoint))
+    assert status == "SUCCEEDED" and "SHARES_DONE 2 False" in output, output[-4000:]
+    train = _train_keys(shards)
+    for epoch in (1, 2):
+        a, b = (storage.read_json(f"{bucket}/trace/epoch{epoch}-rank{r}.json") for r in (0, 1))
+        print(f"epoch {epoch}: {len(a['keys'])} + {len(b['keys'])} of {len(train)} train photos, on nodes "
+              f"{a['node'][:8]} and {b['node'][:8]}")
+        assert len(a["keys"]) == len(b["keys"]) == len(train) // 2
+        assert not set(a["keys"]) & set(b["keys"]) and len(set(a["keys"])) == len(a["keys"])
+        assert set(a["keys"]) | set(b["keys"]) <= train and len(train) - 2 * len(a["keys"]) <= 1
+
+    out, timeout = f"{bucket}/classify", 20
+    command = [RAY, "job", "submit", "--address", cluster.address, "--working-dir", ".",
+               "--runtime-env-json", json.dumps({"env_vars": s3_env(moto_endpoint)}), "--", "python",
+               "jobs/train.py", "--shards", shards, "--output", out, "--models", "resnet18", "--seeds", "1",
+               "--epochs", "10", "--image-size", "32", "--batch-size", "8", "--workers", "2",
+               "--cpus-per-worker", "1", "--checkpoint-every", "1", "--capacity-timeout", str(timeout)]
+    first = subprocess.Popen(command, env=cluster.client_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not [e for e in storage.list_files(f"{out}/runs") if "checkpoint_" in e.rel]:
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-4000:]
+        time.sleep(0.5)
+    os.killpg(cluster.procs[1].pid, signal.SIGTERM)  # the 2-CPU node goes: 1 CPU left for two 1-CPU workers
+    cluster.procs[1].wait(timeout=60)
+    killed = time.monotonic()
+    output = first.communicate(timeout=JOB_TIMEOUT_S)[0]
+    waited = time.monotonic() - killed
+    print(f"capacity lost: the job ended {waited:.0f} s after the node, --capacity-timeout {timeout}")
+    assert first.returncode != 0 and "no node could hold 2 training worker(s)" in output, output[-4000:]
+    assert "it resumes from the latest checkpoint" in output and waited < timeout + 45
+    assert not storage.exists(f"{out}/_commit.json")
+
+    _restart_worker_node(cluster)
+    status, output = submit(cluster, command[command.index("--") + 1:], s3_env(moto_endpoint))
+    assert status == "SUCCEEDED", output[-4000:]
+    epochs = [int(m) for m in re.findall(r"resnet18 seed 0 epoch (\d+)/10", output)]
+    assert epochs and epochs[0] > 1 and epochs[-1] == 10, epochs  # resumed, not started over
+    report = storage.read_json(f"{out}/report.json")
+    (run,) = report["runs"]
+    history = json.loads(storage.read_bytes(f"{out}/results/{run['name']}.json"))["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 11))
+    assert storage.exists(f"{out}/_commit.json")

@@ -301,15 +301,6 @@ def test_two_runs_into_one_output_one_commits_and_the_other_is_refused(where, ra
     assert not storage.exists(storage.join(out, outputs.LEASE))
 
 
-def test_local_output_is_refused_on_a_multi_node_cluster():
-    from kemo.preprocess import check_output_reachable
-
-    check_output_reachable("/data/out", 1)
-    check_output_reachable("s3://b/out", 3)
-    with pytest.raises(ValueError, match="local path"):
-        check_output_reachable("/data/out", 2)
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_to_exactly_one_row_per_input(ray_local, tmp_path):
     # 60 photos, tiny shards: the job is killed once a few shards exist, then run again

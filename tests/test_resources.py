@@ -99,3 +99,13 @@ def test_the_node_types_of_a_ray_up_head(tmp_path):
     assert _bootstrap_node_types(str(path)) == [Node("node type gpu", 8, 1, True),
                                                 Node("node type gpu4", float("inf"), 4, True)]
     assert _bootstrap_node_types(str(tmp_path / "none.yaml")) == []
+
+
+def test_local_paths_are_refused_where_work_on_other_nodes_would_need_them():
+    from kemo.resources import check_shared
+
+    check_shared({"--output": "/data/out"}, 1, "x")  # one node: its disk is everyone's
+    check_shared({"--output": "s3://b/out", "--weights": None}, 3, "x")
+    with pytest.raises(ValueError, match=r"--input /data/in is a local path but the cluster has 2 nodes .*: actors on "
+                                         r"other nodes cannot read it; give an s3:// URI"):
+        check_shared({"--output": "s3://b/out", "--input": "/data/in"}, 2, "actors on other nodes cannot read it")

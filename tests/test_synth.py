@@ -158,3 +158,17 @@ def test_command_line(tmp_path):
     assert "wrote 7 photos, 7 records in 7 label files" in res.stdout
     summary = json.load(open(out / "_synth" / "summary.json", encoding="utf-8"))
     assert summary["config"]["encoding"] == "cp949" and summary["photos"] == 7
+
+
+def test_texture_makes_photos_weigh_what_real_ones_do_over_the_same_picture():
+    look = synth._person(0, 1)
+    plain = [synth.render(0, i, i % 7, look, (2000, 1500))["image"] for i in range(2)]
+    textured = [synth.render(0, i, i % 7, look, (2000, 1500), texture=True)["image"] for i in range(2)]
+
+    def mb(img):
+        return len(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1]) / 1e6
+
+    for p, t in zip(plain, textured):
+        assert 0.2 < mb(p) < 0.4 and 0.55 < mb(t) < 0.8  # ~0.29 MB plain; ~0.66 MB, a real composite's weight
+        diff = t.astype(int) - p
+        assert abs(diff.mean()) < 1.5 and 5 < diff.std() < 25  # grain around the same picture, not another one

@@ -48,6 +48,21 @@ def marginal(n_small: int, t_small: float, n: int, t: float) -> float:
     return rate(n - n_small, t - t_small)
 
 
+def data_path_rates(ds: Any, batch_size: int, epochs: int) -> list[float]:
+    """Images/s per epoch of a training split through the worker's input path alone (local shuffle buffer,
+    ``iter_torch_batches``, the uint8 batch made contiguous), with no model: the most the data path can feed."""
+    from kemo.classifier.train import dataset_batches
+
+    rates = []
+    for epoch in range(epochs):
+        t0, photos = time.perf_counter(), 0
+        for images, labels in dataset_batches(ds, batch_size, shuffle_seed=epoch):
+            images.contiguous()
+            photos += len(labels)
+        rates.append(rate(photos, time.perf_counter() - t0))
+    return rates
+
+
 # --------------------------------------------------------------------------------------------------- the machine
 
 

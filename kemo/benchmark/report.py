@@ -54,6 +54,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += _train_markdown(report)
     if "label" in report:
         lines += _label_markdown(report)
+    if "scale" in report:
+        lines += _scale_markdown(report)
     lines += _sampled_markdown(report)
     return "\n".join(lines) + "\n"
 
@@ -138,13 +140,17 @@ def _scaling_markdown(report: dict[str, Any]) -> list[str]:
 def _train_markdown(report: dict[str, Any]) -> list[str]:
     t, m = report["train"], report["machine"]
     lines = ["", f"Classifier training: {t['model']} at {t['image_size']}², batch {t['batch']}, {t['images']} "
-             f"in-memory images, {t['epochs']} epochs (the first not counted), {t['device']}, {t['precision']}, "
-             f"{m['cores']} cores.", "", "| path | images/s | vs plain loop |", "|---|---|---|",
+             f"images, {t['epochs']} epochs (the first not counted), {t['device']}, {t['precision']}, "
+             f"{m['cores']} cores. kemo's input: {t['input']}; the plain loop's: arrays in its own memory.", "",
+             "| path | images/s | vs plain loop |", "|---|---|---|",
              f"| plain PyTorch loop (mean of before and after: {t['plain_loop_images_per_s_before_after']}) | "
              f"{t['plain_loop_images_per_s']} | 1.0× |",
              f"| kemo, Ray Train: training steps | {t['kemo_images_per_s']} | {t['ratio_vs_plain']}× |",
              f"| kemo, Ray Train: whole epoch (+ validation, checkpoint) | {t['kemo_epoch_images_per_s']} | "
              f"{t['epoch_ratio_vs_plain']}× |"]
+    lines.append(f"| kemo's data path alone (no model) | {t['data_path_images_per_s']} | "
+                 f"{t['data_path_vs_model']}× the model's rate: "
+                 f"{'data-bound' if t['data_bound'] else 'not data-bound'} |")
     if t["plain_loop_channels_last_images_per_s"] is not None:
         lines.append(f"| plain PyTorch loop, channels_last | {t['plain_loop_channels_last_images_per_s']} | "
                      f"{t['channels_last_ratio_vs_plain']}× |")
@@ -168,6 +174,29 @@ def _label_markdown(report: dict[str, Any]) -> list[str]:
             f"| {d['detector']} | {d['plain_loop_photos_per_s']} | {d['kemo_photos_per_s']} | {d['ratio_vs_plain']}× | "
             f"{d['plain_loop_steady_photos_per_s']} | {d['kemo_steady_photos_per_s']} | {d['steady_ratio_vs_plain']}× "
             f"| {d['kemo_fixed_cost_s']} s |"]
+
+
+def _scale_markdown(report: dict[str, Any]) -> list[str]:
+    s = report["scale"]
+    n0, n, n10 = s["photos"]
+    lines = ["", f"Scale: each job as its own driver at {n0} photos (its fixed cost), {n} and {n10} generated photos "
+             f"of {s['photo_size']} ({'textured' if s['texture'] else 'plain'}), crops and training input at "
+             f"{s['crop_and_training_size']}². Per-photo cost leaves the fixed cost out.", "",
+             f"| stage | fixed cost | ms/photo at {n} | at {n10} | ratio | driver peak RSS MiB ({n0} / {n} / {n10}) "
+             "| ratio | largest worker MiB |", "|---|---|---|---|---|---|---|---|"]
+    for stage, e in s["stages"].items():
+        lines.append(f"| {stage.replace('_', ' ')} | {e['fixed_cost_s']} s | {e['ms_per_photo'][0]} | "
+                     f"{e['ms_per_photo'][1]} | {e['cost_ratio_10x']}× | "
+                     f"{' / '.join(map(str, e['driver_peak_rss_mib']))} | {e['driver_rss_ratio_10x']}× | "
+                     f"{' / '.join(str(w) for w in e['largest_worker_rss_mib'])} |")
+    t = s["stages"]["training_input"]["data_path_images_per_s"]
+    return lines + [
+        "", f"Index holds its manifest whole: {s['stages']['index']['driver_bytes_per_record']} bytes of driver "
+        f"memory per record. Training input, images/s through a worker's data path (at {n} / {n10}): decoding "
+        f"every crop (--cache none) {' / '.join(map(str, t['decode_images_per_s']))}, from the cache "
+        f"(--cache memory) {' / '.join(map(str, t['cached_images_per_s']))}; the model trains "
+        f"{s['model_images_per_s']} images/s at that size here, so without the cache training is "
+        f"{'data-bound' if s['training_data_bound_without_cache'] else 'not data-bound'}."]
 
 
 def _sampled_runs(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

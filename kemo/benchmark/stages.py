@@ -33,8 +33,9 @@ from PIL import Image
 from kemo import outputs, storage
 from kemo.benchmark.config import BenchmarkConfig, crop_settings, effective, parse_stages
 from kemo.benchmark.loops import PLAIN_DECODE, plain_decode, plain_label_loop, plain_preprocess_loop, plain_train
-from kemo.benchmark.probes import Sampler, machine, marginal, rate, time_each
+from kemo.benchmark.probes import Sampler, data_path_rates, machine, marginal, rate, time_each
 from kemo.benchmark.report import markdown, scaling_png
+from kemo.benchmark.scale import scale_benchmark
 from kemo.image import decode
 from kemo.resources import cluster_nodes, resolve_resources
 
@@ -47,7 +48,7 @@ REPORT, NOTES, PLOT = "benchmark.json", "benchmark.md", "scaling.png"
 # --------------------------------------------------------------------------------------------------- photos
 
 
-def photos(corpus: str | None, root: str, size: str, n: int, seed: int) -> pa.Table:
+def photos(corpus: str | None, root: str, size: str, n: int, seed: int, texture: bool) -> pa.Table:
     """Manifest rows of the first ``n`` photos with an annotated face: of ``corpus``, or generated at ``size`` under
     ``root``."""
     import pyarrow.compute as pc
@@ -56,7 +57,7 @@ def photos(corpus: str | None, root: str, size: str, n: int, seed: int) -> pa.Ta
 
     if corpus is None:
         corpus = root
-        synth.generate(synth.SynthConfig(out=root, per_class=-(-n // 7), size=size, seed=seed))
+        synth.generate(synth.SynthConfig(out=root, per_class=-(-n // 7), size=size, seed=seed, texture=texture))
     table, _ = aihub.index(corpus)
     return table.filter(pc.is_valid(table.column("box"))).slice(0, n)
 
@@ -114,7 +115,7 @@ def decode_benchmark(cfg: BenchmarkConfig, rows: list[dict[str, Any]], work: str
     out = {}
     for size in sizes:
         sample = rows if size in (cfg.size, "corpus") else \
-            photos(None, os.path.join(work, f"decode-{size}"), size, 14, cfg.seed).to_pylist()
+            photos(None, os.path.join(work, f"decode-{size}"), size, 14, cfg.seed, cfg.texture).to_pylist()
         ms = decode_methods([storage.read_bytes(r["uri"]) for r in sample[:40]], cfg.decode_min_side)
         kemo, plain = round(1000 / ms[kemo_name], 2), round(1000 / ms[PLAIN_DECODE], 2)
         out[size] = {"photos": len(sample[:40]), "decoder": kemo_name, "kemo_photos_per_s_one_core": kemo,
@@ -395,21 +396,6 @@ def train_benchmark(cfg: BenchmarkConfig, cores: int, work: str) -> dict[str, An
     }
 
 
-def data_path_rates(ds: Any, batch_size: int, epochs: int) -> list[float]:
-    """Images/s per epoch of a training split through the worker's input path alone (local shuffle buffer,
-    ``iter_torch_batches``, the uint8 batch made contiguous), with no model: the most the data path can feed."""
-    from kemo.classifier.train import dataset_batches
-
-    rates = []
-    for epoch in range(epochs):
-        t0, photos = time.perf_counter(), 0
-        for images, labels in dataset_batches(ds, batch_size, shuffle_seed=epoch):
-            images.contiguous()
-            photos += len(labels)
-        rates.append(rate(photos, time.perf_counter() - t0))
-    return rates
-
-
 # --------------------------------------------------------------------------------------------------- label
 
 
@@ -491,8 +477,8 @@ def run(cfg: BenchmarkConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         try:
             rows, manifest = [], ""
-            if set(stages) - {"train"}:  # every other stage works on the same photos
-                table = photos(cfg.corpus, os.path.join(work, "corpus"), cfg.size, cfg.images, cfg.seed)
+            if set(stages) - {"train", "scale"}:  # every other stage works on the same photos
+                table = photos(cfg.corpus, os.path.join(work, "corpus"), cfg.size, cfg.images, cfg.seed, cfg.texture)
                 manifest = os.path.join(work, "manifest.parquet")
                 storage.write_parquet(table, manifest)
                 rows = table.to_pylist()
@@ -504,6 +490,7 @@ def run(cfg: BenchmarkConfig) -> dict[str, Any]:
                 "scaling": lambda: report.update(scaling=scaling_benchmark(cfg, cluster, work, manifest, len(rows))),
                 "train": lambda: report.update(train=train_benchmark(cfg, cores, work)),
                 "label": lambda: report.update(label=label_benchmark(cfg, cluster, work, rows)),
+                "scale": lambda: report.update(scale=scale_benchmark(cfg, work)),
             }
             for stage in stages:
                 log.info("benchmark: %s", stage)

@@ -14,7 +14,8 @@ one saw. Epochs differ by a seeded local shuffle buffer in each worker (:mod:`ke
 Decode once (``--cache``): ``memory`` materialises the decoded train and val splits in Ray's object store (spread over
 the nodes that decoded them) for every epoch and every run of these shards; ``none`` re-reads and re-decodes each epoch
 on CPU tasks (a 224² crop decodes and resizes in about a millisecond); ``auto`` caches when the decoded splits take at
-most :data:`CACHE_SHARE` of the cluster's object store.
+most :data:`CACHE_SHARE` of the object stores of the alive nodes with CPUs (a CPU-less head runs no task, so holds no
+block; node types an autoscaler has not started yet are not counted).
 """
 
 from __future__ import annotations
@@ -187,7 +188,9 @@ def datasets(data: TrainingData, cache: str) -> tuple[dict[str, Any], dict[str, 
     decided (written into the report)."""
     import ray
 
-    store = float(ray.cluster_resources().get("object_store_memory", 0))
+    # the stores of the nodes that can run the decode tasks, where the cached blocks will live (not a CPU-less head)
+    store = float(sum(n["Resources"].get("object_store_memory", 0) for n in ray.nodes()
+                      if n["Alive"] and n["Resources"].get("CPU", 0) > 0))
     cached = cache_decision(cache, data.decoded_bytes(), store)
     out = {s: split_dataset(data, s) for s in SPLITS}
     decision = {"cache": cache, "cached": cached, "decoded_train_val_gb": round(data.decoded_bytes() / 1e9, 3),

@@ -39,7 +39,7 @@ from kemo.classifier.metrics import classification_report
 from kemo.classifier.networks import KEMOTIONNET_BLOCKS
 from kemo.classifier.registry import MODELS
 from kemo.classifier.train import BALANCES, TRAIN_STATE, RunSpec, capacity_attempts, evaluate, fit, learning_rate
-from kemo.resources import Node, check_placeable, connect
+from kemo.resources import Node, check_placeable, check_shared, connect
 
 log = logging.getLogger(__name__)
 KIND = outputs.CLASSIFIER
@@ -115,6 +115,8 @@ def evaluate_checkpoint(path: str, batches: Iterable[tuple[np.ndarray, np.ndarra
             images = np.asarray(images)
             if images.shape[1:3] != (size, size):
                 images = np.stack([resize_square(image, size) for image in images])
+            elif not images.flags.writeable:  # Ray Data's zero-copy view: torch wants memory it may write
+                images = images.copy()
             yield torch.from_numpy(images), torch.as_tensor(np.asarray(labels), dtype=torch.int64)
 
     confusion, _ = evaluate(model, at_size(), normalize=meta["normalize"], num_classes=len(meta["classes"]))
@@ -343,6 +345,9 @@ def _cluster(cfg: TrainConfig) -> _Cluster:
     """Ray started (or joined), the workers sized for its nodes, and the wait for lost capacity: no limit where an
     autoscaler can start nodes, :data:`FIXED_CLUSTER_CAPACITY_TIMEOUT_S` where none can."""
     nodes = connect()
+    check_shared({**{f"--shards {i + 1}": x for i, x in enumerate(cfg.shards)}, "--output": cfg.output,
+                  "--init-weights": cfg.init_weights}, len(nodes),
+                 "Ray Data tasks and training workers on other nodes read and write it")
     timeout = cfg.capacity_timeout
     if timeout is None:
         timeout = 0.0 if any(n.launchable for n in nodes) else FIXED_CLUSTER_CAPACITY_TIMEOUT_S

@@ -17,7 +17,6 @@ a relaunch with the same output and run name resumes from it too. When no node c
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -261,7 +260,8 @@ def train_loop(config: dict[str, Any]) -> None:
         sums[:2] = train_one_epoch(model, optimizer, dataset_batches(train_shard, spec.batch_size, seed, seen),
                                    spec, aug, weights)
         if trace:
-            storage.write_bytes(storage.join(trace, f"epoch{epoch + 1}-rank{rank}.json"), json.dumps(seen).encode())
+            storage.write_json(storage.join(trace, f"epoch{epoch + 1}-rank{rank}.json"),
+                               {"node": ray.get_runtime_context().get_node_id(), "keys": seen})
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_seconds = time.perf_counter() - started  # this worker's steps and the data they waited for
