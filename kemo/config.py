@@ -94,19 +94,25 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
         parser.error(str(e))
 
 
+class Stopped(RuntimeError):
+    """A job that started and cannot go on, for a reason the user can act on (its message says how): ``refusals``
+    ends it with that one line and exit status 1."""
+
+
 @contextlib.contextmanager
 def refusals() -> Iterator[None]:
     """A job's door around ``run(cfg)``: what the job refuses (a flag, an input, an output, a checkpoint: kemo raises
     ValueError or OSError for these, with the message a user needs) ends it with that one line on stderr and exit
-    status 2, not a traceback. ``KEMO_TRACEBACK=1`` shows the traceback as well."""
+    status 2, not a traceback; a job that stopped (:class:`Stopped`) the same, with status 1. ``KEMO_TRACEBACK=1`` shows
+    the traceback as well."""
     try:
         yield
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, Stopped) as e:
         if os.environ.get("KEMO_TRACEBACK") == "1":
             raise
         logging.getLogger("kemo").debug("refused", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(1 if isinstance(e, Stopped) else 2) from None
 
 
 def code_version() -> str:

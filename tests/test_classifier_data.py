@@ -95,6 +95,15 @@ def test_cached_splits_are_materialised_once_and_auto_caches_what_fits(annotatio
         cache_decision("disk", 1, 1)
 
 
+def test_a_materialised_split_of_many_blocks_holds_the_same_order_every_time(annotation_crops):
+    """Decode tasks finish in any order; the cache must not keep that order (a relaunch would get other shares)."""
+    data = plan(annotation_crops, 32)
+    first, second = (split_dataset(data, "train", block_rows=8).materialize() for _ in range(2))
+    keys = [k for k, *_ in rows_of(first)]
+    assert first.num_blocks() > 10  # ~8 rows each (decode bundles small blocks up to 8 rows)
+    assert keys == [k for k, *_ in rows_of(second)] == sorted(keys) and len(keys) == data.photos("train")
+
+
 def test_decode_crop_resizes_to_the_training_size_and_refuses_garbage():
     rgb = np.zeros((96, 96, 3), np.uint8)
     rgb[:, :48] = (255, 0, 0)  # left half red

@@ -73,6 +73,13 @@ def test_cpu_workers_reserve_their_share_of_the_node_and_unplaceable_workers_are
     with pytest.raises(ValueError, match="asks for 12 CPU"):
         cpus_per_worker(dataclasses.replace(cfg, cpus_per_worker=12), [node(8), node(8)])
     assert cpus_per_worker(dataclasses.replace(cfg, use_gpu=True), [node(8), node(8, 1, launchable=True)]) == 1
+    # photos decoded every epoch: a CPU stays free for Ray Data's tasks, or the run is refused rather than left waiting
+    assert cpus_per_worker(cfg, [node(2)], streamed=True) == 1
+    assert cpus_per_worker(dataclasses.replace(cfg, workers=2), [node(4)], streamed=True) == 1
+    with pytest.raises(ValueError, match="need a CPU beside the 1 training worker.s. of 2 CPU, and the cluster has 2"):
+        cpus_per_worker(dataclasses.replace(cfg, cpus_per_worker=2), [node(2)], streamed=True)
+    assert cpus_per_worker(dataclasses.replace(cfg, cpus_per_worker=2), [node(2), node(8, launchable=True)],
+                           streamed=True) == 2  # the autoscaler can add CPUs for the data
 
 
 @pytest.mark.slow

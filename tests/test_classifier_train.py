@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kemo.classifier.checkpoint import input_batch, load_checkpoint
-from kemo.classifier.data import arrays_dataset
+from kemo.classifier.checkpoint import IMAGENET, input_batch, load_checkpoint
+from kemo.classifier.data import arrays_dataset, plan, split_dataset
 from kemo.classifier.train import (
     TRAIN_STATE,
     CapacityLost,
@@ -112,6 +112,24 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_where_an_unin
 
 
 @pytest.mark.slow
+def test_on_crop_shards_decoded_every_epoch_a_killed_worker_still_resumes_to_the_same_run(annotation_crops, tmp_path):
+    """The real input path, uncached (read, sort, repartition and decode again every epoch and after the restart, in
+    blocks of 16 so that order could go astray): the resumed run ends where the uninterrupted one does."""
+    data = plan(annotation_crops, 32)
+    train, val = (split_dataset(data, s, block_rows=16) for s in ("train", "val"))
+    spec = RunSpec(model="resnet18", epochs=3, batch_size=16, image_size=32)
+    # half a CPU each: the other CPU decodes (kemo.classifier.experiment.cpus_per_worker leaves one to Ray Data)
+    whole = fit(train, val, spec, str(tmp_path / "whole"), "r18", workers=2, cpus_per_worker=0.5)
+    marker = str(tmp_path / "killed")
+    resumed = fit(train, val, spec, str(tmp_path / "resumed"), "r18", workers=2, max_failures=1, cpus_per_worker=0.5,
+                  _fail_once={"epoch": 1, "rank": 0, "marker": marker})
+    assert os.path.exists(marker) and resumed.error is None and whole.error is None
+    timing = {"train_images_per_s", "epoch_seconds"}
+    assert {k: v for k, v in resumed.metrics.items() if k not in timing} == \
+        {k: v for k, v in whole.metrics.items() if k not in timing}
+
+
+@pytest.mark.slow
 def test_workers_no_node_can_hold_end_the_run_once_the_capacity_timeout_is_spent(splits, tmp_path):
     """Ray Train retries a worker group that cannot start without end; with a capacity timeout the run stops with
     a message that says what to do (on a cluster the rerun resumes: tests/test_job_submit.py)."""
@@ -193,7 +211,7 @@ def test_augmentation_is_per_photo_and_erasing_covers_2_to_33_percent():
     assert erased.min() >= 0.015 and erased.max() <= 0.36
 
 
-def test_balance_weights_are_inverse_frequency_and_the_sampler_evens_out_a_batch():
+def test_balance_weights_are_inverse_frequency_and_a_resampled_batch_holds_the_classes_evenly():
     assert class_weights([60, 30, 10, 0]) == pytest.approx([100 / 180, 100 / 90, 100 / 30, 0.0])
     counts = [90, 10]
     weights = torch.tensor(class_weights(counts))
@@ -201,17 +219,53 @@ def test_balance_weights_are_inverse_frequency_and_the_sampler_evens_out_a_batch
     picks = torch.multinomial(weights[y], 10_000, replacement=True, generator=torch.Generator().manual_seed(0))
     assert abs(float((y[picks] == 1).float().mean()) - 0.5) < 0.02  # 10% of the batch, drawn as half
 
-    # both options train; the sampler's epoch counts as many photos as the batches held
-    x = torch.zeros(8, 16, 16, 3, dtype=torch.uint8)
+
+
+class Recorder(torch.nn.Module):
+    """A linear classifier that records, per photo it is given, whether the photo was the bright class-1 one."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 16 * 16, 7)
+        self.bright: list[bool] = []
+
+    def forward(self, x):
+        self.bright += (x.mean((1, 2, 3)) > 0).tolist()  # normalised: black photos < 0, white ones > 0
+        return self.linear(x.flatten(1))
+
+
+def test_balance_options_change_what_the_loss_weighs_and_what_the_model_sees():
+    x = np.zeros((8, 16, 16, 3), np.uint8)
+    x[7] = 255  # photo 7 is the only one of class 1; flips, crops and grid_sample keep a flat photo flat
     labels = np.array([0] * 7 + [1])
-    for balance in ("weights", "sampler"):
+
+    def epoch(balance, weights, lr=1e-3):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 7))
-        spec = RunSpec(batch_size=4, image_size=16, erasing=0.0, balance=balance)
-        sums = train_one_epoch(model, torch.optim.Adam(model.parameters()),
-                               array_batches(x.numpy(), labels, np.arange(8), 4), spec, torch.Generator(),
-                               torch.tensor(class_weights([7, 1, 0, 0, 0, 0, 0])))
-        assert float(sums[1]) == 8 and np.isfinite(float(sums[0]))
+        model = Recorder()
+        spec = RunSpec(batch_size=8, image_size=16, erasing=0.0, balance=balance)
+        sums = train_one_epoch(model, torch.optim.Adam(model.parameters(), lr=lr),
+                               array_batches(x, labels, np.arange(8), 8), spec, torch.Generator().manual_seed(1),
+                               torch.tensor(weights))
+        return model, sums
+
+    only_class_1 = [0.0, 1.0, 0, 0, 0, 0, 0]
+    model, sums = epoch("none", only_class_1)
+    assert model.bright == [False] * 7 + [True] and float(sums[1]) == 8
+    model, sums = epoch("sampler", only_class_1)  # every draw is the class-1 photo
+    assert model.bright == [True] * 8 and float(sums[1]) == 8
+    model, _ = epoch("sampler", [1.0, 0, 0, 0, 0, 0, 0])
+    assert model.bright == [False] * 8
+
+    # weights: the epoch's loss is the class-weighted cross-entropy (lr 0: the model it was computed on stays)
+    w = [1.0, 3.0, 0, 0, 0, 0, 0]
+    model, sums = epoch("weights", w, lr=0.0)
+    with torch.no_grad():
+        inputs = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET["mean"]).view(
+            1, 3, 1, 1)) / torch.tensor(IMAGENET["std"]).view(1, 3, 1, 1)
+        logits = model.linear(inputs.flatten(1))
+    weighted = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels), weight=torch.tensor(w)))
+    plain = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)))
+    assert float(sums[0]) / 8 == pytest.approx(weighted, rel=1e-5) and abs(weighted - plain) > 1e-3
 
 
 def test_capacity_timeout_becomes_start_timeouts_and_retries_that_add_up_to_it():
@@ -219,5 +273,6 @@ def test_capacity_timeout_becomes_start_timeouts_and_retries_that_add_up_to_it()
     assert capacity_attempts(300) == (60.0, 4)  # five starts of 60 s
     assert capacity_attempts(20) == (20.0, 0)  # one start of 20 s, no retry
     assert capacity_attempts(90) == (60.0, 1)
+    assert capacity_attempts(300, "100") == (None, 2)  # the user's own start timeout stays; three starts of it
     with pytest.raises(ValueError, match="--capacity-timeout"):
         capacity_attempts(-1)

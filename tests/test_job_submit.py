@@ -361,6 +361,15 @@ def _train_keys(shards: str) -> set[int]:
     return set(order_keys(ids).tolist())
 
 
+def _registered(runs: str) -> list[str]:
+    """Ray Train's checkpoint snapshots under ``runs``: a checkpoint a new driver resumes from is registered there,
+    not merely uploaded."""
+    try:
+        return [e.rel for e in storage.list_files(runs) if e.rel.endswith("checkpoint_manager_snapshot.json")]
+    except FileNotFoundError:  # no run has written anything yet
+        return []
+
+
 def _restart_worker_node(cluster: LocalCluster) -> None:
     """The 2-CPU worker node again (the test killed it), with its own temp dir as before."""
     env = _clean_env()
@@ -409,7 +418,7 @@ def test_training_across_the_cluster_on_s3(cluster, moto_endpoint, s3_bucket, up
     first = subprocess.Popen(command, env=cluster.client_env(), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not [e for e in storage.list_files(f"{out}/runs") if "checkpoint_" in e.rel]:
+    while not _registered(f"{out}/runs"):
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-4000:]
         time.sleep(0.5)
     os.killpg(cluster.procs[1].pid, signal.SIGTERM)  # the 2-CPU node goes: 1 CPU left for two 1-CPU workers

@@ -149,7 +149,7 @@ def _train_markdown(report: dict[str, Any]) -> list[str]:
              f"| kemo, Ray Train: whole epoch (+ validation, checkpoint) | {t['kemo_epoch_images_per_s']} | "
              f"{t['epoch_ratio_vs_plain']}× |"]
     lines.append(f"| kemo's data path alone (no model) | {t['data_path_images_per_s']} | "
-                 f"{t['data_path_vs_model']}× the model's rate: "
+                 f"{t['data_path_vs_model']}×: "
                  f"{'data-bound' if t['data_bound'] else 'not data-bound'} |")
     if t["plain_loop_channels_last_images_per_s"] is not None:
         lines.append(f"| plain PyTorch loop, channels_last | {t['plain_loop_channels_last_images_per_s']} | "
@@ -183,12 +183,13 @@ def _scale_markdown(report: dict[str, Any]) -> list[str]:
              f"of {s['photo_size']} ({'textured' if s['texture'] else 'plain'}), crops and training input at "
              f"{s['crop_and_training_size']}². Per-photo cost leaves the fixed cost out.", "",
              f"| stage | fixed cost | ms/photo at {n} | at {n10} | ratio | driver peak RSS MiB ({n0} / {n} / {n10}) "
-             "| ratio | largest worker MiB |", "|---|---|---|---|---|---|---|---|"]
+             f"| ratio | largest worker MiB ({n0} / {n} / {n10}) |", "|---|---|---|---|---|---|---|---|"]
     for stage, e in s["stages"].items():
+        workers = " / ".join(map(str, e["largest_worker_rss_mib"])) if e["largest_worker_rss_mib"][-1] else "no Ray"
         lines.append(f"| {stage.replace('_', ' ')} | {e['fixed_cost_s']} s | {e['ms_per_photo'][0]} | "
                      f"{e['ms_per_photo'][1]} | {e['cost_ratio_10x']}× | "
                      f"{' / '.join(map(str, e['driver_peak_rss_mib']))} | {e['driver_rss_ratio_10x']}× | "
-                     f"{' / '.join(str(w) for w in e['largest_worker_rss_mib'])} |")
+                     f"{workers} |")
     t = s["stages"]["training_input"]["data_path_images_per_s"]
     return lines + [
         "", f"Index holds its manifest whole: {s['stages']['index']['driver_bytes_per_record']} bytes of driver "

@@ -2,7 +2,7 @@
 
 - :mod:`~kemo.classifier.networks`: the network factories and the weighted-layer count.
 - :mod:`~kemo.classifier.registry`: ``create_model(name, num_classes)`` and a user's initial weights.
-- :mod:`~kemo.classifier.data`: crop shards → in-memory uint8 training arrays.
+- :mod:`~kemo.classifier.data`: crop shards → Ray Data splits decoded on the nodes, cached when they fit.
 - :mod:`~kemo.classifier.train`: ``train_one_epoch``, ``evaluate`` and one Ray Train run (``fit``).
 - :mod:`~kemo.classifier.checkpoint`: the checkpoint directory (``model.pt`` + ``meta.json``) and its input batch.
 - :mod:`~kemo.classifier.metrics`: confusion matrix, accuracy, per-class figures, macro-F1.

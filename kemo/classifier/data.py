@@ -123,14 +123,14 @@ def plan(shards: str, image_size: int = 224, min_agree: int = 2) -> TrainingData
     return TrainingData(shards, files, image_size, min_agree, counts, report)
 
 
-def read_usable(batch: dict[str, np.ndarray], split: str, min_agree: int) -> Iterator[pa.Table]:
+def read_usable(batch: dict[str, np.ndarray], split: str, min_agree: int, block_rows: int) -> Iterator[pa.Table]:
     """Ray Data task: one shard file (a row of ``uri``) → its usable rows of ``split`` as (order, label, crop)."""
     for uri in batch["uri"]:
         table = storage.read_parquet_columns(str(uri), READ)
         ok, _ = usable(table, min_agree)
         table = table.filter(pc.and_(pa.array(ok), pc.equal(table.column("split"), split)))
-        for start in range(0, table.num_rows, BLOCK_ROWS):
-            chunk = table.slice(start, BLOCK_ROWS)
+        for start in range(0, table.num_rows, block_rows):
+            chunk = table.slice(start, block_rows)
             yield pa.table({"order": order_keys(chunk.column("image_id").to_pylist()),
                             "label": chunk.column("label").cast(pa.int64()), "crop": chunk.column("crop")})
 
@@ -148,18 +148,23 @@ def decode_batch(batch: pa.Table, size: int) -> dict[str, np.ndarray]:
             "key": batch.column("order").to_numpy()[good]}
 
 
-def split_dataset(data: TrainingData, split: str) -> Any:
-    """One split as a Ray Data dataset of ``image`` and ``label``, in its fixed order (see the module's doc)."""
+def split_dataset(data: TrainingData, split: str, block_rows: int = BLOCK_ROWS) -> Any:
+    """One split as a Ray Data dataset of ``image``, ``label`` and ``key``, in its fixed order (see the module's
+    doc), in blocks of ``block_rows``."""
     import ray
 
     photos = data.photos(split)
     ds = ray.data.from_items([{"uri": u} for u in data.files], override_num_blocks=max(1, len(data.files)))
-    ds = ds.map_batches(read_usable, fn_kwargs={"split": split, "min_agree": data.min_agree}, batch_size=1,
-                        batch_format="numpy")
+    ds = ds.map_batches(read_usable, fn_kwargs={"split": split, "min_agree": data.min_agree,
+                                                "block_rows": block_rows}, batch_size=1, batch_format="numpy")
     # sorted by the keyed hash, then cut into equal blocks by row count: the same blocks at every execution
-    ds = ds.sort("order").repartition(max(1, math.ceil(photos / BLOCK_ROWS)))
-    return ds.map_batches(decode_batch, fn_kwargs={"size": data.image_size}, batch_size=BLOCK_ROWS,
-                          batch_format="pyarrow")
+    ds = ds.sort("order").repartition(max(1, math.ceil(photos / block_rows)))
+    ds = ds.map_batches(decode_batch, fn_kwargs={"size": data.image_size}, batch_size=block_rows,
+                        batch_format="pyarrow")
+    # without it the decode tasks' blocks come out in the order they finish, and a materialised split (the cache)
+    # would hold its blocks in an order of the moment
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def arrays_dataset(images: np.ndarray, labels: np.ndarray) -> Any:
@@ -199,6 +204,8 @@ def datasets(data: TrainingData, cache: str) -> tuple[dict[str, Any], dict[str, 
         for s in ("train", "val"):
             out[s] = out[s].materialize()
             decoded = out[s].count()
+            if not decoded:
+                raise ValueError(f"{data.shards}: none of the {data.photos(s)} {s} crops decodes: damaged shards?")
             if decoded != data.photos(s):
                 decision.setdefault("crops_that_do_not_decode", {})[s] = data.photos(s) - decoded
     log.info("training data of %s: %s", data.shards, decision)

@@ -132,22 +132,30 @@ def _test_task(checkpoint: str, test: Any) -> dict[str, Any]:
 def test_on_ray(checkpoint: str, test: Any, use_gpu: bool) -> dict[str, Any]:
     import ray
 
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=2)(_test_task)
+    # no CPU reserved: the Ray Data tasks that read and decode the test photos for it need the CPUs
+    task = ray.remote(num_cpus=0, num_gpus=1 if use_gpu else 0, max_retries=2)(_test_task)
     return ray.get(task.remote(checkpoint, test))
 
 
-def cpus_per_worker(cfg: TrainConfig, nodes: list[Node]) -> float:
+def cpus_per_worker(cfg: TrainConfig, nodes: list[Node], streamed: bool = False) -> float:
     """What each worker reserves: given, or on CPU an equal share of the alive nodes' CPUs (at most one node's), so
     that torch in each worker uses its cores instead of Ray's default of one. A worker that no node (alive, or a type
-    the autoscaler can start) can hold is refused here, not left waiting."""
+    the autoscaler can start) can hold is refused here, not left waiting. ``streamed`` (the splits are not cached):
+    Ray Data's read and decode tasks run while the workers train, so one CPU is left to them; where the workers would
+    take every CPU of a cluster that cannot grow, the run is refused (Ray Data would wait for a CPU for ever)."""
+    alive = [n.cpus for n in nodes if not n.launchable]
+    data_cpus = 1 if streamed else 0
     if cfg.cpus_per_worker:
         cpus = cfg.cpus_per_worker
     elif cfg.use_gpu:
         cpus = 1
     else:
-        alive = [n.cpus for n in nodes if not n.launchable]
-        cpus = max(1, min(int(sum(alive) // cfg.workers), int(max(alive, default=1))))
+        cpus = max(1, min(int((sum(alive) - data_cpus) // cfg.workers), int(max(alive, default=1))))
     check_placeable(cpus, 1 if cfg.use_gpu else 0, nodes, "training worker", "--cpus-per-worker or --use-gpu")
+    if streamed and not any(n.launchable for n in nodes) and sum(alive) - cfg.workers * cpus < data_cpus:
+        raise ValueError(f"the photos are decoded every epoch (--cache {cfg.cache}: not cached), by Ray Data tasks "
+                         f"that need a CPU beside the {cfg.workers} training worker(s) of {cpus:g} CPU, and the "
+                         f"cluster has {sum(alive):g}: lower --cpus-per-worker, or give --cache memory")
     return cpus
 
 
@@ -337,13 +345,13 @@ def _train_and_test(cfg: TrainConfig, out: outputs.Output, shard_of: dict[str, s
 
 @dataclass
 class _Cluster:
-    cpus_per_worker: float
+    nodes: list[Node]
     capacity_timeout: float
 
 
 def _cluster(cfg: TrainConfig) -> _Cluster:
-    """Ray started (or joined), the workers sized for its nodes, and the wait for lost capacity: no limit where an
-    autoscaler can start nodes, :data:`FIXED_CLUSTER_CAPACITY_TIMEOUT_S` where none can."""
+    """Ray started (or joined), its nodes, and the wait for lost capacity: no limit where an autoscaler can start
+    nodes, :data:`FIXED_CLUSTER_CAPACITY_TIMEOUT_S` where none can."""
     nodes = connect()
     check_shared({**{f"--shards {i + 1}": x for i, x in enumerate(cfg.shards)}, "--output": cfg.output,
                   "--init-weights": cfg.init_weights}, len(nodes),
@@ -351,7 +359,8 @@ def _cluster(cfg: TrainConfig) -> _Cluster:
     timeout = cfg.capacity_timeout
     if timeout is None:
         timeout = 0.0 if any(n.launchable for n in nodes) else FIXED_CLUSTER_CAPACITY_TIMEOUT_S
-    return _Cluster(cpus_per_worker(cfg, nodes), timeout)
+    cpus_per_worker(cfg, nodes)  # a worker that no node can hold is refused before any crop is read
+    return _Cluster(nodes, timeout)
 
 
 def _train_one(cfg: TrainConfig, cluster: _Cluster, data: TrainingData, splits: dict[str, Any],
@@ -359,8 +368,9 @@ def _train_one(cfg: TrainConfig, cluster: _Cluster, data: TrainingData, splits: 
                name: str) -> dict[str, Any]:
     """One run trained (or resumed) and tested: its result.json's content."""
     log.info("training %s", name)
+    cpus = cpus_per_worker(cfg, cluster.nodes, streamed=not data_report["cache"]["cached"])
     result = fit(splits["train"], splits["val"], spec, runs_dir, name, workers=cfg.workers, use_gpu=cfg.use_gpu,
-                 max_failures=cfg.max_failures, data_report=data_report, cpus_per_worker=cluster.cpus_per_worker,
+                 max_failures=cfg.max_failures, data_report=data_report, cpus_per_worker=cpus,
                  checkpoint_every=cfg.checkpoint_every, capacity_timeout=cluster.capacity_timeout,
                  class_counts=data.counts["train"])
     (best, best_metrics), = result.best_checkpoints

@@ -10,8 +10,8 @@ batch resampled towards equal classes). Validation accuracy every epoch (:func:`
 epoch reports its metrics; a checkpoint (the :mod:`kemo.classifier.checkpoint` directory, plus ``train_state.pt`` for
 resuming) comes with each new best validation accuracy, every ``checkpoint_every`` epochs and the last: Ray keeps the
 best by validation accuracy and the latest, a failed worker restarts the group from the latest (``FailureConfig``), and
-a relaunch with the same output and run name resumes from it too. When no node can hold a worker group again
-(a node lost), the run waits ``capacity_timeout`` seconds for one and then ends with :class:`CapacityLost`.
+a relaunch with the same output and run name resumes from it too. When no node can hold a worker group (a node
+lost), the run waits up to ``capacity_timeout`` seconds in all for one and then ends with :class:`CapacityLost`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from kemo import storage
 from kemo.classes import CLASS_NAMES
 from kemo.classifier.checkpoint import IMAGENET, save_checkpoint
 from kemo.classifier.registry import create_model, load_initial_weights
+from kemo.config import Stopped
 
 log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"
@@ -224,7 +225,7 @@ def train_loop(config: dict[str, Any]) -> None:
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     device = ray.train.torch.get_device()
     if device.type == "cpu" and config.get("cpus_per_worker"):
-        torch.set_num_threads(int(config["cpus_per_worker"]))  # the worker's CPU share, as Ray reserved it
+        torch.set_num_threads(max(1, int(config["cpus_per_worker"])))  # the CPU share Ray reserved (at least 1)
     torch.manual_seed(spec.seed)
     model = create_model(spec.model, num_classes=len(CLASS_NAMES), **spec.arguments)
     if spec.init_weights:
@@ -297,8 +298,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
 
 
-class CapacityLost(RuntimeError):
-    """A run could not get its workers back within ``capacity_timeout``; a rerun resumes from its latest checkpoint."""
+class CapacityLost(Stopped):
+    """A run could not get its workers placed within ``capacity_timeout``; a rerun resumes from its latest
+    checkpoint."""
 
 
 def _shares(options: Any) -> Any:
@@ -350,7 +352,7 @@ def fit(train: Any, val: Any, spec: RunSpec, storage_uri: str, name: str, worker
         config["_fail_once"] = _fail_once
     if _trace:
         config["_trace"] = _trace
-    start_timeout, limit = capacity_attempts(capacity_timeout)
+    start_timeout, limit = capacity_attempts(capacity_timeout, os.environ.get(START_TIMEOUT_ENV))
     trainer = TorchTrainer(
         train_loop, train_loop_config=config, datasets={"train": train, "val": val},
         dataset_config=_shares(ExecutionOptions(preserve_order=True)),
@@ -378,24 +380,29 @@ START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train propag
 DEFAULT_START_TIMEOUT_S = 60.0  # Ray Train 2.60's own default
 
 
-def capacity_attempts(capacity_timeout: float) -> tuple[float | None, int]:
-    """(worker-group start timeout to set, or None for Ray's own; controller retries) that together wait about
-    ``capacity_timeout`` seconds for capacity; 0 = no limit (Ray's defaults: every start retried)."""
+def capacity_attempts(capacity_timeout: float, user_start_timeout: str | None = None) -> tuple[float | None, int]:
+    """(worker-group start timeout to set, or None to leave it; controller retries) that together wait about
+    ``capacity_timeout`` seconds for capacity; 0 = no limit (Ray's defaults: every start retried). A start timeout
+    the user set (``user_start_timeout``, the environment's) is kept and the retries are counted in it. Ray counts
+    the retries over the whole run, not per outage: the timeout is the run's total wait for capacity."""
     if capacity_timeout < 0:
         raise ValueError(f"--capacity-timeout must be 0 (no limit) or more seconds, not {capacity_timeout:g}")
     if not capacity_timeout:
         return None, -1
-    start = min(DEFAULT_START_TIMEOUT_S, float(capacity_timeout))
-    return start, max(0, math.ceil(capacity_timeout / start) - 1)  # a start that times out is retried `limit` times
+    start = float(user_start_timeout) if user_start_timeout else min(DEFAULT_START_TIMEOUT_S, float(capacity_timeout))
+    # a start that times out is retried `limit` times
+    return (None if user_start_timeout else start), max(0, math.ceil(capacity_timeout / start) - 1)
 
 
 def _is_capacity_error(error: BaseException) -> bool:
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
+    """Whether Ray Train gave up on placing a worker group (a start that timed out), not on anything else: an actor
+    that failed to start is Ray's own error, with its cause."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)):
+        if isinstance(error, WorkerGroupStartupTimeoutError):
             return True
         error = getattr(error, "controller_failure", None) or error.__cause__ or error.__context__
     return False
