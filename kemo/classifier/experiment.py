@@ -129,7 +129,7 @@ def _test_task(checkpoint: str, test: Any) -> dict[str, Any]:
     return evaluate_checkpoint(checkpoint, batches)
 
 
-def test_on_ray(checkpoint: str, test: Any, use_gpu: bool) -> dict[str, Any]:
+def evaluate_on_ray(checkpoint: str, test: Any, use_gpu: bool) -> dict[str, Any]:
     import ray
 
     # no CPU reserved: the Ray Data tasks that read and decode the test photos for it need the CPUs
@@ -374,7 +374,7 @@ def _train_one(cfg: TrainConfig, cluster: _Cluster, data: TrainingData, splits: 
                  checkpoint_every=cfg.checkpoint_every, capacity_timeout=cluster.capacity_timeout,
                  class_counts=data.counts["train"])
     (best, best_metrics), = result.best_checkpoints
-    tested = test_on_ray(_uri(best, cfg.output), splits["test"], cfg.use_gpu)
+    tested = evaluate_on_ray(_uri(best, cfg.output), splits["test"], cfg.use_gpu)
     with result.checkpoint.as_directory() as d:  # the latest: its history has every epoch
         history = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)["history"]
     return {"name": name, "preprocessing": tag, "model": model, "seed": seed, "spec": dataclasses.asdict(spec),
