@@ -40,7 +40,7 @@ def test_corpus_and_index_stages_run_without_ray(tmp_path, capsys):
     assert not ray.is_initialized()  # the library leaves starting Ray to the job
 
 
-def test_job_skips_only_the_cleaners_warning_and_the_per_fit_start_up_lines(monkeypatch):
+def test_job_skips_only_the_cleaners_warning_and_the_per_fit_and_per_epoch_ray_lines(monkeypatch):
     from ray._private.ray_logging import LogDeduplicator
     from ray.train.v2._internal.execution.controller import placement_group_cleaner
 
@@ -60,7 +60,12 @@ def test_job_skips_only_the_cleaners_warning_and_the_per_fit_start_up_lines(monk
         "- (ip=192.0.2.2, pid=20672) world_rank=0, local_rank=0, node_rank=0",
         "Setting up process group for: env:// [rank=0, world_size=1]", "Moving model to device: cpu",
         "[2026-12-01 22:49:57,481 E 20530 20563] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and "
-        "ID: '0a1b' has constructor arguments in the object store and max_restarts > 0."]
+        "ID: '0a1b' has constructor arguments in the object store and max_restarts > 0.",
+        # and the training splits' coordinator, every epoch
+        "Execution plan of Dataset dataset_0357X_0: InputDataBuffer[Input] -> OutputSplitter[split(1, equal=True)]",
+        "Starting execution of Dataset dataset_0357X_0. Full logs are in /tmp/ray/session_x/logs/ray-data",
+        "✔️  Dataset dataset_0357X_0 execution finished in 0.04 seconds",
+        "[dataset]: A new progress UI is available. To enable, set `ray.data.DataContext.get_current()`"]
     kept = ["resnet18 seed 0 epoch 1/15 | loss 2.109", "Training failed: worker group of size 1 died"]
     lines = [*unavailable, *others, *start_up, "a user's own pattern here", *kept]
     printed = [line for batch in dedup.deduplicate({"ip": "n", "pid": 1, "lines": lines}) for line in batch["lines"]]

@@ -409,11 +409,13 @@ def test_training_across_the_cluster_on_s3(cluster, moto_endpoint, s3_bucket, up
         assert not set(a["keys"]) & set(b["keys"]) and len(set(a["keys"])) == len(a["keys"])
         assert set(a["keys"]) | set(b["keys"]) <= train and len(train) - 2 * len(a["keys"]) <= 1
 
-    out, timeout = f"{bucket}/classify", 20
+    # the start timeout also bounds the first start of the group (actors importing torch on a loaded machine):
+    # generous, so that only the lost node can spend it
+    out, timeout = f"{bucket}/classify", 40
     command = [RAY, "job", "submit", "--address", cluster.address, "--working-dir", ".",
                "--runtime-env-json", json.dumps({"env_vars": s3_env(moto_endpoint)}), "--", "python",
                "jobs/train.py", "--shards", shards, "--output", out, "--models", "resnet18", "--seeds", "1",
-               "--epochs", "10", "--image-size", "32", "--batch-size", "8", "--workers", "2",
+               "--epochs", "8", "--image-size", "32", "--batch-size", "8", "--workers", "2",
                "--cpus-per-worker", "1", "--checkpoint-every", "1", "--capacity-timeout", str(timeout)]
     first = subprocess.Popen(command, env=cluster.client_env(), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
@@ -434,10 +436,10 @@ def test_training_across_the_cluster_on_s3(cluster, moto_endpoint, s3_bucket, up
     _restart_worker_node(cluster)
     status, output = submit(cluster, command[command.index("--") + 1:], s3_env(moto_endpoint))
     assert status == "SUCCEEDED", output[-4000:]
-    epochs = [int(m) for m in re.findall(r"resnet18 seed 0 epoch (\d+)/10", output)]
-    assert epochs and epochs[0] > 1 and epochs[-1] == 10, epochs  # resumed, not started over
+    epochs = [int(m) for m in re.findall(r"resnet18 seed 0 epoch (\d+)/8", output)]
+    assert epochs and epochs[0] > 1 and epochs[-1] == 8, epochs  # resumed, not started over
     report = storage.read_json(f"{out}/report.json")
     (run,) = report["runs"]
     history = json.loads(storage.read_bytes(f"{out}/results/{run['name']}.json"))["history"]
-    assert [h["epoch"] for h in history] == list(range(1, 11))
+    assert [h["epoch"] for h in history] == list(range(1, 9))
     assert storage.exists(f"{out}/_commit.json")

@@ -50,7 +50,7 @@ class BenchmarkConfig(CropSettings):
         "help": "scaling: detector of the CPU runs (1 … all cores, one decoder each); the GPU runs use yolo"})
     train_model: str = field(default="kemotionnet", metadata={"help": "train: the classifier"})
     train_images: int = field(default=0, metadata={
-        "help": "train: in-memory training images; 0 = 8192 on GPU (epochs long enough to time), 512 on CPU"})
+        "help": "train: generated training images; 0 = 8192 on GPU (epochs long enough to time), 512 on CPU"})
     train_image_size: int = field(default=0, metadata={"help": "train: input side; 0 = 224 on GPU, 64 on CPU"})
     train_epochs: int = field(default=4, metadata={"help": "train: epochs (the first is warm-up, not counted)"})
     train_batch: int = field(default=64, metadata={"help": "train: batch size"})

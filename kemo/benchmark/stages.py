@@ -5,8 +5,9 @@ JPEGs (cv2 vs Pillow, full vs DCT-reduced), at each ``decode_sizes``. detect: ea
 alone on decoded photos, at the job's batch size against one photo at a time. preprocess: for each detector, kemo's
 preprocess job against the plain loop over the same photos, and each of its stages alone, scaled to all cores.
 scaling: kemo's preprocess throughput at 1, 2, 4 … all cores (one decoder per actor) and 1 … all GPUs. train: Ray
-Train against a plain PyTorch loop over the same in-memory tensors. label: kemo's label job against the plain
-labelling loop. Every Ray run is watched by a :class:`~kemo.benchmark.probes.Sampler`.
+Train fed from Ray Data's cache against a plain PyTorch loop over the same tensors in its own memory. label: kemo's
+label job against the plain labelling loop. scale: every job at a handful, N and 10×N photos
+(:mod:`~kemo.benchmark.scale`). Every Ray run is watched by a :class:`~kemo.benchmark.probes.Sampler`.
 
 The stages reach kemo only through its public names (the jobs' configs and ``run``, ``CropPhotos`` and its front
 end, the detector registry), so the benchmark times the code that users run, not a copy of it.
