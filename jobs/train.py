@@ -2,12 +2,14 @@
 
     python jobs/train.py --shards out/crops/annotations,out/crops/none --output out/classify \\
         [--models kemotionnet,resnet18,vgg19] [--seeds 3] [--epochs 150] [--batch-size 64] [--lr 0.001] \\
-        [--image-size 224] [--workers N] [--use-gpu] [--smoke-test]
+        [--image-size 224] [--target majority[,votes]] [--target-accuracy 0.9] [--workers N] [--use-gpu] \\
+        [--smoke-test]
     ray job submit --working-dir . -- python jobs/train.py --shards s3://bucket/kemo/crops/yolo \\
         --output s3://bucket/kemo/classify --workers 4 --use-gpu
 
-Output: runs/<preprocessing>-<model>-seed<k>/ (Ray Train checkpoints, result.json), report.json, table5.md,
-confusion.png, curves.png, config.json and, last, _commit.json. A rerun skips finished runs and resumes the others.
+Output: runs/<preprocessing>-<model>-seed<k>/ (Ray Train checkpoints, each best one calibrated: temperature and
+abstention threshold in its meta.json), results/<run>.json, report.json, table5.md, confusion.png, curves.png,
+reliability.png, coverage.png, config.json and, last, _commit.json. A rerun skips finished runs and resumes the others.
 """
 
 import logging
@@ -21,7 +23,10 @@ if __name__ == "__main__":
     with refusals():
         report = run(cfg)
     for row in report["rows"]:
-        a, f = row["accuracy"], row["macro_f1"]
-        print(f"{row['preprocessing']:<12} {row['model']:<12} accuracy {100 * a['mean']:.2f} ± {100 * a['std']:.2f}"
-              f"  macro-F1 {100 * f['mean']:.2f} ± {100 * f['std']:.2f}  ({a['n']} runs)")
+        a, f, e = row["accuracy"], row["macro_f1"], row["ece"]
+        agree = "–" if row["annotators"] is None else f"{100 * row['annotators']:.1f}"
+        print(f"{row['preprocessing']:<12} {row['model']:<12} {row['target']:<8} accuracy {100 * a['mean']:.2f} ± "
+              f"{100 * a['std']:.2f}  macro-F1 {100 * f['mean']:.2f} ± {100 * f['std']:.2f}  ECE "
+              f"{100 * e['before']['mean']:.1f} → {100 * e['after']['mean']:.1f}%  annotators agree {agree}%  "
+              f"({a['n']} runs)")
     print(f"report: {cfg.output}/table5.md, {report['seconds']} s")

@@ -75,13 +75,19 @@ def clip_box(box: list[float] | np.ndarray, width: int, height: int) -> list[flo
     return [x1, y1, x2, y2]
 
 
+def ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of (N, 4) xyxy boxes, row by row (0 where a union is empty)."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    ix = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = ix * iy
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
 def iou(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> float:
     """Intersection over union of two xyxy boxes (0 when either is empty)."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
+    return float(ious(np.asarray(a), np.asarray(b))[0])
 
 
 def primary_face(boxes: np.ndarray, scores: np.ndarray) -> int | None:

@@ -48,7 +48,8 @@ RECEIPTS = "_receipts"
 RUN = "_run.json"
 SUMMARY = "summary.json"
 # files of a commit that describe a run rather than its content (timings, resolved resource knobs)
-VOLATILE = (CONFIG, SUMMARY)
+GALLERY = "gallery.html"  # a page to look at the rows by eye (kemo.gallery): a view of the data, not data
+VOLATILE = (CONFIG, SUMMARY, GALLERY)
 # the kinds of output, one name each: a job refuses an output directory that holds another kind
 INDEX, CROPS, LABELS, DETECTOR, CLASSIFIER, BENCHMARK = (
     "index", "crops", "labels", "detector", "classifier-report", "benchmark")
@@ -163,10 +164,21 @@ def sweep(out_dir: str, folder: str) -> dict[str, Receipt]:
     return whole
 
 
-def read_parts(out_dir: str, folder: str, columns: list[str]) -> dict[str, pa.Table]:
-    """The named columns of every part present in ``folder`` (for resuming), one column read each."""
-    return {name: storage.read_parquet_columns(storage.join(out_dir, folder, name), columns)
+def read_parts(out_dir: str, folder: str, columns: list[str], optional: tuple[str, ...] = ()
+               ) -> dict[str, pa.Table]:
+    """The named columns of every part present in ``folder`` (for resuming), one column read each; ``optional``
+    ones where a part has them."""
+    return {name: storage.read_parquet_columns(storage.join(out_dir, folder, name), columns, optional)
             for name in sorted(parts(out_dir, folder))}
+
+
+def conform(table: pa.Table, schema: pa.Schema, names: list[str] | None = None) -> pa.Table:
+    """``table`` with the columns ``names`` (default: all) of ``schema`` in its order, a column it lacks (one added to
+    the contract after it was written) as nulls of the contract's type."""
+    for name in names if names is not None else schema.names:
+        if name not in table.column_names:
+            table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+    return table.select(names if names is not None else schema.names)
 
 
 def table_sha256(table: pa.Table, sort_by: str | None = None) -> str:
@@ -240,12 +252,16 @@ class Output:
         manifest = self.committed()
         return [self.path(f["path"]) for f in manifest["files"] if f["path"].startswith(f"{folder}/")]
 
-    def read_table(self, folder: str, columns: list[str] | None, empty: pa.Schema) -> pa.Table:
-        """Every row of the committed parts under ``folder``."""
-        tables = [storage.read_parquet_columns(uri, columns) for uri in self.files(folder)]
-        if tables:
-            return pa.concat_tables(tables)
-        return empty.empty_table().select(columns) if columns else empty.empty_table()
+    def read_table(self, folder: str, columns: list[str] | None, empty: pa.Schema, added: tuple[str, ...] = ()
+                   ) -> pa.Table:
+        """Every row of the committed parts under ``folder``; ``added`` names the contract's columns that parts of an
+        older kemo lack: those read as nulls there (any other missing column is an error, as it should be)."""
+        names = columns if columns is not None else empty.names
+        tables = [storage.read_parquet_columns(uri, [n for n in names if n not in added],
+                                               tuple(n for n in names if n in added)) for uri in self.files(folder)]
+        if not tables:
+            return empty.empty_table().select(names)
+        return conform(pa.concat_tables(tables, promote_options="default"), empty, names)
 
     def read_json(self, rel: str) -> Any:
         return storage.read_json(self.path(rel))

@@ -24,12 +24,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kemo import outputs, storage
-from kemo.crop import encode_jpeg, iou, primary_face
+from kemo.crop import encode_jpeg, iou, ious, primary_face
 from kemo.detector.base import Faces
 from kemo.detector.registry import check_detector, verify_detector
 from kemo.frontend import FrontEnd, Prepared
 from kemo.resources import ActorResources, check_shared, connect, resolve_resources
-from kemo.schema import CROP, IDENTITY, TRANSIENT
+from kemo.schema import CARRIED, CROP, IDENTITY, TRANSIENT
 from kemo.settings import CropSettings, DetectorSettings, InputSettings, crop_fingerprint, input_defaults
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ class PreprocessConfig(DetectorSettings, CropSettings, InputSettings, ActorResou
     per_class: int = field(default=0, metadata={"help": "when indexing a root: balanced sample per class (0 = all)"})
     seed: int = field(default=0, metadata={"help": "when indexing a root: split and sample seed"})
     rows_per_shard: int = field(default=1000, metadata={"help": "rows per Parquet shard (~75 MB at 500² crops)"})
+    gallery: int = field(default=48, metadata={
+        "help": "gallery.html: at most this many crops per status (and of crops away from the annotators' box); "
+                "0 for none"})
     smoke_test: bool = field(default=False, metadata={"help": f"only the first {SMOKE_ROWS} photos"})
 
 
@@ -64,7 +67,7 @@ class CropPhotos:
     def finish(self, row: dict[str, Any], prep: Prepared, faces: Faces | None) -> dict[str, Any]:
         """One photo's crop-shard row from what the front end made of it."""
         front = self.front
-        out = {k: row.get(k) for k in IDENTITY}
+        out = {k: row.get(k) for k in CARRIED}
         out.update(detector=front.detector.name, status=prep.status or "ok", error=prep.error, crop=None,
                    face_box=None, face_score=None, n_faces=None)
         out["orig_width"], out["orig_height"], out["exif_orientation"] = prep.header
@@ -234,6 +237,8 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     """Preprocess ``cfg.input`` into committed crop shards under ``cfg.output``; returns the summary."""
     t0 = time.perf_counter()
     check_detector(cfg)  # here, not later inside every actor's constructor
+    if cfg.gallery < 0:
+        raise ValueError(f"--gallery takes crops per group (0 for no gallery), not {cfg.gallery}")
     out = outputs.Output(cfg.output, KIND, older={"max_bytes": input_defaults()["max_bytes"]})
     done_before = _current(out, cfg)
     if done_before is not None:
@@ -296,6 +301,8 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
                    "photos_per_s": round(processed / seconds, 2) if seconds else None,
                    "steady_photos_per_s": steady_rate(receipts)}
         files = [*shards, out.write_json(outputs.SUMMARY, summary), out.claim_receipt()]
+        if cfg.gallery:
+            files.append(out.write_file(outputs.GALLERY, gallery_page(cfg, shards, summary)))
         lease.check()
         out.commit(files, dataclasses.asdict(cfg), claim)
     log.info("committed %d rows in %d shards to %s: %s", manifest.num_rows, len(shards), cfg.output,
@@ -303,6 +310,90 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     return summary
 
 
+GALLERY_COLUMNS = ["image_id", "uri", "status", "error", "box", "face_box", "label"]
+
+
+def _away(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """The ok rows whose face box and the annotators' box are both 4 numbers, and their IoU."""
+    has = pc.and_(pc.equal(table.column("status"), "ok"),
+                  pc.and_(pc.equal(pc.fill_null(pc.list_value_length(table.column("box")), 0), 4),
+                          pc.equal(pc.fill_null(pc.list_value_length(table.column("face_box")), 0), 4)))
+    rows = table.filter(has)
+
+    def boxes(name: str) -> np.ndarray:
+        return rows.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
+
+    return rows, ious(boxes("box"), boxes("face_box")) if rows.num_rows else np.zeros(0)
+
+
+def gallery_page(cfg: PreprocessConfig, shards: list[outputs.Receipt], summary: dict[str, Any]) -> bytes:
+    """gallery.html of a crop output: crops of each status (the first by image_id; a photo with no face shown
+    whole, read again; the others listed with their error), and the crops whose face lies away from the annotators'
+    box (IoU < 0.5, the least overlap first), at most ``cfg.gallery`` each. The driver reads the small columns of
+    every shard (chosen in Arrow: it holds the shown rows, not the output's) and the crops of only the shards that
+    hold a shown one."""
+    from kemo import gallery
+    from kemo.classes import CLASS_NAMES
+
+    cap = cfg.gallery
+    tables = []
+    for k, receipt in enumerate(shards):
+        t = storage.read_parquet_columns(storage.join(cfg.output, receipt.path), GALLERY_COLUMNS)
+        tables.append(t.append_column("shard", pa.array(np.full(t.num_rows, k, np.int32)))
+                      .append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
+    table = pa.concat_tables(tables) if tables else CROP.empty_table().select(GALLERY_COLUMNS)
+    by_id = [("image_id", "ascending")]
+
+    def name(r: dict[str, Any]) -> str:
+        label = CLASS_NAMES[r["label"]] if r["label"] is not None and r["label"] >= 0 else "no label"
+        return f"{label} · {r['image_id'].rsplit('/', 1)[-1]}"
+
+    crops_of: dict[tuple[int, int], list[gallery.Tile]] = {}  # a shown crop → its tiles (it may be in two sections)
+
+    def crop_tile(r: dict[str, Any], caption: str) -> gallery.Tile:
+        tile = gallery.Tile(caption=caption, title=r["image_id"])
+        crops_of.setdefault((r["shard"], r["row"]), []).append(tile)
+        return tile
+
+    sections, jobs = [], []
+    statuses = sorted(summary["statuses"], key=lambda x: (x != "ok", x))
+    for status in statuses:
+        total, group = gallery.top(table, pc.equal(table.column("status"), status), cap, by_id)
+        if status == "ok":
+            sections.append(gallery.Section("ok", [crop_tile(r, name(r)) for r in group], total,
+                                            "the crops as training reads them"))
+        elif status == "no_face":
+            tiles = []
+            for r in group:
+                tile = gallery.Tile(caption=name(r), title=r["image_id"], note=r["error"])
+                jobs.append((tile, lambda r=r: gallery.face_thumbnail(r["uri"], None, cfg.max_bytes)))
+                tiles.append(tile)
+            sections.append(gallery.Section("no face", tiles, total, "the whole photo"))
+        else:
+            sections.append(gallery.Section(status, [
+                gallery.Tile(caption=r["image_id"], title=r["uri"] or r["image_id"], note=r["error"])
+                for r in group], total, "nothing to show: each with its error", pictures=False))
+    if cfg.detector != "none":  # the whole photo is never the annotators' box
+        rows, overlap = _away(table)
+        rows = rows.append_column("iou", pa.array(overlap))
+        total, group = gallery.top(rows, pc.less(rows.column("iou"), 0.5), cap, [("iou", "ascending"), *by_id])
+        sections.append(gallery.Section(
+            "face away from the annotators' box", [crop_tile(r, f"IoU {r['iou']:.2f} · {name(r)}") for r in group],
+            total, "the crop's face box overlaps the annotators' consensus box by IoU < 0.5"))
+    for k in sorted({shard for shard, _ in crops_of}):  # the crops column of the shards that hold shown crops only
+        crops = storage.read_parquet_columns(storage.join(cfg.output, shards[k].path), ["crop"]).column("crop")
+        for (shard, row), tiles in crops_of.items():
+            if shard == k:
+                thumb = gallery.crop_thumbnail(crops[row].as_py())
+                for tile in tiles:
+                    tile.thumb, tile.note = thumb, None if thumb else "no picture: the crop does not decode"
+    gallery.thumbnails(jobs)
+    lines = [f"{cfg.input} → {cfg.output} ({cfg.detector}): {summary['inputs']} photos, statuses "
+             f"{summary['statuses']}; crop on the annotated face {summary['crop_on_annotated_face']}",
+             f"at most {cap} per group"]
+    return gallery.page(f"kemo crops · {cfg.detector}", lines, sections)
+
+
 def read_crops(output: str, columns: list[str] | None = None) -> pa.Table:
     """Every row of a committed crop output, from the files its commit manifest names."""
-    return outputs.Output(output, KIND).read_table(SHARDS, columns, CROP)
+    return outputs.Output(output, KIND).read_table(SHARDS, columns, CROP, ("votes",))

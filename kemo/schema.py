@@ -28,6 +28,10 @@ MANIFEST = pa.schema([
 
 # The manifest columns every later table carries along, so a crop or a label can be traced to its photo and person.
 IDENTITY = ("image_id", "uri", "person_id", "split", "label", "agree_n", "box")
+# ... and the annotators' votes, which crop shards carry since they train on them (`jobs/train.py --target votes`).
+# They come from the same annotations as `label` and `agree_n`, so the preprocessing fingerprint (over IDENTITY) leaves
+# them out: crop outputs written before they were carried stay current, and say so when votes are asked of them.
+CARRIED = (*IDENTITY, "votes")
 
 # One row per input photo, whatever happened to it. `face_box` is the cropped face, xyxy pixels of the full-resolution
 # upright frame; `crop` is a JPEG of crop_size² (null unless status is ok). Statuses: ok, no_face, read_error,
@@ -35,7 +39,7 @@ IDENTITY = ("image_id", "uri", "person_id", "split", "label", "agree_n", "box")
 # (dangling or looping), outside_link (its target leaves the input; not followed), folder_link (a link to a folder
 # listed already, under its own path), error (an unexpected failure, with its message in `error`).
 CROP = pa.schema([
-    *(MANIFEST.field(name) for name in IDENTITY),
+    *(MANIFEST.field(name) for name in CARRIED),
     ("detector", pa.string()),
     ("status", pa.string()),
     ("error", pa.string()),
@@ -57,8 +61,10 @@ TRANSIENT = ("read_error", "error")
 # `uri`, `size`, `mtime_ns` and `etag` are the photo's version as listed: a rerun skips a version already labelled and
 # labels a replaced photo again. `face` ranks the faces of a photo (0 = the primary face, the selfie subject; null
 # when none was classified); `face_box` is xyxy pixels of the full-resolution upright frame (the whole frame for the
-# `none` detector). `label`/`label_name`/`confidence`/`probs` are null unless status is ok; `probs` follow the
-# checkpoint's class order (kemo.classes). `model` is the checkpoint's model_sha256.
+# `none` detector). `label`/`label_name`/`confidence`/`probs`/`abstained` are null unless status is ok; `probs` follow
+# the checkpoint's class order (kemo.classes) and are calibrated by the checkpoint's temperature; `abstained` says the
+# confidence is below the run's --min-confidence (or the checkpoint's threshold, --abstain); the arg-max label is
+# still given. `model` is the checkpoint's model_sha256.
 LABELS = pa.schema([
     ("uri", pa.string()),
     ("size", pa.int64()),
@@ -78,4 +84,5 @@ LABELS = pa.schema([
     ("orig_height", pa.int32()),
     ("model", pa.string()),
     ("detector", pa.string()),
+    ("abstained", pa.bool_()),  # added after the others: parts written before have none (read as null)
 ])

@@ -396,11 +396,16 @@ def read_parquet(uri: str) -> pa.Table:
     return pq.read_table(io.BytesIO(read_bytes(uri)))
 
 
-def read_parquet_columns(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """Only the named columns: a random-access read of the footer and those column chunks, local or S3."""
+def read_parquet_columns(uri: str, columns: list[str] | None = None, optional: tuple[str, ...] = ()) -> pa.Table:
+    """Only the named columns: a random-access read of the footer and those column chunks, local or S3; the
+    ``optional`` ones too where the file has them (columns a later kemo added)."""
     fs, path = resolve(uri)
     with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).read(columns=columns)
+        file = pq.ParquetFile(f)
+        if optional and columns is not None:
+            names = set(file.schema_arrow.names)
+            columns = [*columns, *(c for c in optional if c in names and c not in columns)]
+        return file.read(columns=columns)
 
 
 def exists(uri: str) -> bool:

@@ -15,6 +15,7 @@ from kemo.classifier.data import (
     order_keys,
     plan,
     split_dataset,
+    vote_distribution,
 )
 from kemo.data import aihub
 from kemo.preprocess import KIND, read_crops
@@ -61,6 +62,33 @@ def test_a_split_streams_its_usable_photos_decoded_in_the_order_of_their_keys(co
             image_id = by_key[key]
             assert label == manifest[image_id]["label"] and image.shape == (32, 32, 3) and image.dtype == np.uint8
             assert np.array_equal(image, decode_crop(crops[image_id]["crop"], 32))
+
+
+def test_the_train_split_carries_each_photos_vote_shares_and_old_shards_refuse_the_votes_target(
+        corpus_index, annotation_crops, tmp_path):
+    manifest = {r["image_id"]: r for r in aihub.load_manifest(corpus_index).to_pylist()}
+    data = plan(annotation_crops, image_size=32)
+    assert data.votes
+    data.check_votes()
+    ids = [i for i, r in manifest.items() if r["split"] == "train" and r["label"] >= 0 and r["agree_n"] >= 2]
+    by_key = dict(zip(order_keys(ids).tolist(), ids))
+    rows = list(split_dataset(data, "train", votes=True).iter_rows())
+    assert len(rows) == len(ids)
+    split = 0
+    for r in rows:
+        m = manifest[by_key[r["key"]]]
+        expected = vote_distribution([m["votes"]], [m["label"]])[0]
+        assert np.allclose(r["votes"], expected) and int(np.argmax(r["votes"])) == m["label"]
+        split += r["votes"].max() < 1
+    assert split > 0  # the generated annotators disagree on some photos: soft targets that are not one-hot
+    # crop shards of an older kemo (no votes column): the majority target trains, the votes target is refused
+    table = read_crops(annotation_crops).drop_columns(["votes"])
+    old = str(tmp_path / "old")
+    outputs.Output(old, KIND).commit([outputs.write_part(old, "shards", table, ["a"])], {})
+    older = plan(old, 32)
+    assert not older.votes and older.report["annotators"] is None and older.photos("train") == data.photos("train")
+    with pytest.raises(ValueError, match="before crop shards carried the annotators' votes"):
+        older.check_votes()
 
 
 def test_the_shards_row_order_and_files_never_reach_training(annotation_crops, tmp_path):

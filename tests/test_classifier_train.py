@@ -19,6 +19,7 @@ from kemo.classifier.train import (
     augment,
     capacity_attempts,
     class_weights,
+    cross_entropy,
     evaluate,
     fit,
     keeps_checkpoint,
@@ -266,6 +267,42 @@ def test_balance_options_change_what_the_loss_weighs_and_what_the_model_sees():
     weighted = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels), weight=torch.tensor(w)))
     plain = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)))
     assert float(sums[0]) / 8 == pytest.approx(weighted, rel=1e-5) and abs(weighted - plain) > 1e-3
+
+
+def test_vote_targets_train_on_the_soft_cross_entropy_and_one_hot_votes_equal_the_majority():
+    # flat photos of eight grey levels: flips and crops keep them as they are, so the loss can be recomputed
+    x = np.broadcast_to((np.arange(8) * 32).astype(np.uint8)[:, None, None, None], (8, 16, 16, 3)).copy()
+    labels = np.array([0, 1, 2, 3, 4, 5, 6, 0])
+
+    def epoch(targets, lr=1e-3):
+        torch.manual_seed(0)
+        model = Recorder()
+        spec = RunSpec(batch_size=8, image_size=16, erasing=0.0)
+        batches = [(torch.from_numpy(x), torch.as_tensor(targets))]
+        sums = train_one_epoch(model, torch.optim.Adam(model.parameters(), lr=lr), batches, spec,
+                               torch.Generator().manual_seed(1))
+        return model, float(sums[0]) / 8
+
+    hard_model, hard = epoch(labels)
+    one_hot = np.eye(7, dtype=np.float32)[labels]
+    soft_model, soft = epoch(one_hot)
+    assert soft == pytest.approx(hard, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(hard_model.parameters(), soft_model.parameters()))
+    # split votes: the loss is the cross-entropy against the vote shares, −Σ q log p (lr 0: the model stays)
+    votes = np.full((8, 7), 0.0, np.float32)
+    votes[np.arange(8), labels], votes[np.arange(8), (labels + 1) % 7] = 2 / 3, 1 / 3
+    model, loss = epoch(votes, lr=0.0)
+    with torch.no_grad():
+        inputs = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET["mean"]).view(
+            1, 3, 1, 1)) / torch.tensor(IMAGENET["std"]).view(1, 3, 1, 1)
+        log_p = torch.log_softmax(model.linear(inputs.flatten(1)), 1)
+    assert loss == pytest.approx(float(-(torch.from_numpy(votes) * log_p).sum(1).mean()), rel=1e-5)
+    assert abs(loss - hard) > 1e-3
+    # class weights: one rule for both targets (torch's weighted mean for indices; the same for one-hot votes)
+    w = torch.tensor([1.0, 3.0, 0.5, 1, 1, 2, 1])
+    logits = torch.randn(8, 7, generator=torch.Generator().manual_seed(0))
+    assert float(cross_entropy(logits, torch.from_numpy(one_hot), w)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels), weight=w)), rel=1e-6)
 
 
 def test_capacity_timeout_becomes_start_timeouts_and_retries_that_add_up_to_it():

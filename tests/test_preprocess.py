@@ -23,6 +23,7 @@ from kemo.data import aihub, synth
 from kemo.preprocess import CropPhotos, PreprocessConfig, read_crops, run
 from kemo.schema import CROP, MANIFEST
 from tests import hostile
+from tests.galleries import decoded_thumb, parse_gallery
 from tests.photos import bad_inputs, jpeg, scene, unusual_inputs
 from tests.tree import snapshot
 
@@ -80,6 +81,12 @@ def test_every_input_gets_one_row_with_its_status(ray_local, zoo, tmp_path):
         assert (r["crop"] is not None) == (r["status"] == "ok")
         assert (r["error"] is None) == (r["status"] == "ok")
     assert summary["statuses"]["ok"] == sum(s == "ok" for s in expected.values())
+    sections = parse_gallery(os.path.join(out, "gallery.html"))  # every status its section, listed with its error
+    for status, n in summary["statuses"].items():
+        if status == "ok":
+            assert len(sections["ok"]["figures"]) == n and all(len(f) == 1 for f in sections["ok"]["figures"])
+        elif status != "no_face":
+            assert sections[status]["rows"] == n + 1  # and the header
     shards = [f["path"] for f in outputs.Output(out, "crops").committed()["files"] if f["path"].startswith("shards/")]
     sizes = [storage.read_parquet(os.path.join(out, s)).num_rows for s in shards]
     assert len(shards) == summary["shards"] >= 3 and max(sizes) <= 10 and sum(sizes) == len(expected)
@@ -212,6 +219,21 @@ def test_yolo_and_haar_run_end_to_end(ray_local, corpus, yolo_weights, tmp_path)
             x1, y1, x2, y2 = r["face_box"]
             assert 0 <= x1 < x2 <= r["orig_width"] and 0 <= y1 < y2 <= r["orig_height"]
             assert decode_crop(r["crop"]).shape == (64, 64, 3)
+        # the annotators' votes ride along, as the manifest has them
+        votes = {r["image_id"]: r["votes"] for r in aihub.load_manifest(index_dir).to_pylist()}
+        assert all(r["votes"] == votes[r["image_id"]] and len(r["votes"]) == 3 for r in rows)
+        # the gallery: a thumbnail for each crop shown, each photo without a face whole, and the crops whose face
+        # lies away from the annotators' box, as many as there are (at most 48)
+        sections = parse_gallery(os.path.join(out, "gallery.html"))
+        no_face = [r for r in rows if r["status"] == "no_face"]
+        away = [r for r in ok if iou(r["box"], r["face_box"]) < 0.5]
+        assert len(sections["ok"]["figures"]) == min(48, len(ok))
+        assert len(sections.get("no face", {"figures": []})["figures"]) == min(48, len(no_face))
+        assert len(sections["face away from the annotators' box"]["figures"]) == min(48, len(away))
+        for name in ("ok", "face away from the annotators' box", "no face"):
+            for figure in sections.get(name, {"figures": []})["figures"]:
+                assert len(figure) == 1
+                decoded_thumb(figure[0])
     haar = read_crops(str(tmp_path / "haar")).to_pylist()
     assert max(r["face_box"][2] for r in haar if r["face_box"]) > 160  # full-resolution frame, not the 1/2 decode
     cfg = storage.read_json(os.path.join(str(tmp_path / "yolo"), "_run.json"))

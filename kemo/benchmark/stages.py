@@ -235,8 +235,9 @@ def kemo_job(manifest: str, detector_name: str, cfg: BenchmarkConfig, out_dir: s
 
     shutil.rmtree(out_dir, ignore_errors=True)
     # small shards: the job's receipts then time its steady state (summary["steady_photos_per_s"])
+    # no gallery: the plain loop writes none (its cost is fixed, a capped page; the scale stage's jobs keep it)
     pcfg = PreprocessConfig(input=manifest, output=out_dir, detector=detector_name, weights=cfg.weights,
-                            **crop_settings(cfg), rows_per_shard=16, **resources)
+                            **crop_settings(cfg), rows_per_shard=16, gallery=0, **resources)
     with Sampler(cfg.sample_every) as sampler:
         t0 = time.perf_counter()
         summary = preprocess(pcfg)
@@ -438,7 +439,7 @@ def label_benchmark(cfg: BenchmarkConfig, cluster: dict[str, float], work: str, 
         plain_s, plain_small = plain_label_loop(rows, detector, cfg.weights, cfg, checkpoint)
     lcfg = LabelConfig(input=photo_folder(rows, os.path.join(work, "label-photos")),
                        output=os.path.join(work, "labels"), checkpoint=checkpoint, detector=detector,
-                       weights=cfg.weights, **crop_settings(cfg), rows_per_part=16)
+                       weights=cfg.weights, **crop_settings(cfg), rows_per_part=16, gallery=0)  # as preprocess's
     with Sampler(cfg.sample_every) as sampler:
         t0 = time.perf_counter()
         summary = label(lcfg)

@@ -3,8 +3,9 @@
 Training writes it and labelling reads it, so it is the one contract between them. ``model.pt`` is a plain state
 dict (loaded with ``weights_only=True``: no pickled code runs); ``meta.json`` names the architecture and its arguments,
 the class names in index order, the input size and normalisation, and whatever training config, metrics and code
-version the trainer adds. :func:`load_checkpoint` rebuilds the model, and :func:`input_batch` its input, from these
-alone.
+version the trainer adds; after training, the ``temperature`` that calibrates its softmax and the ``abstention``
+threshold fitted on validation (both absent from checkpoints of older kemo: temperature 1, no threshold).
+:func:`load_checkpoint` rebuilds the model, and :func:`input_batch` its input, from these alone.
 """
 
 from __future__ import annotations
@@ -82,7 +83,40 @@ def read_meta(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{uri}: 'image_size' must be a positive number of pixels")
     if not meta["classes"] or not all(isinstance(c, str) for c in meta["classes"]):
         raise CheckpointError(f"{uri}: 'classes' must be the class names, in order")
+    t = meta.get("temperature", 1.0)
+    if not _number(t) or not 0 < t < float("inf"):
+        raise CheckpointError(f"{uri}: 'temperature' must be a positive number (the calibration of the logits)")
+    if not isinstance(meta.get("abstention") or {}, dict):
+        raise CheckpointError(f"{uri}: 'abstention' must be an object (threshold, target_accuracy, ...)")
+    threshold = (meta.get("abstention") or {}).get("threshold")
+    if threshold is not None and not (_number(threshold) and 0 <= threshold <= 1):
+        raise CheckpointError(f"{uri}: 'abstention.threshold' must be a confidence between 0 and 1")
     return meta
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def temperature(meta: dict[str, Any]) -> float:
+    """The temperature the logits are divided by before the softmax: fitted on validation after training
+    (:mod:`kemo.classifier.calibration`); 1 for a checkpoint written before kemo calibrated them."""
+    return float(meta.get("temperature", 1.0))
+
+
+def abstention_threshold(meta: dict[str, Any], where: str) -> float:
+    """The calibrated confidence below which a label is abstained on, as fitted on validation for the target
+    accuracy; refused, in one line, for a checkpoint that has none."""
+    abstention = meta.get("abstention")
+    if not abstention:
+        raise CheckpointError(f"{where} holds no abstention threshold (a checkpoint trained before kemo calibrated "
+                              "its checkpoints): give --min-confidence X instead of --abstain, or run jobs/train.py "
+                              "again on its output, which calibrates finished runs without training them")
+    if abstention.get("threshold") is None:
+        raise CheckpointError(f"{where}: no confidence reached the target accuracy "
+                              f"{abstention.get('target_accuracy')} on validation, so it has no threshold: give "
+                              "--min-confidence X, or a lower jobs/train.py --target-accuracy")
+    return float(abstention["threshold"])
 
 
 def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

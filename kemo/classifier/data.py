@@ -35,10 +35,12 @@ import pyarrow.compute as pc
 
 from kemo import outputs, storage
 from kemo.classes import CLASS_NAMES
+from kemo.classifier.metrics import annotator_agreement
 from kemo.schema import SPLITS
 
 log = logging.getLogger(__name__)
 SMALL = ["image_id", "split", "label", "agree_n", "status"]  # what the driver reads: no pixels
+VOTES = "votes"  # the annotators' votes: in crop shards written since kemo carried them (kemo.schema.CARRIED)
 READ = [*SMALL, "crop"]
 BLOCK_ROWS = 128  # rows per block after ordering: small blocks split evenly over workers and shuffle well locally
 CACHES = ("auto", "memory", "none")
@@ -72,6 +74,17 @@ def usable(table: pa.Table, min_agree: int) -> tuple[np.ndarray, list[str]]:
     return reasons == "", reasons.tolist()
 
 
+def vote_distribution(votes: list[list[int] | None], labels: list[int]) -> np.ndarray:
+    """(n, classes) float32: each photo's share of known votes per class (-1, 알수없음 or missing, is no vote), the
+    target of ``--target votes``; a photo without a known vote gets its label one-hot."""
+    out = np.zeros((len(labels), len(CLASS_NAMES)), np.float32)
+    for i, (v, y) in enumerate(zip(votes, labels)):
+        known = [c for c in (v or []) if 0 <= c < len(CLASS_NAMES)]
+        for c in known or [y]:
+            out[i, c] += 1
+    return out / out.sum(1, keepdims=True)
+
+
 def order_keys(image_ids: list[str], seed: int = ORDER_SEED) -> np.ndarray:
     """A keyed 64-bit hash of each ``image_id``: the position of the photo in its split's order."""
     key = seed.to_bytes(8, "little", signed=True)
@@ -90,6 +103,12 @@ class TrainingData:
     min_agree: int
     counts: dict[str, list[int]]  # split → photos per class, kemo.classes order
     report: dict[str, Any]
+    votes: bool = False  # every shard carries the annotators' votes
+
+    def check_votes(self) -> None:
+        if not self.votes:
+            raise ValueError(f"{self.shards} was written before crop shards carried the annotators' votes: "
+                             "--target votes needs them; run jobs/preprocess.py into a new output")
 
     def photos(self, split: str) -> int:
         return sum(self.counts[split])
@@ -103,36 +122,49 @@ def plan(shards: str, image_size: int = 224, min_agree: int = 2) -> TrainingData
     files = outputs.Output(shards, outputs.CROPS).files("shards")
     left_out: Counter[str] = Counter()
     counts = {s: [0] * len(CLASS_NAMES) for s in SPLITS}
-    rows = 0
+    rows, has_votes, test_votes = 0, bool(files), []
     for uri in files:
-        table = storage.read_parquet_columns(uri, SMALL)
+        table = storage.read_parquet_columns(uri, SMALL, (VOTES,))
         rows += table.num_rows
+        has_votes = has_votes and VOTES in table.column_names
+        votes = table.column(VOTES).to_pylist() if VOTES in table.column_names else [None] * table.num_rows
         ok, reasons = usable(table, min_agree)
         split = table.column("split").to_pylist()
         label = table.column("label").fill_null(-1).to_pylist()
-        for good, why, s, y in zip(ok.tolist(), reasons, split, label):
+        for good, why, s, y, v in zip(ok.tolist(), reasons, split, label, votes):
             if not good:
                 left_out[why] += 1
             elif s in counts:
                 counts[s][y] += 1
+                if s == "test":
+                    test_votes.append(v)
             else:
                 left_out[f"split {s}"] += 1
+    # the test photos' own ceiling: how often one annotator matches the other two (None for shards without votes)
+    annotators = {**annotator_agreement(test_votes), "split": "test"} if has_votes else None
     report = {"shards": shards, "rows": rows, "image_size": image_size, "min_agree": min_agree,
               "left_out": dict(sorted(left_out.items())),
-              "splits": {s: {"photos": sum(c), "per_class": dict(zip(CLASS_NAMES, c))} for s, c in counts.items()}}
-    return TrainingData(shards, files, image_size, min_agree, counts, report)
+              "splits": {s: {"photos": sum(c), "per_class": dict(zip(CLASS_NAMES, c))} for s, c in counts.items()},
+              "annotators": annotators}
+    return TrainingData(shards, files, image_size, min_agree, counts, report, has_votes)
 
 
-def read_usable(batch: dict[str, np.ndarray], split: str, min_agree: int, block_rows: int) -> Iterator[pa.Table]:
-    """Ray Data task: one shard file (a row of ``uri``) → its usable rows of ``split`` as (order, label, crop)."""
+def read_usable(batch: dict[str, np.ndarray], split: str, min_agree: int, block_rows: int, votes: bool = False
+                ) -> Iterator[pa.Table]:
+    """Ray Data task: one shard file (a row of ``uri``) → its usable rows of ``split`` as (order, label, crop), and
+    with ``votes`` each photo's vote distribution (:func:`vote_distribution`)."""
     for uri in batch["uri"]:
-        table = storage.read_parquet_columns(str(uri), READ)
+        table = storage.read_parquet_columns(str(uri), READ + ([VOTES] if votes else []))
         ok, _ = usable(table, min_agree)
         table = table.filter(pc.and_(pa.array(ok), pc.equal(table.column("split"), split)))
         for start in range(0, table.num_rows, block_rows):
             chunk = table.slice(start, block_rows)
-            yield pa.table({"order": order_keys(chunk.column("image_id").to_pylist()),
-                            "label": chunk.column("label").cast(pa.int64()), "crop": chunk.column("crop")})
+            columns = {"order": order_keys(chunk.column("image_id").to_pylist()),
+                       "label": chunk.column("label").cast(pa.int64()), "crop": chunk.column("crop")}
+            if votes:
+                dist = vote_distribution(chunk.column(VOTES).to_pylist(), chunk.column("label").to_pylist())
+                columns[VOTES] = pa.FixedSizeListArray.from_arrays(pa.array(dist.ravel()), len(CLASS_NAMES))
+            yield pa.table(columns)
 
 
 def decode_batch(batch: pa.Table, size: int) -> dict[str, np.ndarray]:
@@ -144,19 +176,24 @@ def decode_batch(batch: pa.Table, size: int) -> dict[str, np.ndarray]:
     if len(good) < len(pixels):
         log.warning("%d crops do not decode; left out", len(pixels) - len(good))
     images = np.stack([pixels[i] for i in good]) if good else np.empty((0, size, size, 3), np.uint8)
-    return {"image": images, "label": batch.column("label").to_numpy()[good],
-            "key": batch.column("order").to_numpy()[good]}
+    out = {"image": images, "label": batch.column("label").to_numpy()[good],
+           "key": batch.column("order").to_numpy()[good]}
+    if VOTES in batch.column_names:  # (n, classes) float32 vote shares
+        flat = batch.column(VOTES).combine_chunks().flatten().to_numpy()
+        out[VOTES] = flat.reshape(-1, len(CLASS_NAMES))[good]
+    return out
 
 
-def split_dataset(data: TrainingData, split: str, block_rows: int = BLOCK_ROWS) -> Any:
-    """One split as a Ray Data dataset of ``image``, ``label`` and ``key``, in its fixed order (see the module's
-    doc), in blocks of ``block_rows``."""
+def split_dataset(data: TrainingData, split: str, block_rows: int = BLOCK_ROWS, votes: bool = False) -> Any:
+    """One split as a Ray Data dataset of ``image``, ``label`` and ``key`` (and ``votes``, the vote shares, with
+    ``votes``), in its fixed order (see the module's doc), in blocks of ``block_rows``."""
     import ray
 
     photos = data.photos(split)
     ds = ray.data.from_items([{"uri": u} for u in data.files], override_num_blocks=max(1, len(data.files)))
     ds = ds.map_batches(read_usable, fn_kwargs={"split": split, "min_agree": data.min_agree,
-                                                "block_rows": block_rows}, batch_size=1, batch_format="numpy")
+                                                "block_rows": block_rows, "votes": votes},
+                        batch_size=1, batch_format="numpy")
     # sorted by the keyed hash, then cut into equal blocks by row count: the same blocks at every execution
     ds = ds.sort("order").repartition(max(1, math.ceil(photos / block_rows)))
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": data.image_size}, batch_size=block_rows,
@@ -188,20 +225,22 @@ def cache_decision(cache: str, decoded_bytes: int, object_store_bytes: float) ->
     return cache == "memory" or (cache == "auto" and decoded_bytes <= CACHE_SHARE * object_store_bytes)
 
 
-def datasets(data: TrainingData, cache: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def datasets(data: TrainingData, cache: str, train: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """The train, val and test datasets of planned crops, train and val materialised when cached; and what was
-    decided (written into the report)."""
+    decided (written into the report). The train split carries the vote shares where the shards have votes (28
+    bytes a photo), so one cache serves both training targets. Without ``train`` (only calibrating finished runs)
+    the train split is left out."""
     import ray
 
     # the stores of the nodes that can run the decode tasks, where the cached blocks will live (not a CPU-less head)
     store = float(sum(n["Resources"].get("object_store_memory", 0) for n in ray.nodes()
                       if n["Alive"] and n["Resources"].get("CPU", 0) > 0))
     cached = cache_decision(cache, data.decoded_bytes(), store)
-    out = {s: split_dataset(data, s) for s in SPLITS}
+    out = {s: split_dataset(data, s, votes=data.votes and s == "train") for s in SPLITS if train or s != "train"}
     decision = {"cache": cache, "cached": cached, "decoded_train_val_gb": round(data.decoded_bytes() / 1e9, 3),
                 "object_store_gb": round(store / 1e9, 3)}
     if cached:
-        for s in ("train", "val"):
+        for s in [s for s in ("train", "val") if s in out]:
             out[s] = out[s].materialize()
             decoded = out[s].count()
             if not decoded:

@@ -33,12 +33,22 @@ import torch
 
 from kemo import outputs, storage
 from kemo.classes import CLASS_NAMES
-from kemo.classifier.checkpoint import load_checkpoint
+from kemo.classifier import calibration
+from kemo.classifier.checkpoint import META, load_checkpoint
 from kemo.classifier.data import CACHES, TrainingData, datasets, plan, resize_square
-from kemo.classifier.metrics import classification_report
+from kemo.classifier.metrics import classification_report, confusion_matrix
 from kemo.classifier.networks import KEMOTIONNET_BLOCKS
 from kemo.classifier.registry import MODELS
-from kemo.classifier.train import BALANCES, TRAIN_STATE, RunSpec, capacity_attempts, evaluate, fit, learning_rate
+from kemo.classifier.train import (
+    BALANCES,
+    TARGETS,
+    TRAIN_STATE,
+    RunSpec,
+    capacity_attempts,
+    fit,
+    learning_rate,
+    predict,
+)
 from kemo.resources import Node, check_placeable, check_shared, connect
 
 log = logging.getLogger(__name__)
@@ -85,6 +95,12 @@ class TrainConfig:
         "help": "seconds a run waits for nodes to hold its workers again (a node lost) before it stops; a rerun "
                 f"resumes. 0 = no limit; default: no limit with an autoscaler, {FIXED_CLUSTER_CAPACITY_TIMEOUT_S:g} "
                 "on a fixed cluster"})
+    target: tuple[str, ...] = field(default=("majority",), metadata={
+        "help": "what the models learn: majority (the annotators' majority label) and/or votes (soft cross-entropy "
+                "on the three votes); majority,votes trains and reports both"})
+    target_accuracy: float = field(default=0.9, metadata={
+        "help": "the validation accuracy the abstention threshold keeps (stored in each checkpoint's meta.json; "
+                "jobs/label.py --abstain uses it)"})
     smoke_test: bool = field(default=False, metadata={"help": f"a quick check: {SMOKE}"})
 
     def __post_init__(self) -> None:  # flag errors before anything starts
@@ -92,6 +108,10 @@ class TrainConfig:
             raise ValueError(f"--cache must be one of {', '.join(CACHES)}, not {self.cache!r}")
         if self.balance not in BALANCES:
             raise ValueError(f"--balance must be one of {', '.join(BALANCES)}, not {self.balance!r}")
+        if not self.target or not set(self.target) <= set(TARGETS) or len(set(self.target)) < len(self.target):
+            raise ValueError(f"--target takes {' and/or '.join(TARGETS)}, each once, not {','.join(self.target)!r}")
+        if not 0 < self.target_accuracy <= 1:
+            raise ValueError(f"--target-accuracy must lie in (0, 1], not {self.target_accuracy:g}")
         if self.capacity_timeout is not None:
             capacity_attempts(self.capacity_timeout)
 
@@ -104,37 +124,88 @@ def _tag(shards: str) -> str:
         return os.path.basename(shards.rstrip("/"))
 
 
-def evaluate_checkpoint(path: str, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+Batches = Iterable[tuple[np.ndarray, np.ndarray]]  # (uint8 photos, labels)
+
+
+def _at_size(batches: Batches, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for images, labels in batches:
+        images = np.asarray(images)
+        if images.shape[1:3] != (size, size):
+            images = np.stack([resize_square(image, size) for image in images])
+        elif not images.flags.writeable:  # Ray Data's zero-copy view: torch wants memory it may write
+            images = images.copy()
+        yield torch.from_numpy(images), torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+
+
+def _logits(model: torch.nn.Module, meta: dict[str, Any], batches: Batches) -> tuple[np.ndarray, np.ndarray]:
+    return predict(model, _at_size(batches, meta["image_size"]), meta["normalize"])
+
+
+def _report(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    predicted = logits.argmax(1) if len(labels) else np.zeros(0, np.int64)
+    return classification_report(confusion_matrix(labels, predicted, len(classes)), classes)
+
+
+def evaluate_checkpoint(path: str, batches: Batches) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class figures and the confusion matrix of a checkpoint on batches of (uint8 photos,
     labels), resized to the checkpoint's input size if they are not at it, in fp32."""
     model, meta = load_checkpoint(path, "cuda" if torch.cuda.is_available() else "cpu")
-    size = meta["image_size"]
-
-    def at_size() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in batches:
-            images = np.asarray(images)
-            if images.shape[1:3] != (size, size):
-                images = np.stack([resize_square(image, size) for image in images])
-            elif not images.flags.writeable:  # Ray Data's zero-copy view: torch wants memory it may write
-                images = images.copy()
-            yield torch.from_numpy(images), torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-
-    confusion, _ = evaluate(model, at_size(), normalize=meta["normalize"], num_classes=len(meta["classes"]))
-    return classification_report(confusion.cpu().numpy(), meta["classes"])
+    return _report(*_logits(model, meta, batches), meta["classes"])
 
 
-def _test_task(checkpoint: str, test: Any) -> dict[str, Any]:
-    """Ray task: a checkpoint on the test split, streamed from its dataset (the driver never holds the photos)."""
-    batches = ((b["image"], b["label"]) for b in test.iter_batches(batch_size=256, batch_format="numpy"))
-    return evaluate_checkpoint(checkpoint, batches)
+COVERAGE_CURVE = tuple(k / 100 for k in range(1, 101))  # the risk-coverage curve, at every 1% of coverage
 
 
-def evaluate_on_ray(checkpoint: str, test: Any, use_gpu: bool) -> dict[str, Any]:
+def calibrate_and_test(path: str, val: Batches, test: Batches, target_accuracy: float) -> dict[str, Any]:
+    """A checkpoint's temperature fitted on ``val`` and stored in its ``meta.json`` (with the abstention threshold
+    that keeps ``target_accuracy`` on ``val``); its test figures: the classification report (arg-max, which the
+    temperature does not change), calibration before and after (ECE, NLL, Brier, reliability bins), accuracy against
+    coverage, and the test photos kept at the validation threshold. Confidences are the top calibrated probability."""
+    model, meta = load_checkpoint(path, "cuda" if torch.cuda.is_available() else "cpu")
+    val_logits, val_labels = _logits(model, meta, val)
+    test_logits, test_labels = _logits(model, meta, test)
+    if not len(val_labels) or not len(test_labels):
+        raise ValueError(f"{path}: no validation or no test photo decodes: damaged shards?")
+    # a checkpoint keeps the temperature it was given: labels made with it stay labels of the same setup (another
+    # --target-accuracy moves only the threshold)
+    temperature = float(meta["temperature"]) if "temperature" in meta else \
+        calibration.fit_temperature(val_logits, val_labels)
+    val_probs = calibration.softmax(val_logits, temperature)
+    before, after = calibration.softmax(test_logits), calibration.softmax(test_logits, temperature)
+    confidence, correct = after.max(1), after.argmax(1) == test_labels
+    # the confidence as labelling stores and compares it: float32
+    val_confidence = val_probs.max(1).astype(np.float32).astype(np.float64)
+    threshold = calibration.threshold_for(val_confidence, val_probs.argmax(1) == val_labels, target_accuracy)
+    abstention = {**threshold, "split": "val", "photos_in_split": len(val_labels)}
+    storage.write_json(storage.join(path, META), {**meta, "temperature": temperature, "abstention": abstention})
+    return {
+        "test": _report(test_logits, test_labels, meta["classes"]),
+        "calibration": {"temperature": temperature, "fitted_on": {"split": "val", "photos": len(val_labels)},
+                        "before": calibration.scores(before, test_labels),
+                        "after": calibration.scores(after, test_labels),
+                        "reliability": {"before": calibration.reliability(before, test_labels),
+                                        "after": calibration.reliability(after, test_labels)}},
+        "abstention": {**abstention, "test": calibration.kept_at(confidence.astype(np.float32).astype(np.float64),
+                                                                 correct, threshold["threshold"])},
+        "coverage": {"split": "test", "table": calibration.coverage_table(confidence, correct),
+                     "curve": calibration.coverage_table(confidence, correct, COVERAGE_CURVE)}}
+
+
+def _test_task(checkpoint: str, val: Any, test: Any, target_accuracy: float) -> dict[str, Any]:
+    """Ray task: a checkpoint calibrated on the val split and scored on the test split, both streamed from their
+    datasets (the driver never holds the photos)."""
+    def batches(ds: Any) -> Batches:
+        return ((b["image"], b["label"]) for b in ds.iter_batches(batch_size=256, batch_format="numpy"))
+
+    return calibrate_and_test(checkpoint, batches(val), batches(test), target_accuracy)
+
+
+def evaluate_on_ray(checkpoint: str, val: Any, test: Any, target_accuracy: float, use_gpu: bool) -> dict[str, Any]:
     import ray
 
-    # no CPU reserved: the Ray Data tasks that read and decode the test photos for it need the CPUs
+    # no CPU reserved: the Ray Data tasks that read and decode the photos for it need the CPUs
     task = ray.remote(num_cpus=0, num_gpus=1 if use_gpu else 0, max_retries=2)(_test_task)
-    return ray.get(task.remote(checkpoint, test))
+    return ray.get(task.remote(checkpoint, val, test, target_accuracy))
 
 
 def cpus_per_worker(cfg: TrainConfig, nodes: list[Node], streamed: bool = False) -> float:
@@ -169,12 +240,32 @@ def _mean_std(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
-def table5(rows: list[dict[str, Any]]) -> str:
-    lines = ["| Preprocessing | Model | Test accuracy (%) | Macro-F1 (%) | Runs |", "|---|---|---:|---:|---:|"]
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def table5(rows: list[dict[str, Any]], targets: list[dict[str, Any]] | None = None) -> str:
+    """The paper's Table 5 with what a user also needs beside it: the training target, calibration before and after
+    temperature scaling, and the annotators' own agreement on the same test photos (the ceiling); then majority
+    against votes where both were trained."""
+    lines = ["| Preprocessing | Model | Test accuracy (%) | Macro-F1 (%) | Target | ECE (%) before → after T "
+             "| NLL before → after T | Annotators agree (%) | Runs |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
-        a, f = r["accuracy"], r["macro_f1"]
+        a, f, e, n = r["accuracy"], r["macro_f1"], r["ece"], r["nll"]
         lines.append(f"| {r['preprocessing']} | {r['model']} | {100 * a['mean']:.2f} ± {100 * a['std']:.2f} | "
-                     f"{100 * f['mean']:.2f} ± {100 * f['std']:.2f} | {a['n']} |")
+                     f"{100 * f['mean']:.2f} ± {100 * f['std']:.2f} | {r['target']} | "
+                     f"{_pct(e['before']['mean'])} → {_pct(e['after']['mean'])} | "
+                     f"{n['before']['mean']:.3f} → {n['after']['mean']:.3f} | {_pct(r['annotators'])} | {a['n']} |")
+    if targets:
+        lines += ["", "Majority against votes (test, means over seeds; ECE after temperature scaling):", "",
+                  "| Preprocessing | Model | Majority: accuracy / macro-F1 / ECE (%) | Votes: accuracy / macro-F1 / "
+                  "ECE (%) | Annotators agree (%) |", "|---|---|---:|---:|---:|"]
+        for t in targets:
+            m, v = t["majority"], t["votes"]
+            lines.append(f"| {t['preprocessing']} | {t['model']} | {_pct(m['accuracy'])} / {_pct(m['macro_f1'])} / "
+                         f"{_pct(m['ece'])} | {_pct(v['accuracy'])} / {_pct(v['macro_f1'])} / {_pct(v['ece'])} | "
+                         f"{_pct(t['annotators'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,10 +289,10 @@ def _plots(best: dict[str, Any], out: outputs.Output) -> list[outputs.Receipt]:
     ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
     ax.set_xlabel("predicted")
     ax.set_ylabel("annotators' majority")
-    ax.set_title(f"{best['preprocessing']} · {best['model']} · seed {best['seed']}: "
-                 f"test accuracy {100 * best['test']['accuracy']:.1f}%")
+    ax.set_title(f"{_title(best)}: test accuracy {100 * best['test']['accuracy']:.1f}%")
     fig.tight_layout()
-    for name, figure in (("confusion.png", fig), ("curves.png", _curves(best, plt))):
+    for name, figure in (("confusion.png", fig), ("curves.png", _curves(best, plt)),
+                         ("reliability.png", _reliability(best, plt)), ("coverage.png", _coverage(best, plt))):
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=120)
         plt.close(figure)
@@ -221,6 +312,61 @@ def _curves(best: dict[str, Any], plt) -> Any:
     ax2.set_ylabel("validation accuracy")
     ax2.set_ylim(0, 1)
     fig.legend(loc="upper center", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def _title(best: dict[str, Any]) -> str:
+    target = "" if best.get("target", "majority") == "majority" else f" ({best['target']})"
+    return f"{best['preprocessing']} · {best['model']}{target} · seed {best['seed']}"
+
+
+def _reliability(best: dict[str, Any], plt) -> Any:
+    """The reliability diagram of the test split: accuracy per confidence bin before and after the temperature."""
+    cal = best["calibration"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharey=True)
+    for ax, when in zip(axes, ("before", "after")):
+        bins = cal["reliability"][when]
+        lo = [b["lo"] for b in bins]
+        width = bins[0]["hi"] - bins[0]["lo"]
+        ax.bar(lo, [b["accuracy"] or 0 for b in bins], width=width, align="edge", edgecolor="k",
+               color="tab:blue", label="accuracy")
+        ax.bar(lo, [(b["confidence"] or 0) - (b["accuracy"] or 0) if b["n"] else 0 for b in bins], width=width,
+               bottom=[b["accuracy"] or 0 for b in bins], align="edge", color="tab:red", alpha=0.35, label="gap")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        t = "T = 1" if when == "before" else f"T = {cal['temperature']:.2f}"
+        ax.set_title(f"{when} ({t}): ECE {100 * cal[when]['ece']:.1f}%, NLL {cal[when]['nll']:.2f}")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left")
+    fig.suptitle(f"{_title(best)}: test split, {BINS_NOTE}")
+    fig.tight_layout()
+    return fig
+
+
+BINS_NOTE = f"{calibration.BINS} equal-width bins"
+
+
+def _coverage(best: dict[str, Any], plt) -> Any:
+    """Accuracy against coverage on the test split (the most confident photos kept), with the threshold chosen on
+    validation for the target accuracy."""
+    curve, abst = best["coverage"]["curve"], best["abstention"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot([100 * c["coverage"] for c in curve], [100 * (c["accuracy"] or 0) for c in curve], color="tab:blue",
+            label="test accuracy of the kept photos")
+    ax.axhline(100 * abst["target_accuracy"], color="tab:gray", ls=":", label="target accuracy (validation)")
+    kept = abst["test"]
+    if kept["accuracy"] is not None:
+        ax.plot([100 * kept["coverage"]], [100 * kept["accuracy"]], "o", color="tab:red",
+                label=f"validation threshold {abst['threshold']:.2f}")
+    ax.set_xlabel("coverage (%): the most confident photos kept")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower left")
+    ax.set_title(f"{_title(best)}: accuracy against coverage")
     fig.tight_layout()
     return fig
 
@@ -251,18 +397,24 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     for shards, tag in zip(shard_list, tags):
         data_key = _data_key(shards, cfg.min_agree)
         for model in models:
-            for seed in range(cfg.seeds):
-                spec = RunSpec(model=model, arguments=arguments.get(model, {}), seed=seed, epochs=cfg.epochs,
-                               batch_size=cfg.batch_size, lr=cfg.lr, erasing=cfg.erasing,
-                               image_size=cfg.image_size, init_weights=cfg.init_weights, schedule=cfg.schedule,
-                               balance=cfg.balance)
-                keyed = {k: v for k, v in dataclasses.asdict(spec).items() if (k, v) != ("balance", "none")}
-                # (balance none is how every run trained before the option: their names stay theirs)
-                key = hashlib.sha256(json.dumps([keyed, data_key], sort_keys=True).encode())
-                # other settings or other crops never resume this run
-                plan_of[tag].append((model, seed, spec, f"{tag}-{model}-seed{seed}-{key.hexdigest()[:10]}"))
+            for target in cfg.target:
+                for seed in range(cfg.seeds):
+                    spec = RunSpec(model=model, arguments=arguments.get(model, {}), seed=seed, epochs=cfg.epochs,
+                                   batch_size=cfg.batch_size, lr=cfg.lr, erasing=cfg.erasing,
+                                   image_size=cfg.image_size, init_weights=cfg.init_weights, schedule=cfg.schedule,
+                                   balance=cfg.balance, target=target)
+                    keyed = {k: v for k, v in dataclasses.asdict(spec).items()
+                             if (k, v) not in (("balance", "none"), ("target", "majority"))}
+                    # (balance none and the majority target are how every run trained before those options: their
+                    # names stay theirs)
+                    key = hashlib.sha256(json.dumps([keyed, data_key], sort_keys=True).encode())
+                    # other settings or other crops never resume this run
+                    kind = "" if target == "majority" else f"-{target}"
+                    plan_of[tag].append((model, seed, spec, f"{tag}-{model}{kind}-seed{seed}-{key.hexdigest()[:10]}"))
     out = outputs.Output(cfg.output, KIND)
-    fingerprint = {"runs": [name for runs in plan_of.values() for *_, name in runs], "min_agree": cfg.min_agree}
+    # the target accuracy sets each checkpoint's threshold: another one calibrates the runs again, trains none
+    fingerprint = {"runs": [name for runs in plan_of.values() for *_, name in runs], "min_agree": cfg.min_agree,
+                   "target_accuracy": cfg.target_accuracy}
     if out.current(fingerprint) is not None:
         log.info("%s already holds this report, committed: nothing trained, nothing written", cfg.output)
         return out.read_json(REPORT)
@@ -271,7 +423,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         report["seconds"] = round(time.perf_counter() - t0, 1)
         out.uncommit()
         files += [out.write_json(REPORT, report),
-                  out.write_file("table5.md", table5(report["rows"]).encode()),
+                  out.write_file("table5.md", table5(report["rows"], report["targets"]).encode()),
                   *_plots(max(report["best_of"], key=lambda r: r["best_val"]["val_accuracy"]), out)]
         del report["best_of"]
         lease.check()
@@ -300,56 +452,114 @@ def _train_and_test(cfg: TrainConfig, out: outputs.Output, shard_of: dict[str, s
     for tag, planned in plan_of.items():
         shards = shard_of[tag]
         results: dict[str, dict[str, Any]] = {}
+        fresh: set[str] = set()  # results as finished, their receipts already counted
         for *_, name in planned:
             try:
                 data = storage.read_bytes(out.path(RESULTS, f"{name}.json"))
             except FileNotFoundError:
                 continue
             results[name] = json.loads(data)
-            receipts.append(outputs.Receipt.of(f"{RESULTS}/{name}.json", data))
+            if _calibrated(results[name], cfg.target_accuracy):
+                fresh.add(name)
+                receipts.append(outputs.Receipt.of(f"{RESULTS}/{name}.json", data))
         splits: dict[str, Any] = {}
-        if len(results) < len(planned):  # read the crops only when a run needs them
+        if len(fresh) < len(planned):  # read the crops only when a run needs them (training or calibrating)
             data = plan(shards, cfg.image_size, cfg.min_agree)  # small columns: no Ray, no pixels
             if not all(data.photos(s) for s in ("train", "val", "test")):
                 raise ValueError(f"{shards}: a split has no usable photo: {data.report['splits']}")
-            if cluster is None:
-                cluster = _cluster(cfg)
-            splits, decision = datasets(data, cfg.cache)
+            training = any(name not in results for *_, name in planned)
+            if any(spec.target == "votes" for _, _, spec, name in planned if name not in results):
+                data.check_votes()  # before Ray starts
+            if cluster is None or (training and not cluster.training):
+                cluster = _cluster(cfg, training)
+            # calibrating finished runs needs val and test only: the train split is neither decoded nor cached
+            splits, decision = datasets(data, cfg.cache, train=training)
             data_report = {**data.report, "cache": decision}
         else:
             data = None
             data_report = next(iter(results.values()))["data"]
         data_reports[tag] = data_report
-        by_model: dict[str, list[dict[str, Any]]] = {}
+        by_row: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for model, seed, spec, name in planned:
             if name not in results:
                 results[name] = _train_one(cfg, cluster, data, splits, data_report, tag, model, seed, spec,
                                            runs_dir, name)
+            elif name not in fresh:  # finished before calibration, or for another target accuracy
+                log.info("calibrating %s", name)
+                results[name] = {**results[name], "target": spec.target, "data": data_report,
+                                 **evaluate_on_ray(results[name]["checkpoint"], splits["val"], splits["test"],
+                                                   cfg.target_accuracy, cfg.use_gpu)}
+            if name not in fresh:
                 receipts.append(out.write_json(f"{RESULTS}/{name}.json", results[name]))
-            by_model.setdefault(model, []).append(results[name])
+            by_row.setdefault((model, spec.target), []).append(results[name])
         del splits  # the cached photos leave the object store
-        for model, runs in by_model.items():
+        for (model, target), runs in by_row.items():
             all_runs.extend(runs)
-            top = max(runs, key=lambda r: r["best_val"]["val_accuracy"])
-            rows.append({"preprocessing": tag, "model": model,
-                         "accuracy": _mean_std([r["test"]["accuracy"] for r in runs]),
-                         "macro_f1": _mean_std([r["test"]["macro_f1"] for r in runs]),
-                         "best_run": top["name"], "per_class": top["test"]["per_class"],
-                         "confusion_matrix": top["test"]["confusion_matrix"]})
-    report = {"rows": rows, "runs": [{k: v for k, v in r.items() if k not in ("history", "data")} for r in all_runs],
+            rows.append(_row(tag, model, target, runs, data_report))
+    report = {"rows": rows, "targets": _targets(rows),
+              "runs": [{k: v for k, v in r.items() if k not in ("history", "data")} for r in all_runs],
               "data": data_reports, "split": "test (person-disjoint, from the index)",
               "label_filter": f"annotators' majority with agree_n >= {cfg.min_agree}; unknown labels left out",
+              "calibration": "temperature fitted on val (NLL); ECE over 15 equal-width bins of the top confidence; "
+                             "test figures before and after",
+              "annotators": "how often one annotator's vote matches the other two's, where those two agree, on the "
+                            "test photos (data.<preprocessing>.annotators)",
               "config": dataclasses.asdict(cfg), "best_of": all_runs}  # chosen on validation, never on test
     return report, receipts
+
+
+def _calibrated(result: dict[str, Any], target_accuracy: float) -> bool:
+    """Whether a finished run's result holds calibration and the threshold for this target accuracy (a run finished
+    by an older kemo has neither: its checkpoint is calibrated on a rerun, not trained again)."""
+    return "calibration" in result and result.get("abstention", {}).get("target_accuracy") == target_accuracy
+
+
+def _row(tag: str, model: str, target: str, runs: list[dict[str, Any]], data_report: dict[str, Any]
+         ) -> dict[str, Any]:
+    """One row of Table 5: a (preprocessing, model, target) over its seeds, with the best-validation run's details."""
+    top = max(runs, key=lambda r: r["best_val"]["val_accuracy"])
+
+    def over_seeds(when: str, metric: str) -> dict[str, float]:
+        return _mean_std([r["calibration"][when][metric] for r in runs])
+
+    return {"preprocessing": tag, "model": model, "target": target,
+            "accuracy": _mean_std([r["test"]["accuracy"] for r in runs]),
+            "macro_f1": _mean_std([r["test"]["macro_f1"] for r in runs]),
+            "ece": {"before": over_seeds("before", "ece"), "after": over_seeds("after", "ece")},
+            "nll": {"before": over_seeds("before", "nll"), "after": over_seeds("after", "nll")},
+            "brier": {"before": over_seeds("before", "brier"), "after": over_seeds("after", "brier")},
+            "temperature": _mean_std([r["calibration"]["temperature"] for r in runs]),
+            "annotators": (data_report.get("annotators") or {}).get("agreement"),
+            "best_run": top["name"], "per_class": top["test"]["per_class"],
+            "confusion_matrix": top["test"]["confusion_matrix"], "coverage": top["coverage"]["table"],
+            "abstention": top["abstention"]}
+
+
+def _targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Majority against votes for each (preprocessing, model) trained on both: accuracy, macro-F1 and ECE after
+    temperature scaling, means over seeds."""
+    out = []
+    for r in rows:
+        if r["target"] != "majority":
+            continue
+        other = next((v for v in rows if (v["preprocessing"], v["model"], v["target"]) ==
+                      (r["preprocessing"], r["model"], "votes")), None)
+        if other is not None:
+            out.append({"preprocessing": r["preprocessing"], "model": r["model"], "annotators": r["annotators"],
+                        **{t: {"accuracy": x["accuracy"]["mean"], "macro_f1": x["macro_f1"]["mean"],
+                               "ece": x["ece"]["after"]["mean"], "runs": x["accuracy"]["n"]}
+                           for t, x in (("majority", r), ("votes", other))}})
+    return out
 
 
 @dataclass
 class _Cluster:
     nodes: list[Node]
     capacity_timeout: float
+    training: bool  # checked for training workers (calibrating finished runs needs none)
 
 
-def _cluster(cfg: TrainConfig) -> _Cluster:
+def _cluster(cfg: TrainConfig, training: bool = True) -> _Cluster:
     """Ray started (or joined), its nodes, and the wait for lost capacity: no limit where an autoscaler can start
     nodes, :data:`FIXED_CLUSTER_CAPACITY_TIMEOUT_S` where none can."""
     nodes = connect()
@@ -359,8 +569,9 @@ def _cluster(cfg: TrainConfig) -> _Cluster:
     timeout = cfg.capacity_timeout
     if timeout is None:
         timeout = 0.0 if any(n.launchable for n in nodes) else FIXED_CLUSTER_CAPACITY_TIMEOUT_S
-    cpus_per_worker(cfg, nodes)  # a worker that no node can hold is refused before any crop is read
-    return _Cluster(nodes, timeout)
+    if training:
+        cpus_per_worker(cfg, nodes)  # a worker that no node can hold is refused before any crop is read
+    return _Cluster(nodes, timeout, training)
 
 
 def _train_one(cfg: TrainConfig, cluster: _Cluster, data: TrainingData, splits: dict[str, Any],
@@ -374,9 +585,10 @@ def _train_one(cfg: TrainConfig, cluster: _Cluster, data: TrainingData, splits: 
                  checkpoint_every=cfg.checkpoint_every, capacity_timeout=cluster.capacity_timeout,
                  class_counts=data.counts["train"])
     (best, best_metrics), = result.best_checkpoints
-    tested = evaluate_on_ray(_uri(best, cfg.output), splits["test"], cfg.use_gpu)
+    tested = evaluate_on_ray(_uri(best, cfg.output), splits["val"], splits["test"], cfg.target_accuracy,
+                             cfg.use_gpu)
     with result.checkpoint.as_directory() as d:  # the latest: its history has every epoch
         history = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)["history"]
-    return {"name": name, "preprocessing": tag, "model": model, "seed": seed, "spec": dataclasses.asdict(spec),
-            "checkpoint": _uri(best, cfg.output), "best_val": best_metrics, "test": tested, "history": history,
-            "data": data_report}
+    return {"name": name, "preprocessing": tag, "model": model, "target": spec.target, "seed": seed,
+            "spec": dataclasses.asdict(spec), "checkpoint": _uri(best, cfg.output), "best_val": best_metrics,
+            **tested, "history": history, "data": data_report}

@@ -44,3 +44,21 @@ def classification_report(cm: np.ndarray, names: list[str] | tuple[str, ...]) ->
                              "support": int(actual[i])} for i, name in enumerate(names)},
         "confusion_matrix": cm.astype(np.int64).tolist(),
     }
+
+
+def annotator_agreement(votes: list[list[int] | None]) -> dict[str, Any]:
+    """How often one annotator matches the other two's majority: the ceiling a model scored against a majority label
+    can expect. For each photo and each annotator whose two others gave the same known vote (their majority), whether
+    that annotator chose it too; -1 (알수없음, missing) is no vote. ``pairs`` is how many such (photo, annotator)
+    cases there were; a photo whose others disagree has no majority to match and adds none."""
+    matches = pairs = 0
+    for v in votes:
+        if not v or len(v) != 3:
+            continue
+        for i in range(3):
+            a, b = (v[j] for j in range(3) if j != i)
+            if a >= 0 and a == b and v[i] >= 0:
+                pairs += 1
+                matches += v[i] == a
+    return {"agreement": matches / pairs if pairs else None, "pairs": pairs,
+            "photos": sum(1 for v in votes if v and len(v) == 3)}

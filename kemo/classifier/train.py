@@ -56,6 +56,7 @@ class RunSpec:
     image_size: int = 224
     init_weights: str | None = None  # a user's weights file (path or s3://) to start from; nothing downloads
     balance: str = "none"  # none | weights (class-weighted loss) | sampler (batches resampled towards equal classes)
+    target: str = "majority"  # majority (the annotators' majority label) | votes (soft cross-entropy on the votes)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -91,8 +92,11 @@ def random_erasing(x: torch.Tensor, generator: torch.Generator, p: float) -> tor
     return torch.where(mask[:, None], noise, x)
 
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 (B, S, S, 3) RGB photos, int64 (B,) class indices
+# uint8 (B, S, S, 3) RGB photos and their targets: int64 (B,) class indices, or float (B, classes) distributions
+# (the annotators' vote shares), both of which torch's cross_entropy takes
+Batch = tuple[torch.Tensor, torch.Tensor]
 BALANCES = ("none", "weights", "sampler")
+TARGETS = ("majority", "votes")
 
 
 def array_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int) -> Iterator[Batch]:
@@ -103,16 +107,17 @@ def array_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, bat
 
 
 def dataset_batches(shard: Any, batch_size: int, shuffle_seed: int | None = None,
-                    seen: list[int] | None = None) -> Iterator[Batch]:
-    """A Ray Data shard (``image``, ``label``, ``key``) as the training loop takes it; with ``shuffle_seed``, through a
-    seeded local shuffle buffer of :func:`shuffle_buffer` rows. Photos stay uint8 until the device, a quarter of the
-    bytes. ``seen`` (tests) collects the keys of the photos passed on."""
+                    seen: list[int] | None = None, target: str = "label") -> Iterator[Batch]:
+    """A Ray Data shard (``image``, ``label``, ``key``, maybe ``votes``) as the training loop takes it: photos and
+    the ``target`` column; with ``shuffle_seed``, through a seeded local shuffle buffer of :func:`shuffle_buffer`
+    rows. Photos stay uint8 until the device, a quarter of the bytes. ``seen`` (tests) collects the keys of the
+    photos passed on."""
     buffer = shuffle_buffer(batch_size) if shuffle_seed is not None else None
     for batch in shard.iter_torch_batches(batch_size=batch_size, device="cpu", prefetch_batches=2,
                                           local_shuffle_buffer_size=buffer, local_shuffle_seed=shuffle_seed):
         if seen is not None:
             seen.extend(batch["key"].tolist())
-        yield batch["image"], batch["label"]
+        yield batch["image"], batch[target]
 
 
 def shuffle_buffer(batch_size: int) -> int:
@@ -138,12 +143,24 @@ def learning_rate(spec: RunSpec, epoch: int) -> float:
     raise ValueError(f"unknown schedule {spec.schedule!r}: cosine or constant")
 
 
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy against class indices or class distributions, class-weighted by ``weights`` as one rule:
+    −Σ q·w·log p / Σ q·w (for indices, torch's weighted mean; torch divides distributions by the batch size
+    instead, which would make a weighted votes loss another scale than the majority's)."""
+    if weights is None or not y.is_floating_point():
+        return F.cross_entropy(logits, y, weight=weights)
+    q = y.float() * weights
+    return -(q * F.log_softmax(logits, 1)).sum() / q.sum().clamp_min(1e-12)
+
+
 def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch],
                     spec: RunSpec, generator: torch.Generator, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """One pass over ``batches``: augment on the model's device, Adam step, bf16 autocast on GPU. ``weights`` (per
-    class, on the device) balance the classes as ``spec.balance`` says: the loss's class weights (``weights``), or each
-    batch resampled with replacement in proportion to its photos' weights (``sampler``). Returns (summed loss, photos)
-    as a float64 tensor on the device, so the loop never waits for the GPU."""
+    """One pass over ``batches``: augment on the model's device, Adam step, bf16 autocast on GPU. Targets are class
+    indices or, for ``--target votes``, class distributions (soft cross-entropy). ``weights`` (per class, on the
+    device) balance the classes as ``spec.balance`` says: the loss's class weights (``weights``), or each batch
+    resampled with replacement in proportion to its photos' weights (``sampler``; a distribution weighs the mean of
+    its classes' weights). Returns (summed loss, photos) as a float64 tensor on the device, so the loop never waits
+    for the GPU."""
     device = next(model.parameters()).device
     mean = torch.tensor(IMAGENET["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET["std"], device=device).view(1, 3, 1, 1)
@@ -153,12 +170,13 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
         x = _to_input(images, device)
         y = labels.to(device, non_blocking=True)
         if spec.balance == "sampler" and weights is not None:
-            pick = torch.multinomial(weights[y], len(y), replacement=True, generator=generator)
+            per_photo = y.float() @ weights if y.is_floating_point() else weights[y]
+            pick = torch.multinomial(per_photo, len(y), replacement=True, generator=generator)
             x, y = x[pick], y[pick]
         x = augment(x, generator)
         x = random_erasing((x - mean) / std, generator, spec.erasing)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = F.cross_entropy(model(x).float(), y, weight=weights if spec.balance == "weights" else None)
+            loss = cross_entropy(model(x).float(), y, weights if spec.balance == "weights" else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -188,6 +206,24 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Batch], normalize: dict[s
             loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
             confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
     return confusion.view(num_classes, num_classes), loss
+
+
+def predict(model: torch.nn.Module, batches: Iterable[Batch], normalize: dict[str, list[float]] = IMAGENET
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The model's fp32 logits (N, classes) and the labels, on uint8 photo batches already at its input size, in
+    eval mode without gradients: what calibration and the test figures are computed from."""
+    device = next(model.parameters()).device
+    mean = torch.tensor(normalize["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(normalize["std"], device=device).view(1, 3, 1, 1)
+    logits, labels = [], []
+    model.eval()
+    with torch.no_grad():
+        for images, y in batches:
+            logits.append(model((_to_input(images, device) - mean) / std).float().cpu().numpy())
+            labels.append(np.asarray(y, np.int64))
+    if not logits:
+        return np.zeros((0, len(CLASS_NAMES)), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(logits), np.concatenate(labels)
 
 
 def keeps_checkpoint(epoch: int, epochs: int, every: int, improved: bool) -> bool:
@@ -258,8 +294,9 @@ def train_loop(config: dict[str, Any]) -> None:
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # train loss, train n, val correct, val n
         seen: list[int] | None = [] if trace else None
         started = time.perf_counter()
-        sums[:2] = train_one_epoch(model, optimizer, dataset_batches(train_shard, spec.batch_size, seed, seen),
-                                   spec, aug, weights)
+        batches = dataset_batches(train_shard, spec.batch_size, seed, seen,
+                                  "votes" if spec.target == "votes" else "label")
+        sums[:2] = train_one_epoch(model, optimizer, batches, spec, aug, weights)
         if trace:
             storage.write_json(storage.join(trace, f"epoch{epoch + 1}-rank{rank}.json"),
                                {"node": ray.get_runtime_context().get_node_id(), "keys": seen})
@@ -344,6 +381,8 @@ def fit(train: Any, val: Any, spec: RunSpec, storage_uri: str, name: str, worker
 
     if spec.balance not in BALANCES:
         raise ValueError(f"--balance must be one of {', '.join(BALANCES)}, not {spec.balance!r}")
+    if spec.target not in TARGETS:
+        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, not {spec.target!r}")
     fs, path = storage.resolve(storage_uri)
     config = {"spec": dataclasses.asdict(spec), "data_report": data_report, "cpus_per_worker": cpus_per_worker,
               "checkpoint_every": checkpoint_every,

@@ -1,0 +1,150 @@
+"""``gallery.html``: a page to check a run's rows by eye, self-contained (thumbnails embedded as data URIs, no
+network, no JavaScript), for labelling (faces by predicted emotion) and preprocessing (crops by status).
+
+A page is sections of tiles; a tile is a thumbnail with a caption, or, for a row with nothing to show (a photo that
+did not decode), its name and error in a list. Each section shows at most the cap it was given and says how many it
+holds in all. The caller chooses the rows; this module draws them and makes the thumbnails: a face cut from its photo
+(read and decoded as the pipeline does, reduced while it decodes) or a stored crop, resized to :data:`THUMB` pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+from kemo.crop import crop_region, crop_square, encode_jpeg
+
+THUMB = 112  # pixels a side: enough to tell an expression, ~4 KB a thumbnail (48 × 9 sections ≈ 2 MB a page)
+THUMB_QUALITY = 80
+MARGIN = 0.2  # around a face box, as the crops have
+READERS = 4  # photos read and decoded at once for the thumbnails (cv2 and the reads release the GIL)
+
+
+@dataclass
+class Tile:
+    caption: str  # under the thumbnail (or the list entry's text)
+    title: str  # the full name, on hover
+    thumb: bytes | None = None  # a JPEG; None lists the row without a picture
+    note: str | None = None  # an error to show beside it
+
+
+@dataclass
+class Section:
+    title: str
+    tiles: list[Tile]
+    total: int  # rows the group holds; ``tiles`` are the first of them
+    note: str = ""
+    pictures: bool = True  # False: a list of names and errors (rows with nothing to show)
+    anchor: str = field(default="")
+
+
+def top(table: pa.Table, mask: pa.Array | None, cap: int, order: list[tuple[str, str]]) -> tuple[int, list[dict]]:
+    """(rows of ``table`` where ``mask``, the first ``cap`` of them by ``order`` as dicts): chosen in Arrow, so the
+    driver holds a section's rows, not the output's."""
+    if mask is not None:
+        table = table.filter(mask)
+    return table.num_rows, table.sort_by(order).slice(0, cap).to_pylist()
+
+
+def thumbnail(rgb: np.ndarray) -> bytes:
+    """An RGB image as a THUMB-pixel JPEG (the longer side THUMB, aspect kept; small crops enlarged, so every tile
+    is the same size)."""
+    h, w = rgb.shape[:2]
+    scale = THUMB / max(h, w)
+    if scale != 1:
+        rgb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
+                         interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    return encode_jpeg(np.ascontiguousarray(rgb), THUMB_QUALITY)
+
+
+def crop_thumbnail(jpeg: bytes) -> bytes | None:
+    """A stored crop (JPEG) as a thumbnail; None when it does not decode."""
+    image = cv2.imdecode(np.frombuffer(jpeg or b"", np.uint8), cv2.IMREAD_COLOR_RGB) if jpeg else None
+    return None if image is None else thumbnail(image)
+
+
+def face_thumbnail(uri: str, box: list[float] | None, max_bytes: int) -> bytes:
+    """The face at ``box`` (full-resolution upright pixels; None: the whole photo) of the photo at ``uri``, read
+    bounded and decoded upright as the pipeline decodes it, DCT-reduced to what a thumbnail needs. Raises what the
+    read or the decode raises."""
+    from kemo.image import decode, probe, read_photo
+
+    data = read_photo(uri, max_bytes)
+    if box is None:
+        return thumbnail(decode(data, min_side=THUMB).image)
+    side = max(box[2] - box[0], box[3] - box[1], 1) * (1 + 2 * MARGIN)
+    header, _ = probe(data)
+    # reduced while decoding as far as the face keeps THUMB pixels: a 12 MP photo decodes at an eighth
+    dec = decode(data, min_side=math.ceil(min(header.width, header.height) * THUMB / side))
+    return thumbnail(crop_square(dec.image, crop_region(box, MARGIN), THUMB, dec.factors))
+
+
+def thumbnails(jobs: Iterable[tuple[Tile, Callable[[], bytes | None]]]) -> None:
+    """Fill each tile's ``thumb`` with what its function makes, :data:`READERS` at a time; a failure leaves the tile
+    without a picture and its error in ``note``."""
+    def make(job: tuple[Tile, Callable[[], bytes | None]]) -> None:
+        tile, fn = job
+        try:
+            tile.thumb = fn()
+            if tile.thumb is None:
+                tile.note = tile.note or "no picture: it does not decode"
+        except Exception as e:  # the photo changed or went since the run: the page still shows the rest
+            tile.note = f"no picture: {type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(READERS) as pool:
+        list(pool.map(make, list(jobs)))
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:1.4em} h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ccc}
+nav a{margin-right:1em} .note{color:#555}
+.grid{display:flex;flex-wrap:wrap;gap:8px}
+figure{margin:0;width:THUMBpx;font-size:11px;line-height:1.25}
+figure img{width:THUMBpx;height:THUMBpx;object-fit:contain;background:#ddd;display:block}
+figcaption{overflow-wrap:anywhere} .err{color:#a00}
+table{border-collapse:collapse;font-size:12px} td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
+""".replace("THUMB", str(THUMB))
+
+
+def page(title: str, lines: list[str], sections: list[Section]) -> bytes:
+    """The HTML page (UTF-8): a title, a few summary lines, a table of contents, then the sections."""
+    e = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
+             f"<style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    parts += [f'<p class="note">{e(line)}</p>' for line in lines]
+    for i, s in enumerate(sections):
+        s.anchor = s.anchor or f"s{i}"
+    parts.append("<nav>" + "".join(f'<a href="#{s.anchor}">{e(s.title)} ({s.total})</a>' for s in sections)
+                 + "</nav>")
+    for s in sections:
+        shown = f"{len(s.tiles)} of {s.total}" if len(s.tiles) < s.total else f"{s.total}"
+        parts.append(f'<h2 id="{s.anchor}">{e(s.title)} <span class="note">({shown})</span></h2>')
+        if s.note:
+            parts.append(f'<p class="note">{e(s.note)}</p>')
+        if not s.tiles:
+            parts.append('<p class="note">none</p>')
+        elif s.pictures:
+            parts.append('<div class="grid">')
+            for t in s.tiles:
+                img = (f'<img src="data:image/jpeg;base64,{base64.b64encode(t.thumb).decode()}" alt="{e(t.title)}">'
+                       if t.thumb else "")
+                note = f'<br><span class="err">{e(t.note)}</span>' if t.note else ""
+                parts.append(f'<figure title="{e(t.title)}">{img}<figcaption>{e(t.caption)}{note}</figcaption>'
+                             "</figure>")
+            parts.append("</div>")
+        else:
+            parts.append("<table><tr><th>photo</th><th>why</th></tr>")
+            parts += [f'<tr><td title="{e(t.title)}">{e(t.caption)}</td><td class="err">{e(t.note or "")}</td></tr>'
+                      for t in s.tiles]
+            parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts).encode("utf-8")
