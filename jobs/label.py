@@ -1,12 +1,15 @@
 """Label a folder or an S3 prefix of photos with emotions: detect, crop and classify each face (Ray Data actors).
 
     python jobs/label.py --input PHOTOS --output LABELS --checkpoint CKPT_DIR [--detector yolo|haar|none] \\
-        [--weights PATH_OR_URI] [--all-faces] [--format parquet,csv] [--smoke-test]
+        [--weights PATH_OR_URI] [--all-faces] [--format parquet,csv] [--abstain | --min-confidence X] \\
+        [--gallery 48] [--smoke-test]
     ray job submit --working-dir . -- python jobs/label.py --input s3://BUCKET/new-photos/ \\
         --output s3://BUCKET/kemo/labels --checkpoint s3://BUCKET/kemo/classify/best --weights s3://BUCKET/face.pt
 
-Output: parts/part-*.parquet (one row per photo, or per face with --all-faces, status for each), labels.csv,
-summary.json (photos per status, faces per emotion), _run.json, config.json and, last, _commit.json. A rerun labels
+Output: parts/part-*.parquet (one row per photo, or per face with --all-faces, status for each; probabilities
+calibrated by the checkpoint's temperature; `abstained` below --min-confidence or, with --abstain, the checkpoint's
+threshold), labels.csv, gallery.html (faces by emotion, abstained, no face, errors: self-contained), summary.json
+(photos per status, faces per emotion, abstained), _run.json, config.json and, last, _commit.json. A rerun labels
 only new or replaced photos and keeps the rest; with nothing new it writes nothing. On a cluster, a non-AWS S3
 endpoint reaches the workers through `--runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": "..."}}'`.
 """
@@ -24,3 +27,6 @@ if __name__ == "__main__":
     print(f"{summary['listed']} files: {summary['processed']} labelled {summary['processed_statuses']}, "
           f"{summary['skipped']} already labelled, in {summary['seconds']} s")
     print(f"{cfg.output}: {summary['photos']} photos {summary['statuses']}; faces per emotion {summary['emotions']}")
+    if summary.get("min_confidence") is not None:
+        print(f"abstained: {summary['abstained']} of {summary['rows']} rows below confidence "
+              f"{summary['min_confidence']:.3f} (temperature {summary['temperature']:.3f})")

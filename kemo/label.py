@@ -43,6 +43,9 @@ PHOTO = pa.schema([LABELS.field(n) for n in ("uri", "size", "mtime_ns", "etag")]
 LISTED = pa.schema([*PHOTO, LABELS.field("status"), LABELS.field("error"), ("file_id", pa.string())])
 SMOKE_FILES = 16
 KEYS = ["uri", "size", "mtime_ns", "etag", "face", "status", "label_name"]  # what the skip rule and summary read
+ADDED = ("abstained",)  # columns of LABELS that parts of older kemo lack: read where present
+# what the gallery reads of every current row (photos are read again only for the faces it shows)
+SHOWN = ["uri", "status", "error", "face", "face_box", "label_name", "confidence", "abstained"]
 
 
 @dataclass(kw_only=True)
@@ -59,7 +62,24 @@ class LabelConfig(DetectorSettings, CropSettings, InputSettings, ActorResources)
         "help": "classifier on GPU: auto (bf16 where supported, else fp16), bf16, fp16 or fp32; CPU runs fp32"})
     rows_per_part: int = field(default=20000, metadata={
         "help": "rows per Parquet part, at least: whole actor calls (a killed run keeps the parts it wrote)"})
+    abstain: bool = field(default=False, metadata={
+        "help": "mark labels below the checkpoint's threshold (fitted on validation for the training run's "
+                "--target-accuracy) as abstained"})
+    min_confidence: float | None = field(default=None, metadata={
+        "help": "mark labels whose calibrated confidence is below this as abstained (instead of --abstain)"})
+    gallery: int = field(default=48, metadata={
+        "help": "gallery.html: at most this many faces per emotion (and per other group); 0 for none"})
     smoke_test: bool = field(default=False, metadata={"help": f"only the first {SMOKE_FILES} files"})
+
+
+def abstain_below(cfg: LabelConfig, meta: dict[str, Any]) -> float | None:
+    """The confidence below which a row is abstained: --min-confidence, or with --abstain the checkpoint's
+    threshold (refused where it has none); None: no abstention."""
+    from kemo.classifier.checkpoint import abstention_threshold
+
+    if cfg.min_confidence is not None:
+        return float(cfg.min_confidence)
+    return abstention_threshold(meta, cfg.checkpoint) if cfg.abstain else None
 
 
 # --------------------------------------------------------------------------------------------------- the actor
@@ -95,13 +115,15 @@ class LabelPhotos:
     def __init__(self, cfg: dict[str, Any]):
         import torch
 
-        from kemo.classifier.checkpoint import load_checkpoint
+        from kemo.classifier.checkpoint import load_checkpoint, temperature
 
         self.cfg = LabelConfig(**cfg)
         self.front = FrontEnd(self.cfg, self.cfg, self.cfg.decoders, self.cfg.max_bytes, self.cfg.decode_pixels)
         torch.set_num_threads(max(1, self.cfg.decoders))  # the actor's CPU share, not the whole node
         self.device = torch_device(self.cfg.device)
         self.model, self.meta = load_checkpoint(self.cfg.checkpoint, self.device)
+        self.temperature = temperature(self.meta)
+        self.threshold = abstain_below(self.cfg, self.meta)
         self.autocast = _autocast_dtype(self.cfg.precision, self.device)
         self.classify_lock = threading.Lock()  # with calls_per_actor > 1, batches share the model
         log.info("classifier %s (%s, %d² input) on %s%s", self.cfg.checkpoint, self.meta["architecture"],
@@ -145,7 +167,8 @@ class LabelPhotos:
             return [{**base, "status": "error", "error": f"{type(e).__name__}: {e}"}], [None]
 
     def _classify(self, images: list[np.ndarray]) -> np.ndarray:
-        """(N, C) float32 class probabilities, in chunks of the batch size (with all_faces a batch holds more)."""
+        """(N, C) float32 class probabilities, calibrated (softmax of the fp32 logits over the checkpoint's
+        temperature), in chunks of the batch size (with all_faces a batch holds more)."""
         import torch
 
         from kemo.classifier.checkpoint import input_batch
@@ -156,7 +179,7 @@ class LabelPhotos:
         with torch.inference_mode(), autocast:
             for i in range(0, len(images), chunk):
                 x = input_batch(images[i:i + chunk], self.meta, self.device)  # (n, 3, S, S), already S²: no resize
-                out.append(torch.softmax(self.model(x).float(), dim=1).cpu().numpy())
+                out.append(torch.softmax(self.model(x).float() / self.temperature, dim=1).cpu().numpy())
         return np.concatenate(out)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -175,7 +198,10 @@ class LabelPhotos:
                 classes = self.meta["classes"]
                 for i, p in zip(todo, probs):
                     k = int(np.argmax(p))
-                    out[i].update(label=k, label_name=classes[k], confidence=float(p[k]), probs=p.tolist())
+                    # the stored float32 confidence, exactly, against the threshold as a double (what SQL, pyarrow
+                    # and DuckDB compare): a row is abstained exactly when its confidence column is below it
+                    out[i].update(label=k, label_name=classes[k], confidence=float(p[k]), probs=p.tolist(),
+                                  abstained=self.threshold is not None and float(p[k]) < self.threshold)
             except Exception as e:
                 log.exception("classifier failed on a batch of %d crops", len(todo))
                 for i in todo:
@@ -274,7 +300,7 @@ def _csv_bytes(table: pa.Table, classes: list[str]) -> bytes:
 
 def read_labels(output: str, columns: list[str] | None = None) -> pa.Table:
     """Every current row of a committed label output, from the parts its commit manifest names."""
-    return outputs.Output(output, KIND).read_table(PARTS, columns, LABELS)
+    return outputs.Output(output, KIND).read_table(PARTS, columns, LABELS, ADDED)
 
 
 # --------------------------------------------------------------------------------------------------- the job
@@ -290,6 +316,12 @@ def _check(cfg: LabelConfig) -> list[str]:
         raise ValueError(f"--format {','.join(formats)}: choose from {', '.join(FORMATS)}")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ValueError(f"--precision {cfg.precision!r}: choose from auto, bf16, fp16, fp32")
+    if cfg.abstain and cfg.min_confidence is not None:
+        raise ValueError("--abstain uses the checkpoint's threshold and --min-confidence gives one: choose one")
+    if cfg.min_confidence is not None and not 0 <= cfg.min_confidence <= 1:
+        raise ValueError(f"--min-confidence must lie in [0, 1], not {cfg.min_confidence:g}")
+    if cfg.gallery < 0:
+        raise ValueError(f"--gallery takes faces per group (0 for no gallery), not {cfg.gallery}")
     if _contains(cfg.input, cfg.output):
         raise ValueError(f"--output {cfg.output} lies inside --input {cfg.input}: its files would be listed as "
                          "photos on the next run; choose an output outside the input")
@@ -297,7 +329,7 @@ def _check(cfg: LabelConfig) -> list[str]:
 
 
 def _fingerprint(cfg: LabelConfig) -> dict[str, Any]:
-    from kemo.classifier.checkpoint import read_meta
+    from kemo.classifier.checkpoint import read_meta, temperature
 
     meta = read_meta(cfg.checkpoint)  # meta.json only, checked: no model is built here
     weights_sha = None
@@ -308,7 +340,13 @@ def _fingerprint(cfg: LabelConfig) -> dict[str, Any]:
     # everything that changes a row; resource knobs, precision and the code version do not
     return {"model": meta["model_sha256"], "architecture": meta["architecture"], "classes": meta["classes"],
             "image_size": meta["image_size"], **crop_fingerprint(cfg, cfg), "weights_sha256": weights_sha,
-            "all_faces": cfg.all_faces, "max_bytes": cfg.max_bytes, "links": cfg.links}
+            "all_faces": cfg.all_faces, "max_bytes": cfg.max_bytes, "links": cfg.links,
+            # the probabilities and the abstained column (added since: see OLDER)
+            "temperature": temperature(meta), "min_confidence": abstain_below(cfg, meta)}
+
+
+# fingerprint keys added since the first label outputs, with the value those had (no calibration, no abstention)
+OLDER = {"temperature": 1.0, "min_confidence": None}
 
 
 def _label_pending(cfg: LabelConfig, pending: pa.Table) -> tuple[int, Counter]:
@@ -349,15 +387,17 @@ def _label_pending(cfg: LabelConfig, pending: pa.Table) -> tuple[int, Counter]:
 
 
 def _tally(tables: dict[str, pa.Table], keep: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Photos and rows, photos per status and rows (faces) per emotion, over the current rows."""
-    current = pa.concat_tables([t.filter(pa.array(keep[n])) for n, t in sorted(tables.items())]) if tables else None
+    """Photos and rows, photos per status, rows (faces) per emotion and rows abstained, over the current rows."""
+    current = pa.concat_tables([t.filter(pa.array(keep[n])) for n, t in sorted(tables.items())],
+                               promote_options="default") if tables else None
     if current is None or current.num_rows == 0:
-        return {"photos": 0, "rows": 0, "statuses": {}, "emotions": {}}
+        return {"photos": 0, "rows": 0, "statuses": {}, "emotions": {}, "abstained": 0}
     uris, statuses = current.column("uri").to_pylist(), current.column("status").to_pylist()
     per_photo = Counter(dict(zip(uris, statuses)).values())
     emotions = Counter(n for n in current.column("label_name").to_pylist() if n is not None)
+    abstained = pc.sum(current.column("abstained")).as_py() if "abstained" in current.column_names else 0
     return {"photos": len(set(uris)), "rows": current.num_rows, "statuses": dict(sorted(per_photo.items())),
-            "emotions": dict(sorted(emotions.items()))}
+            "emotions": dict(sorted(emotions.items())), "abstained": int(abstained or 0)}
 
 
 def run(cfg: LabelConfig) -> dict[str, Any]:
@@ -369,7 +409,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     formats = _check(cfg)
     fingerprint = _fingerprint(cfg)
-    out = outputs.Output(cfg.output, KIND, older=input_defaults())
+    out = outputs.Output(cfg.output, KIND, older={**input_defaults(), **OLDER})
     out.check_claim(fingerprint)  # another setup's labels are refused before anything is listed or written
     if fingerprint["weights_sha256"]:  # actors load exactly the weights fingerprinted here, from fetch_weights' cache
         cfg = dataclasses.replace(cfg, weights_sha256=fingerprint["weights_sha256"])
@@ -377,12 +417,13 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     if photos.num_rows == 0:
         raise ValueError(f"no files under {cfg.input}")
     current = {r["uri"]: (r["size"], r["mtime_ns"], r["etag"]) for r in photos.to_pylist()}
-    tables = outputs.read_parts(cfg.output, PARTS, KEYS)
+    tables = outputs.read_parts(cfg.output, PARTS, KEYS, ADDED)
     keep, done = _choose(tables, current)
     pending = photos.filter(pc.invert(pc.is_in(photos.column("uri"), pa.array(sorted(done), pa.string()))))
     log.info("%d files under %s (%d OS metadata files left out): %d already labelled, %d to label",
              photos.num_rows, cfg.input, ignored, photos.num_rows - pending.num_rows, pending.num_rows)
-    tail = ([CSV] if "csv" in formats else []) + [outputs.SUMMARY, outputs.RUN]
+    tail = ([CSV] if "csv" in formats else []) + ([outputs.GALLERY] if cfg.gallery else []) \
+        + [outputs.SUMMARY, outputs.RUN]
     if not pending.num_rows and all(m.all() for m in keep.values()) and _unchanged(out, sorted(tables), tail):
         log.info("nothing to label and the committed output is current: nothing written")
         # what this run did (nothing), over the committed output's tallies
@@ -410,7 +451,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
                      fingerprint["architecture"], cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size)
             labelled, run_statuses = _label_pending(cfg, pending)
         # read again under the lease: another run may have committed between the first read and the lease
-        tables = outputs.read_parts(cfg.output, PARTS, KEYS)
+        tables = outputs.read_parts(cfg.output, PARTS, KEYS, ADDED)
         keep, _ = _choose(tables, current)
         final = sorted(n for n, mask in keep.items() if mask.all())
         for name in sorted(n for n, mask in keep.items() if not mask.all()):
@@ -423,16 +464,21 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
         summary = {"input": cfg.input, "output": cfg.output, "model": fingerprint["model"], "detector": cfg.detector,
                    "listed": photos.num_rows, "ignored": ignored, "skipped": photos.num_rows - pending.num_rows,
                    "processed": labelled, "processed_statuses": dict(sorted(run_statuses.items())),
+                   "temperature": fingerprint["temperature"], "min_confidence": fingerprint["min_confidence"],
                    **_tally(tables, keep), "parts": len(final), "seconds": round(seconds, 2),
                    "photos_per_s": round(labelled / seconds, 2) if labelled and seconds else None}
+        # the views of the rows, made before the old commit goes: a view that fails leaves the output committed
+        views = {}
+        if "csv" in formats:
+            table = _current_rows(cfg.output, final, None).sort_by([("uri", "ascending"), ("face", "ascending")])
+            views[CSV] = _csv_bytes(table, fingerprint["classes"])
+        if cfg.gallery:
+            views[outputs.GALLERY] = gallery_page(cfg, _current_rows(cfg.output, final, SHOWN),
+                                                  fingerprint["classes"], summary)
         out.uncommit()  # before the sweep: an older commit may name a file that the sweep takes for a stray
         present = outputs.sweep(cfg.output, PARTS)
         files = [present[n] for n in final]
-        if "csv" in formats:
-            table = pa.concat_tables([storage.read_parquet(storage.join(cfg.output, PARTS, n)) for n in final]) \
-                if final else LABELS.empty_table()
-            table = table.sort_by([("uri", "ascending"), ("face", "ascending")])
-            files.append(out.write_file(CSV, _csv_bytes(table, fingerprint["classes"])))
+        files += [out.write_file(name, data) for name, data in views.items()]
         files += [out.write_json(outputs.SUMMARY, summary), out.claim_receipt()]
         lease.check()
         out.commit(files, dataclasses.asdict(cfg), fingerprint)
@@ -441,6 +487,70 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     log.info("committed %d rows of %d photos in %d parts to %s: %s", summary["rows"], summary["photos"],
              len(final), cfg.output, summary["statuses"])
     return summary
+
+
+def _current_rows(output: str, parts: list[str], columns: list[str] | None) -> pa.Table:
+    """The rows of ``parts`` (all of LABELS' columns, or ``columns``), parts of an older kemo conformed to LABELS."""
+    names = columns if columns is not None else LABELS.names
+    tables = [storage.read_parquet_columns(storage.join(output, PARTS, n), [c for c in names if c not in ADDED],
+                                           tuple(c for c in names if c in ADDED)) for n in parts]
+    table = pa.concat_tables(tables, promote_options="default") if tables else LABELS.empty_table()
+    return outputs.conform(table, LABELS, names)
+
+
+def gallery_page(cfg: LabelConfig, rows: pa.Table, classes: list[str], summary: dict[str, Any]) -> bytes:
+    """gallery.html of the current rows: the faces by predicted emotion (most confident first), the abstained apart
+    (most confident first: the nearest to being kept), then the photos with no face and those with another status,
+    listed with their error; at most ``cfg.gallery`` in each. Thumbnails are cut from the photos again, here: a few
+    hundred reads, whatever the size of the output."""
+    from kemo import gallery
+
+    cap = cfg.gallery
+    sections, jobs = [], []
+    ok = pc.equal(rows.column("status"), "ok")
+    abstained = rows.column("abstained").fill_null(False)  # null in parts of an older kemo: no abstention there
+    by_confidence = [("confidence", "descending"), ("uri", "ascending"), ("face", "ascending")]
+
+    def faces(title: str, mask: pa.Array, note: str = "") -> None:
+        total, shown = gallery.top(rows, mask, cap, by_confidence)
+        tiles = []
+        for r in shown:
+            face = f" face {r['face']}" if r["face"] else ""
+            tile = gallery.Tile(caption=f"{r['label_name']} {r['confidence']:.2f} · {_short(r['uri'])}{face}",
+                                title=r["uri"])
+            jobs.append((tile, lambda r=r: gallery.face_thumbnail(r["uri"], r["face_box"], cfg.max_bytes)))
+            tiles.append(tile)
+        sections.append(gallery.Section(title, tiles, total, note))
+
+    for name in classes:
+        faces(name, pc.and_(pc.and_(ok, pc.invert(abstained)), pc.equal(rows.column("label_name"), name)))
+    threshold = summary["min_confidence"]
+    faces("abstained", pc.and_(ok, abstained),
+          f"confidence below {threshold:.3f}; the arg-max label is still given" if threshold is not None
+          else "no abstention in this run (--abstain or --min-confidence)")
+    by_uri = [("uri", "ascending"), ("face", "ascending")]
+    total, shown = gallery.top(rows, pc.equal(rows.column("status"), "no_face"), cap, by_uri)
+    tiles = []
+    for r in shown:
+        tile = gallery.Tile(caption=_short(r["uri"]), title=r["uri"], note=r["error"])
+        jobs.append((tile, lambda r=r: gallery.face_thumbnail(r["uri"], None, cfg.max_bytes)))
+        tiles.append(tile)
+    sections.append(gallery.Section("no face", tiles, total, "the whole photo"))
+    total, shown = gallery.top(rows, pc.invert(pc.is_in(rows.column("status"), pa.array(["ok", "no_face"]))), cap,
+                               by_uri)
+    sections.append(gallery.Section("other statuses", [
+        gallery.Tile(caption=_short(r["uri"]), title=r["uri"], note=f"{r['status']}: {r['error'] or ''}")
+        for r in shown], total, "nothing to show: each with its status and error", pictures=False))
+    gallery.thumbnails(jobs)
+    lines = [f"{cfg.input} → {cfg.output}: {summary['photos']} photos, {summary['rows']} rows, statuses "
+             f"{summary['statuses']}", f"checkpoint {cfg.checkpoint} (temperature {summary['temperature']:.3f}), "
+             f"detector {cfg.detector}; at most {cap} per group"]
+    return gallery.page("kemo labels", lines, sections)
+
+
+def _short(uri: str) -> str:
+    """The last two parts of a path or key, for a caption (the full one is on hover)."""
+    return "/".join(uri.rstrip("/").split("/")[-2:])
 
 
 def _unchanged(out: outputs.Output, parts: list[str], tail: list[str]) -> bool:

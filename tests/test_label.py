@@ -27,6 +27,7 @@ from kemo.label import LabelConfig, LabelPhotos, label_one_by_one, read_labels, 
 from kemo.preprocess import CropPhotos, PreprocessConfig
 from kemo.schema import LABELS, MANIFEST
 from tests import hostile
+from tests.galleries import decoded_thumb, parse_gallery
 from tests.photos import bad_inputs, jpeg, scene
 from tests.tree import snapshot as tree_snapshot
 
@@ -171,7 +172,20 @@ def test_every_file_gets_one_row_with_its_status(folder, labelled):
     files = [f["path"] for f in outputs.Output(cfg.output, "labels").committed()["files"]]
     assert all(PART.fullmatch(f) for f in files if f.startswith("parts/"))
     assert sorted(f for f in files if not f.startswith("parts/")) == [
-        "_run.json", "config.json", "labels.csv", "summary.json"]
+        "_run.json", "config.json", "gallery.html", "labels.csv", "summary.json"]
+    # the gallery: each face once with its thumbnail under its emotion, the photo without a face whole, every
+    # other status listed with its error
+    sections = parse_gallery(os.path.join(cfg.output, "gallery.html"))
+    for name in CLASS_NAMES:
+        figures = sections[name]["figures"]
+        assert len(figures) == summary["emotions"].get(name, 0) and all(len(f) == 1 for f in figures)
+        for f in figures:
+            decoded_thumb(f[0])
+    assert len(sections["no face"]["figures"]) == statuses["no_face"] == 1
+    decoded_thumb(sections["no face"]["figures"][0][0])
+    others = sum(n for s, n in statuses.items() if s not in ("ok", "no_face"))
+    assert sections["other statuses"]["rows"] == others + 1  # and the header
+    assert sections["abstained"]["figures"] == [] and summary["abstained"] == 0
     assert storage.read_json(os.path.join(cfg.output, "summary.json"))["statuses"] == statuses
 
 
@@ -302,7 +316,7 @@ def test_s3_in_and_out_with_awkward_and_path_traversal_keys(ray_local, checkpoin
     assert all(k.startswith("labels/") for k in written)
     parts = [k for k in written if k.startswith(("labels/parts/", "labels/_receipts/"))]
     assert {k[len("labels/"):] for k in written if k not in parts} == {
-        "_commit.json", "_run.json", "config.json", "labels.csv", "summary.json"}
+        "_commit.json", "_run.json", "config.json", "gallery.html", "labels.csv", "summary.json"}
     assert all(PART.fullmatch(k[len("labels/"):].removeprefix("_receipts/").removesuffix(".json")) for k in parts)
     assert len(parts) == 2 * len([k for k in parts if k.startswith("labels/parts/")])  # a receipt for each part
 
@@ -314,8 +328,11 @@ def test_s3_in_and_out_with_awkward_and_path_traversal_keys(ray_local, checkpoin
     assert os.listdir(work) == ["out"] and os.listdir(tmp_path) == ["work"]
     assert sorted(os.path.relpath(os.path.join(d, n), work / "out") for d, _, ns in os.walk(work / "out")
                   for n in ns if not n.startswith("part-")) == [
-        "_commit.json", "_run.json", "config.json", "labels.csv", "summary.json"]
+        "_commit.json", "_run.json", "config.json", "gallery.html", "labels.csv", "summary.json"]
     assert len(read_labels(local.output)) == len(photos)
+    # the gallery's thumbnails are cut from the S3 photos, awkward keys and all
+    shown = [f for name in CLASS_NAMES for f in parse_gallery(str(work / "out" / "gallery.html"))[name]["figures"]]
+    assert len(shown) == 6 and all(len(f) == 1 for f in shown)
 
     # rerun: nothing to do; then a same-size replacement within the same second is seen by its ETag
     before = {k: s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in written}
@@ -368,6 +385,60 @@ def test_refusals(labelled, checkpoint, tmp_path):
         run(dataclasses.replace(cfg, checkpoint=other))
     with pytest.raises(ValueError, match="another setup.*all_faces"):
         run(dataclasses.replace(cfg, all_faces=True))
+    fresh = dataclasses.replace(cfg, output=str(tmp_path / "fresh"))
+    with pytest.raises(ValueError, match="choose one"):
+        run(dataclasses.replace(fresh, abstain=True, min_confidence=0.5))
+    with pytest.raises(ValueError, match="min-confidence must lie"):
+        run(dataclasses.replace(fresh, min_confidence=1.5))
+    assert not os.path.exists(fresh.output)
+
+
+def test_an_old_checkpoint_labels_at_temperature_1_and_refuses_abstain_but_takes_a_min_confidence(labelled,
+                                                                                                  tmp_path):
+    cfg, _ = labelled  # its checkpoint was saved without calibration, as before kemo calibrated them
+    assert "temperature" not in storage.read_json(os.path.join(cfg.checkpoint, "meta.json"))
+    out = str(tmp_path / "abstain")
+    with pytest.raises(ValueError, match="no abstention threshold.*--min-confidence"):
+        run(dataclasses.replace(cfg, output=out, abstain=True))
+    assert not os.path.exists(out)
+    baseline = by_uri(cfg.output)  # labelled at temperature 1 (the training-path test checks those probabilities)
+    summary = run(dataclasses.replace(cfg, output=out, min_confidence=0.3))
+    rows = by_uri(out)
+    ok = [r for (r,) in rows.values() if r["status"] == "ok"]
+    assert ok and all(r["abstained"] == (r["confidence"] < 0.3) for r in ok)
+    assert all(r["abstained"] is None for (r,) in rows.values() if r["status"] != "ok")
+    assert summary["abstained"] == sum(r["abstained"] for r in ok) and summary["min_confidence"] == 0.3
+    assert summary["temperature"] == 1.0
+    for r in ok:
+        assert r["probs"] == pytest.approx(baseline[r["uri"]][0]["probs"], abs=1e-6)
+
+
+def test_an_output_of_an_older_kemo_continues_gains_its_gallery_once_then_reruns_write_nothing(labelled, tmp_path):
+    cfg, _ = labelled
+    old = dataclasses.replace(cfg, output=str(tmp_path / "old"))
+    run(old)
+    # as an older kemo left it: parts without `abstained`, a claim without temperature and threshold, no gallery
+    out = outputs.Output(old.output, "labels")
+    for name in outputs.parts(old.output, "parts"):
+        part = storage.read_parquet(os.path.join(old.output, "parts", name)).drop_columns(["abstained"])
+        assert write_part(part, old.output) == name  # named after its rows: the same part, rewritten
+    claim = storage.read_json(os.path.join(old.output, "_run.json"))
+    storage.write_json(os.path.join(old.output, "_run.json"),
+                       {k: v for k, v in claim.items() if k not in ("temperature", "min_confidence")})
+    os.remove(os.path.join(old.output, "gallery.html"))
+    summary = outputs.Receipt.of("summary.json", open(os.path.join(old.output, "summary.json"), "rb").read())
+    parts = list(outputs.parts(old.output, "parts").values())
+    out.commit([*parts, summary, out.claim_receipt()], {}, storage.read_json(os.path.join(old.output, "_run.json")))
+    assert read_labels(old.output).column("abstained").null_count == len(read_labels(old.output))
+
+    again = run(old)  # the same setup: nothing to label; the commit gains the gallery, once
+    assert again["processed"] == 0 and again["abstained"] == 0
+    assert os.path.exists(os.path.join(old.output, "gallery.html"))
+    assert len(read_labels(old.output)) == again["rows"] and pacsv.read_csv(
+        os.path.join(old.output, "labels.csv")).column_names[-1] == "abstained"
+    before = tree_snapshot(old.output)
+    run(old)
+    assert tree_snapshot(old.output) == before
 
 
 def test_an_output_of_another_kind_is_refused_and_left_intact(labelled, corpus_index):
