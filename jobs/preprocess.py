@@ -1,11 +1,13 @@
 """Detect and crop every face of a corpus into Parquet crop shards (Ray Data, actor pools).
 
     python jobs/preprocess.py --input ROOT_OR_MANIFEST --output DIR_OR_S3 --detector {yolo,haar,none,annotations} \\
-        [--weights PATH_OR_URI] [--per-class N] [--seed S] [--crop-size 500] [--margin 0.25] [--smoke-test]
+        [--weights PATH_OR_URI] [--per-class N] [--seed S] [--crop-size 500] [--margin 0.25] [--gallery 48] \\
+        [--smoke-test]
     ray job submit --working-dir . -- python jobs/preprocess.py --input s3://BUCKET/kemo/index \\
         --output s3://BUCKET/kemo/crops/yolo --detector yolo --weights s3://BUCKET/weights/face.pt
 
-Output: shards/part-*.parquet (one row per photo, status for each), summary.json, _run.json, config.json and,
+Output: shards/part-*.parquet (one row per photo, status for each, the annotators' votes carried), gallery.html
+(crops per status and those away from the annotators' box, self-contained), summary.json, _run.json, config.json and,
 last, _commit.json. Killed or failed runs resume when the same command is run again. Embedded Ray's workers inherit
 this process's environment; on a cluster, a non-AWS S3 endpoint reaches the workers through
 `ray job submit --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": "..."}}'` (credentials: instance profiles).

@@ -473,8 +473,11 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
             table = _current_rows(cfg.output, final, None).sort_by([("uri", "ascending"), ("face", "ascending")])
             views[CSV] = _csv_bytes(table, fingerprint["classes"])
         if cfg.gallery:
-            views[outputs.GALLERY] = gallery_page(cfg, _current_rows(cfg.output, final, SHOWN),
-                                                  fingerprint["classes"], summary)
+            try:
+                views[outputs.GALLERY] = gallery_page(cfg, _current_rows(cfg.output, final, SHOWN),
+                                                      fingerprint["classes"], summary)
+            except Exception:  # a view: the labels commit without it, and the next run with work tries again
+                log.exception("gallery.html could not be made; committing the labels without it")
         out.uncommit()  # before the sweep: an older commit may name a file that the sweep takes for a stray
         present = outputs.sweep(cfg.output, PARTS)
         files = [present[n] for n in final]

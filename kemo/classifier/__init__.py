@@ -5,6 +5,9 @@
 - :mod:`~kemo.classifier.data`: crop shards → Ray Data splits decoded on the nodes, cached when they fit.
 - :mod:`~kemo.classifier.train`: ``train_one_epoch``, ``evaluate`` and one Ray Train run (``fit``).
 - :mod:`~kemo.classifier.checkpoint`: the checkpoint directory (``model.pt`` + ``meta.json``) and its input batch.
-- :mod:`~kemo.classifier.metrics`: confusion matrix, accuracy, per-class figures, macro-F1.
-- :mod:`~kemo.classifier.experiment`: every (crops × model × seed) run, evaluated on the test split and reported.
+- :mod:`~kemo.classifier.metrics`: confusion matrix, accuracy, per-class figures, macro-F1, the annotators' agreement.
+- :mod:`~kemo.classifier.calibration`: temperature scaling, ECE/NLL/Brier, accuracy against coverage, the abstention
+  threshold.
+- :mod:`~kemo.classifier.experiment`: every (crops × model × target × seed) run, calibrated on validation, tested and
+  reported.
 """

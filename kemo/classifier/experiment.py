@@ -7,13 +7,19 @@ For each crop output the driver counts the usable crops from the shards' small c
 decode the crops, once for every run of those shards when they fit the object store (``--cache``,
 :mod:`kemo.classifier.data`); each model is trained once per seed on Ray Train (:func:`kemo.classifier.train.fit`,
 under ``OUTPUT/runs/<preprocessing>-<model>-seed<k>``), and its best-validation checkpoint is evaluated on the test
-split in a Ray task (:func:`evaluate_checkpoint`, the same evaluation pass as validation's). The driver never holds
-pixels. A run is named after its spec and the crops' content, so other settings or other crops never resume it;
-one that finished is not trained again (its ``results/<run>.json``), an interrupted one resumes from its last
+split in a Ray task (:func:`calibrate_and_test`): a temperature is fitted on the validation split and stored in the
+checkpoint's ``meta.json`` with the confidence threshold that keeps ``--target-accuracy`` on validation (what
+``jobs/label.py --abstain`` uses), and the test split is scored before and after it. The driver never holds pixels.
+A run is named after its spec and the crops' content, so other settings or other crops never resume it; one that
+finished is not trained again (its ``results/<run>.json``), an interrupted one resumes from its last
 checkpoint, and a rerun that finds the same report committed writes nothing.
-Output: ``report.json`` (data used, every run, accuracy and macro-F1 mean ± std over seeds, per-class
-precision/recall/F1 and confusion matrix of the best run of each row), ``table5.md``, ``confusion.png`` and
-``curves.png`` (the best run overall), ``config.json``, and last ``_commit.json``.
+Rows are (preprocessing, model, target): ``--target majority,votes`` trains both and compares them.
+Output: ``report.json`` (data used with the annotators' own agreement on the test photos, every run, accuracy,
+macro-F1, ECE/NLL/Brier before and after the temperature as mean ± std over seeds, per-class precision/recall/F1,
+confusion matrix and accuracy at 50/80/90/100% coverage of the best run of each row, majority against votes),
+``table5.md`` (with the coverage table of each row's best run), ``results/<run>.json``, ``confusion.png``,
+``curves.png``, ``reliability.png`` and ``coverage.png`` (the best run overall), ``config.json``, and last
+``_commit.json``.
 """
 
 from __future__ import annotations
@@ -257,6 +263,18 @@ def table5(rows: list[dict[str, Any]], targets: list[dict[str, Any]] | None = No
                      f"{100 * f['mean']:.2f} ± {100 * f['std']:.2f} | {r['target']} | "
                      f"{_pct(e['before']['mean'])} → {_pct(e['after']['mean'])} | "
                      f"{n['before']['mean']:.3f} → {n['after']['mean']:.3f} | {_pct(r['annotators'])} | {a['n']} |")
+    lines += ["", "Test accuracy (%) of the most confident photos kept (best run of each row), and what the "
+              "threshold chosen on validation for the target accuracy keeps of the test photos:", "",
+              "| Preprocessing | Model | Target | 50% | 80% | 90% | 100% | Threshold "
+              "| Test kept: coverage / accuracy (%) |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cover = " | ".join(_pct(c["accuracy"]) for c in r["coverage"])
+        a = r["abstention"]
+        kept = "–" if a["threshold"] is None else f"{_pct(a['test']['coverage'])} / {_pct(a['test']['accuracy'])}"
+        threshold = f"none reaches {a['target_accuracy']:g}" if a["threshold"] is None else \
+            f"{a['threshold']:.3f} (for {a['target_accuracy']:g})"
+        lines.append(f"| {r['preprocessing']} | {r['model']} | {r['target']} | {cover} | {threshold} | {kept} |")
     if targets:
         lines += ["", "Majority against votes (test, means over seeds; ECE after temperature scaling):", "",
                   "| Preprocessing | Model | Majority: accuracy / macro-F1 / ECE (%) | Votes: accuracy / macro-F1 / "
@@ -486,6 +504,10 @@ def _train_and_test(cfg: TrainConfig, out: outputs.Output, shard_of: dict[str, s
                                            runs_dir, name)
             elif name not in fresh:  # finished before calibration, or for another target accuracy
                 log.info("calibrating %s", name)
+                if not storage.exists(storage.join(results[name]["checkpoint"], META)):
+                    raise ValueError(f"{name} finished, but its checkpoint {results[name]['checkpoint']} is gone, so "
+                                     f"it cannot be calibrated: remove {out.path(RESULTS, name + '.json')} to train "
+                                     "it again")
                 results[name] = {**results[name], "target": spec.target, "data": data_report,
                                  **evaluate_on_ray(results[name]["checkpoint"], splits["val"], splits["test"],
                                                    cfg.target_accuracy, cfg.use_gpu)}
