@@ -14,7 +14,8 @@ import html
 import math
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -34,6 +35,7 @@ class Tile:
     title: str  # the full name, on hover
     thumb: bytes | None = None  # a JPEG; None lists the row without a picture
     note: str | None = None  # an error to show beside it
+    make: Callable[[], bytes | None] | None = None  # makes ``thumb`` (reads a photo): run by :func:`thumbnails`
 
 
 @dataclass
@@ -43,7 +45,6 @@ class Section:
     total: int  # rows the group holds; ``tiles`` are the first of them
     note: str = ""
     pictures: bool = True  # False: a list of names and errors (rows with nothing to show)
-    anchor: str = field(default="")
 
 
 def top(table: pa.Table, mask: pa.Array | None, cap: int, order: list[tuple[str, str]]) -> tuple[int, list[dict]]:
@@ -87,20 +88,33 @@ def face_thumbnail(uri: str, box: list[float] | None, max_bytes: int) -> bytes:
     return thumbnail(crop_square(dec.image, crop_region(box, MARGIN), THUMB, dec.factors))
 
 
-def thumbnails(jobs: Iterable[tuple[Tile, Callable[[], bytes | None]]]) -> None:
-    """Fill each tile's ``thumb`` with what its function makes, :data:`READERS` at a time; a failure leaves the tile
+def photo_tiles(rows: list[dict[str, Any]], caption: Callable[[dict[str, Any]], str], title: str, box: str | None,
+                max_bytes: int) -> list[Tile]:
+    """A tile per row whose picture :func:`thumbnails` cuts from the row's photo (``uri``): the face at ``row[box]``,
+    or the whole photo when ``box`` is None; the row's ``title`` column on hover, its ``error`` (if any) beside it."""
+    return [Tile(caption=caption(r), title=r[title], note=r.get("error"),
+                 make=lambda r=r: face_thumbnail(r["uri"], r[box] if box else None, max_bytes)) for r in rows]
+
+
+def no_face(rows: list[dict[str, Any]], total: int, caption: Callable[[dict[str, Any]], str], title: str,
+            max_bytes: int) -> Section:
+    """The section of photos where no face was found: each shown whole, with the detector's words."""
+    return Section("no face", photo_tiles(rows, caption, title, None, max_bytes), total, "the whole photo")
+
+
+def thumbnails(sections: Iterable[Section]) -> None:
+    """Fill the ``thumb`` of every tile that has a ``make``, :data:`READERS` at a time; a failure leaves the tile
     without a picture and its error in ``note``."""
-    def make(job: tuple[Tile, Callable[[], bytes | None]]) -> None:
-        tile, fn = job
+    def make(tile: Tile) -> None:
         try:
-            tile.thumb = fn()
+            tile.thumb = tile.make()
             if tile.thumb is None:
                 tile.note = tile.note or "no picture: it does not decode"
         except Exception as e:  # the photo changed or went since the run: the page still shows the rest
             tile.note = f"no picture: {type(e).__name__}: {e}"
 
     with ThreadPoolExecutor(READERS) as pool:
-        list(pool.map(make, list(jobs)))
+        list(pool.map(make, [t for s in sections for t in s.tiles if t.make is not None]))
 
 
 CSS = """
@@ -121,13 +135,12 @@ def page(title: str, lines: list[str], sections: list[Section]) -> bytes:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
              f"<style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
     parts += [f'<p class="note">{e(line)}</p>' for line in lines]
-    for i, s in enumerate(sections):
-        s.anchor = s.anchor or f"s{i}"
-    parts.append("<nav>" + "".join(f'<a href="#{s.anchor}">{e(s.title)} ({s.total})</a>' for s in sections)
+    # a section's anchor is its place on the page: titles may repeat or hold any character
+    parts.append("<nav>" + "".join(f'<a href="#s{i}">{e(s.title)} ({s.total})</a>' for i, s in enumerate(sections))
                  + "</nav>")
-    for s in sections:
+    for i, s in enumerate(sections):
         shown = f"{len(s.tiles)} of {s.total}" if len(s.tiles) < s.total else f"{s.total}"
-        parts.append(f'<h2 id="{s.anchor}">{e(s.title)} <span class="note">({shown})</span></h2>')
+        parts.append(f'<h2 id="s{i}">{e(s.title)} <span class="note">({shown})</span></h2>')
         if s.note:
             parts.append(f'<p class="note">{e(s.note)}</p>')
         if not s.tiles:

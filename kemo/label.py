@@ -494,11 +494,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
 
 def _current_rows(output: str, parts: list[str], columns: list[str] | None) -> pa.Table:
     """The rows of ``parts`` (all of LABELS' columns, or ``columns``), parts of an older kemo conformed to LABELS."""
-    names = columns if columns is not None else LABELS.names
-    tables = [storage.read_parquet_columns(storage.join(output, PARTS, n), [c for c in names if c not in ADDED],
-                                           tuple(c for c in names if c in ADDED)) for n in parts]
-    table = pa.concat_tables(tables, promote_options="default") if tables else LABELS.empty_table()
-    return outputs.conform(table, LABELS, names)
+    return outputs.read_files([storage.join(output, PARTS, n) for n in parts], columns, LABELS, ADDED)
 
 
 def gallery_page(cfg: LabelConfig, rows: pa.Table, classes: list[str], summary: dict[str, Any]) -> bytes:
@@ -509,21 +505,19 @@ def gallery_page(cfg: LabelConfig, rows: pa.Table, classes: list[str], summary: 
     from kemo import gallery
 
     cap = cfg.gallery
-    sections, jobs = [], []
+    sections = []
     ok = pc.equal(rows.column("status"), "ok")
     abstained = rows.column("abstained").fill_null(False)  # null in parts of an older kemo: no abstention there
     by_confidence = [("confidence", "descending"), ("uri", "ascending"), ("face", "ascending")]
 
+    def caption(r: dict[str, Any]) -> str:
+        face = f" face {r['face']}" if r["face"] else ""
+        return f"{r['label_name']} {r['confidence']:.2f} · {_short(r['uri'])}{face}"
+
     def faces(title: str, mask: pa.Array, note: str = "") -> None:
         total, shown = gallery.top(rows, mask, cap, by_confidence)
-        tiles = []
-        for r in shown:
-            face = f" face {r['face']}" if r["face"] else ""
-            tile = gallery.Tile(caption=f"{r['label_name']} {r['confidence']:.2f} · {_short(r['uri'])}{face}",
-                                title=r["uri"])
-            jobs.append((tile, lambda r=r: gallery.face_thumbnail(r["uri"], r["face_box"], cfg.max_bytes)))
-            tiles.append(tile)
-        sections.append(gallery.Section(title, tiles, total, note))
+        sections.append(gallery.Section(title, gallery.photo_tiles(shown, caption, "uri", "face_box", cfg.max_bytes),
+                                        total, note))
 
     for name in classes:
         faces(name, pc.and_(pc.and_(ok, pc.invert(abstained)), pc.equal(rows.column("label_name"), name)))
@@ -533,18 +527,13 @@ def gallery_page(cfg: LabelConfig, rows: pa.Table, classes: list[str], summary: 
           else "no abstention in this run (--abstain or --min-confidence)")
     by_uri = [("uri", "ascending"), ("face", "ascending")]
     total, shown = gallery.top(rows, pc.equal(rows.column("status"), "no_face"), cap, by_uri)
-    tiles = []
-    for r in shown:
-        tile = gallery.Tile(caption=_short(r["uri"]), title=r["uri"], note=r["error"])
-        jobs.append((tile, lambda r=r: gallery.face_thumbnail(r["uri"], None, cfg.max_bytes)))
-        tiles.append(tile)
-    sections.append(gallery.Section("no face", tiles, total, "the whole photo"))
+    sections.append(gallery.no_face(shown, total, lambda r: _short(r["uri"]), "uri", cfg.max_bytes))
     total, shown = gallery.top(rows, pc.invert(pc.is_in(rows.column("status"), pa.array(["ok", "no_face"]))), cap,
                                by_uri)
     sections.append(gallery.Section("other statuses", [
         gallery.Tile(caption=_short(r["uri"]), title=r["uri"], note=f"{r['status']}: {r['error'] or ''}")
         for r in shown], total, "nothing to show: each with its status and error", pictures=False))
-    gallery.thumbnails(jobs)
+    gallery.thumbnails(sections)
     lines = [f"{cfg.input} → {cfg.output}: {summary['photos']} photos, {summary['rows']} rows, statuses "
              f"{summary['statuses']}", f"checkpoint {cfg.checkpoint} (temperature {summary['temperature']:.3f}), "
              f"detector {cfg.detector}; at most {cap} per group"]

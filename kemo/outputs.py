@@ -181,6 +181,19 @@ def conform(table: pa.Table, schema: pa.Schema, names: list[str] | None = None) 
     return table.select(names if names is not None else schema.names)
 
 
+def read_files(uris: list[str], columns: list[str] | None, schema: pa.Schema, added: tuple[str, ...] = ()
+               ) -> pa.Table:
+    """The rows of the Parquet files ``uris`` as one table of ``columns`` (default: all) of ``schema``; ``added``
+    names the contract's columns that files of an older kemo lack: those read as nulls there (any other missing
+    column is an error, as it should be)."""
+    names = columns if columns is not None else schema.names
+    tables = [storage.read_parquet_columns(uri, [n for n in names if n not in added],
+                                           tuple(n for n in names if n in added)) for uri in uris]
+    if not tables:
+        return schema.empty_table().select(names)
+    return conform(pa.concat_tables(tables, promote_options="default"), schema, names)
+
+
 def table_sha256(table: pa.Table, sort_by: str | None = None) -> str:
     """A table's content hash (its Arrow IPC stream: the same rows and schema give the same bytes), in the order of
     ``sort_by`` when given, so that row order does not count."""
@@ -254,14 +267,8 @@ class Output:
 
     def read_table(self, folder: str, columns: list[str] | None, empty: pa.Schema, added: tuple[str, ...] = ()
                    ) -> pa.Table:
-        """Every row of the committed parts under ``folder``; ``added`` names the contract's columns that parts of an
-        older kemo lack: those read as nulls there (any other missing column is an error, as it should be)."""
-        names = columns if columns is not None else empty.names
-        tables = [storage.read_parquet_columns(uri, [n for n in names if n not in added],
-                                               tuple(n for n in names if n in added)) for uri in self.files(folder)]
-        if not tables:
-            return empty.empty_table().select(names)
-        return conform(pa.concat_tables(tables, promote_options="default"), empty, names)
+        """Every row of the committed parts under ``folder``, read as :func:`read_files` reads them."""
+        return read_files(self.files(folder), columns, empty, added)
 
     def read_json(self, rel: str) -> Any:
         return storage.read_json(self.path(rel))

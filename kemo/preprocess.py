@@ -166,10 +166,16 @@ def fingerprint(cfg: PreprocessConfig, manifest: pa.Table) -> dict[str, Any]:
             "inputs_sha256": outputs.table_sha256(manifest.select(list(IDENTITY)), sort_by="image_id")}
 
 
-def _finalize(output: str, manifest: pa.Table) -> tuple[list[outputs.Receipt], Counter, float | None]:
-    """Check exactly one row per input across the shards (dropping a retried batch's duplicate file)."""
+CHECKED = ["image_id", "status", "box", "face_box"]  # what the commit reads of every shard
+GALLERY_COLUMNS = [*CHECKED, "uri", "error", "label"]  # and what the gallery reads, in the same pass
+
+
+def _finalize(output: str, manifest: pa.Table, columns: list[str]
+              ) -> tuple[list[outputs.Receipt], list[pa.Table], Counter, float | None]:
+    """Check exactly one row per input across the shards (dropping a retried batch's duplicate file); return the
+    shards (by path), their ``columns`` (a superset of :data:`CHECKED`), the status counts and the share of annotated
+    faces the crops hold."""
     expected = set(manifest.column("image_id").to_pylist())
-    columns = ["image_id", "status", "box", "face_box"]
     seen: set[str] = set()
     kept, tables = [], []
     handled: set[str] = set()  # parts this loop deleted or wrote: a later entry of the listing may name one of them
@@ -205,7 +211,9 @@ def _finalize(output: str, manifest: pa.Table) -> tuple[list[outputs.Receipt], C
         for box, face in zip(t.column("box").to_pylist(), t.column("face_box").to_pylist()):
             if box is not None:
                 hits.append(face is not None and iou(box, face) >= 0.5)
-    return sorted(kept, key=lambda r: r.path), statuses, (round(sum(hits) / len(hits), 4) if hits else None)
+    shards = sorted(zip(kept, tables), key=lambda pair: pair[0].path)
+    return ([r for r, _ in shards], [t for _, t in shards], statuses,
+            round(sum(hits) / len(hits), 4) if hits else None)
 
 
 def steady_rate(receipts: list[tuple[float, int]]) -> float | None:
@@ -293,7 +301,8 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
                 receipts.append((time.perf_counter(), processed))
                 log.info("shard %s: %d rows (%d ok) — %d/%d", receipt["file"], receipt["rows"], receipt["ok"],
                          processed, pending.num_rows)
-        shards, statuses, on_face = _finalize(cfg.output, manifest)
+        shards, small, statuses, on_face = _finalize(cfg.output, manifest,
+                                                     GALLERY_COLUMNS if cfg.gallery else CHECKED)
         seconds = time.perf_counter() - t0
         summary = {"inputs": manifest.num_rows, "processed": processed,
                    "skipped": manifest.num_rows - pending.num_rows, "statuses": dict(sorted(statuses.items())),
@@ -303,7 +312,7 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
         files = [*shards, out.write_json(outputs.SUMMARY, summary), out.claim_receipt()]
         if cfg.gallery:
             try:
-                files.append(out.write_file(outputs.GALLERY, gallery_page(cfg, shards, summary)))
+                files.append(out.write_file(outputs.GALLERY, gallery_page(cfg, shards, small, summary)))
             except Exception:  # a view: the crops commit without it
                 log.exception("gallery.html could not be made; committing the crops without it")
         lease.check()
@@ -311,9 +320,6 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     log.info("committed %d rows in %d shards to %s: %s", manifest.num_rows, len(shards), cfg.output,
              summary["statuses"])
     return summary
-
-
-GALLERY_COLUMNS = ["image_id", "uri", "status", "error", "box", "face_box", "label"]
 
 
 def _away(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
@@ -329,21 +335,19 @@ def _away(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
     return rows, ious(boxes("box"), boxes("face_box")) if rows.num_rows else np.zeros(0)
 
 
-def gallery_page(cfg: PreprocessConfig, shards: list[outputs.Receipt], summary: dict[str, Any]) -> bytes:
+def gallery_page(cfg: PreprocessConfig, shards: list[outputs.Receipt], small: list[pa.Table],
+                 summary: dict[str, Any]) -> bytes:
     """gallery.html of a crop output: crops of each status (the first by image_id; a photo with no face shown
     whole, read again; the others listed with their error), and the crops whose face lies away from the annotators'
-    box (IoU < 0.5, the least overlap first), at most ``cfg.gallery`` each. The driver reads the small columns of
-    every shard (chosen in Arrow: it holds the shown rows, not the output's) and the crops of only the shards that
-    hold a shown one."""
+    box (IoU < 0.5, the least overlap first), at most ``cfg.gallery`` each. ``small`` is each shard's
+    :data:`GALLERY_COLUMNS`, as the commit read them (rows are chosen in Arrow); the driver reads the crops of only
+    the shards that hold a shown one."""
     from kemo import gallery
     from kemo.classes import CLASS_NAMES
 
     cap = cfg.gallery
-    tables = []
-    for k, receipt in enumerate(shards):
-        t = storage.read_parquet_columns(storage.join(cfg.output, receipt.path), GALLERY_COLUMNS)
-        tables.append(t.append_column("shard", pa.array(np.full(t.num_rows, k, np.int32)))
-                      .append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
+    tables = [t.select(GALLERY_COLUMNS).append_column("shard", pa.array(np.full(t.num_rows, k, np.int32)))
+              .append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))) for k, t in enumerate(small)]
     table = pa.concat_tables(tables) if tables else CROP.empty_table().select(GALLERY_COLUMNS)
     by_id = [("image_id", "ascending")]
 
@@ -358,7 +362,7 @@ def gallery_page(cfg: PreprocessConfig, shards: list[outputs.Receipt], summary: 
         crops_of.setdefault((r["shard"], r["row"]), []).append(tile)
         return tile
 
-    sections, jobs = [], []
+    sections = []
     statuses = sorted(summary["statuses"], key=lambda x: (x != "ok", x))
     for status in statuses:
         total, group = gallery.top(table, pc.equal(table.column("status"), status), cap, by_id)
@@ -366,12 +370,7 @@ def gallery_page(cfg: PreprocessConfig, shards: list[outputs.Receipt], summary: 
             sections.append(gallery.Section("ok", [crop_tile(r, name(r)) for r in group], total,
                                             "the crops as training reads them"))
         elif status == "no_face":
-            tiles = []
-            for r in group:
-                tile = gallery.Tile(caption=name(r), title=r["image_id"], note=r["error"])
-                jobs.append((tile, lambda r=r: gallery.face_thumbnail(r["uri"], None, cfg.max_bytes)))
-                tiles.append(tile)
-            sections.append(gallery.Section("no face", tiles, total, "the whole photo"))
+            sections.append(gallery.no_face(group, total, name, "image_id", cfg.max_bytes))
         else:
             sections.append(gallery.Section(status, [
                 gallery.Tile(caption=r["image_id"], title=r["uri"] or r["image_id"], note=r["error"])
@@ -390,7 +389,7 @@ def gallery_page(cfg: PreprocessConfig, shards: list[outputs.Receipt], summary: 
                 thumb = gallery.crop_thumbnail(crops[row].as_py())
                 for tile in tiles:
                     tile.thumb, tile.note = thumb, None if thumb else "no picture: the crop does not decode"
-    gallery.thumbnails(jobs)
+    gallery.thumbnails(sections)
     lines = [f"{cfg.input} → {cfg.output} ({cfg.detector}): {summary['inputs']} photos, statuses "
              f"{summary['statuses']}; crop on the annotated face {summary['crop_on_annotated_face']}",
              f"at most {cap} per group"]
