@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# --durations: the slowest tests in every CI log, to keep the run inside its budget
 test: lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py $(DEMO_ARGS)

@@ -112,8 +112,9 @@ def train_classifiers(cfg: DemoConfig, crops: dict[str, str], cls_dir: str) -> d
             cover = ", ".join(f"{100 * c['coverage']:.0f}% {100 * c['accuracy']:.1f}%" for c in row["coverage"])
             a = row["abstention"]
             kept = ("no threshold reaches it on validation" if a["threshold"] is None else
+                    f"threshold {a['threshold']:.3f} keeps none of the test photos" if not a["test"]["photos"] else
                     f"threshold {a['threshold']:.3f} keeps {100 * a['test']['coverage']:.0f}% of test photos at "
-                    f"{100 * (a['test']['accuracy'] or 0):.1f}%")
+                    f"{100 * a['test']['accuracy']:.1f}%")
             print(f"    yolo {row['model']}: test accuracy at coverage {cover}; target {a['target_accuracy']:.0%} on "
                   f"validation: {kept}")
     print("    plots: " + ", ".join(os.path.join(cls_dir, p) for p in ("confusion.png", "curves.png",
