@@ -72,13 +72,14 @@ def crop_thumbnail(jpeg: bytes) -> bytes | None:
     return None if image is None else thumbnail(image)
 
 
-def face_thumbnail(uri: str, box: list[float] | None, max_bytes: int) -> bytes:
+def face_thumbnail(uri: str, box: list[float] | None, max_bytes: int, file_id: str | None = None) -> bytes:
     """The face at ``box`` (full-resolution upright pixels; None: the whole photo) of the photo at ``uri``, read
-    bounded and decoded upright as the pipeline decodes it, DCT-reduced to what a thumbnail needs. Raises what the
-    read or the decode raises."""
+    bounded (with the listing's ``file_id``: only the very file listed, :func:`kemo.storage.read_bounded`) and
+    decoded upright as the pipeline decodes it, DCT-reduced to what a thumbnail needs. Raises what the read or the
+    decode raises."""
     from kemo.image import decode, probe, read_photo
 
-    data = read_photo(uri, max_bytes)
+    data = read_photo(uri, max_bytes, file_id)
     if box is None:
         return thumbnail(decode(data, min_side=THUMB).image)
     side = max(box[2] - box[0], box[3] - box[1], 1) * (1 + 2 * MARGIN)
@@ -88,12 +89,22 @@ def face_thumbnail(uri: str, box: list[float] | None, max_bytes: int) -> bytes:
     return thumbnail(crop_square(dec.image, crop_region(box, MARGIN), THUMB, dec.factors))
 
 
+NOT_LISTED = "no picture: no longer listed under the input (what that name holds now is not read)"
+
+
 def photo_tiles(rows: list[dict[str, Any]], caption: Callable[[dict[str, Any]], str], title: str, box: str | None,
                 max_bytes: int) -> list[Tile]:
-    """A tile per row whose picture :func:`thumbnails` cuts from the row's photo (``uri``): the face at ``row[box]``,
-    or the whole photo when ``box`` is None; the row's ``title`` column on hover, its ``error`` (if any) beside it."""
-    return [Tile(caption=caption(r), title=r[title], note=r.get("error"),
-                 make=lambda r=r: face_thumbnail(r["uri"], r[box] if box else None, max_bytes)) for r in rows]
+    """A tile per row whose picture :func:`thumbnails` cuts from the row's photo (``uri``, read as the listing's
+    ``file_id`` where the row has one): the face at ``row[box]``, or the whole photo when ``box`` is None; the row's
+    ``title`` column on hover, its ``error`` (if any) beside it. A row whose ``listed`` is False gets no picture:
+    its name may be a link to anywhere by now."""
+    def tile(r: dict[str, Any]) -> Tile:
+        if not r.get("listed", True):
+            return Tile(caption=caption(r), title=r[title], note="; ".join(filter(None, [r.get("error"), NOT_LISTED])))
+        return Tile(caption=caption(r), title=r[title], note=r.get("error"),
+                    make=lambda: face_thumbnail(r["uri"], r[box] if box else None, max_bytes, r.get("file_id")))
+
+    return [tile(r) for r in rows]
 
 
 def no_face(rows: list[dict[str, Any]], total: int, caption: Callable[[dict[str, Any]], str], title: str,

@@ -72,14 +72,15 @@ class LabelConfig(DetectorSettings, CropSettings, InputSettings, ActorResources)
     smoke_test: bool = field(default=False, metadata={"help": f"only the first {SMOKE_FILES} files"})
 
 
-def abstain_below(cfg: LabelConfig, meta: dict[str, Any]) -> float | None:
-    """The confidence below which a row is abstained: --min-confidence, or with --abstain the checkpoint's
-    threshold (refused where it has none); None: no abstention."""
-    from kemo.classifier.checkpoint import abstention_threshold
+def calibration(cfg: LabelConfig, meta: dict[str, Any]) -> tuple[float, float | None]:
+    """(the temperature, the confidence below which a row is abstained) of a run with the checkpoint whose meta.json
+    is ``meta``: its temperature (1 where it has none), and --min-confidence, or with --abstain its threshold
+    (refused where it has none), or None: no abstention."""
+    from kemo.classifier.checkpoint import abstention_threshold, temperature
 
     if cfg.min_confidence is not None:
-        return float(cfg.min_confidence)
-    return abstention_threshold(meta, cfg.checkpoint) if cfg.abstain else None
+        return temperature(meta), float(cfg.min_confidence)
+    return temperature(meta), abstention_threshold(meta, cfg.checkpoint) if cfg.abstain else None
 
 
 # --------------------------------------------------------------------------------------------------- the actor
@@ -112,18 +113,20 @@ class LabelPhotos:
     batch. Each photo yields its rows together (one, or one per face with ``all_faces``).
     """
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], temperature: float, threshold: float | None):
+        """``temperature`` and ``threshold`` (None: no abstention) are what the driver read from meta.json with the
+        run's fingerprint (:func:`calibration`), not read here again: meta.json is rewritten when jobs/train.py
+        calibrates a finished run, and an actor started after that must still write what the commit will say."""
         import torch
 
-        from kemo.classifier.checkpoint import load_checkpoint, temperature
+        from kemo.classifier.checkpoint import load_checkpoint
 
         self.cfg = LabelConfig(**cfg)
         self.front = FrontEnd(self.cfg, self.cfg, self.cfg.decoders, self.cfg.max_bytes, self.cfg.decode_pixels)
         torch.set_num_threads(max(1, self.cfg.decoders))  # the actor's CPU share, not the whole node
         self.device = torch_device(self.cfg.device)
         self.model, self.meta = load_checkpoint(self.cfg.checkpoint, self.device)
-        self.temperature = temperature(self.meta)
-        self.threshold = abstain_below(self.cfg, self.meta)
+        self.temperature, self.threshold = temperature, threshold
         self.autocast = _autocast_dtype(self.cfg.precision, self.device)
         self.classify_lock = threading.Lock()  # with calls_per_actor > 1, batches share the model
         log.info("classifier %s (%s, %d² input) on %s%s", self.cfg.checkpoint, self.meta["architecture"],
@@ -329,9 +332,10 @@ def _check(cfg: LabelConfig) -> list[str]:
 
 
 def _fingerprint(cfg: LabelConfig) -> dict[str, Any]:
-    from kemo.classifier.checkpoint import read_meta, temperature
+    from kemo.classifier.checkpoint import read_meta
 
     meta = read_meta(cfg.checkpoint)  # meta.json only, checked: no model is built here
+    temperature, threshold = calibration(cfg, meta)
     weights_sha = None
     if cfg.detector == "yolo":
         from kemo.detector.weights import fetch_weights
@@ -342,22 +346,24 @@ def _fingerprint(cfg: LabelConfig) -> dict[str, Any]:
             "image_size": meta["image_size"], **crop_fingerprint(cfg, cfg), "weights_sha256": weights_sha,
             "all_faces": cfg.all_faces, "max_bytes": cfg.max_bytes, "links": cfg.links,
             # the probabilities and the abstained column (added since: see OLDER)
-            "temperature": temperature(meta), "min_confidence": abstain_below(cfg, meta)}
+            "temperature": temperature, "min_confidence": threshold}
 
 
 # fingerprint keys added since the first label outputs, with the value those had (no calibration, no abstention)
 OLDER = {"temperature": 1.0, "min_confidence": None}
 
 
-def _label_pending(cfg: LabelConfig, pending: pa.Table) -> tuple[int, Counter]:
-    """Stream the pending photos through the actor pool; the driver writes whole photos' rows into parts as they
-    come (rows are small: crops never leave the actors). Returns (photos labelled, their statuses)."""
+def _label_pending(cfg: LabelConfig, fingerprint: dict[str, Any], pending: pa.Table) -> tuple[int, Counter]:
+    """Stream the pending photos through the actor pool, whose actors apply the ``fingerprint``'s temperature and
+    threshold; the driver writes whole photos' rows into parts as they come (rows are small: crops never leave the
+    actors). Returns (photos labelled, their statuses)."""
     import ray
 
     blocks = [pending.slice(i, cfg.batch_size) for i in range(0, pending.num_rows, cfg.batch_size)]
     actors = max(1, min(cfg.actors, len(blocks)))  # an incremental run of a few photos loads the models once
     ds = ray.data.from_arrow(blocks).map_batches(
-        LabelPhotos, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg)}, batch_size=cfg.batch_size,
+        LabelPhotos, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "temperature": fingerprint["temperature"],
+                                            "threshold": fingerprint["min_confidence"]}, batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=cfg.calls_per_actor,
                                            enable_true_multi_threading=cfg.calls_per_actor > 1),
@@ -424,12 +430,14 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
              photos.num_rows, cfg.input, ignored, photos.num_rows - pending.num_rows, pending.num_rows)
     tail = ([CSV] if "csv" in formats else []) + ([outputs.GALLERY] if cfg.gallery else []) \
         + [outputs.SUMMARY, outputs.RUN]
-    if not pending.num_rows and all(m.all() for m in keep.values()) and _unchanged(out, sorted(tables), tail):
-        log.info("nothing to label and the committed output is current: nothing written")
-        # what this run did (nothing), over the committed output's tallies
+    def nothing_done() -> dict[str, Any]:  # what this run did (nothing), over the committed output's tallies
         return {**out.read_json(outputs.SUMMARY), "listed": photos.num_rows, "ignored": ignored,
                 "skipped": photos.num_rows, "processed": 0, "processed_statuses": {},
                 "seconds": round(time.perf_counter() - t0, 2), "photos_per_s": None}
+
+    if not pending.num_rows and all(m.all() for m in keep.values()) and _unchanged(out, sorted(tables), tail):
+        log.info("nothing to label and the committed output is current: nothing written")
+        return nothing_done()
 
     if pending.num_rows:  # what every actor will load, loaded once here: bad files fail in one line, nothing written
         from kemo.classifier.checkpoint import load_checkpoint
@@ -449,7 +457,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
         if pending.num_rows:
             log.info("labelling with %s + %s: %d actors × %d decoders, %g GPU each, batch %d", cfg.detector,
                      fingerprint["architecture"], cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size)
-            labelled, run_statuses = _label_pending(cfg, pending)
+            labelled, run_statuses = _label_pending(cfg, fingerprint, pending)
         # read again under the lease: another run may have committed between the first read and the lease
         tables = outputs.read_parts(cfg.output, PARTS, KEYS, ADDED)
         keep, _ = _choose(tables, current)
@@ -474,10 +482,16 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
             views[CSV] = _csv_bytes(table, fingerprint["classes"])
         if cfg.gallery:
             try:
-                views[outputs.GALLERY] = gallery_page(cfg, _current_rows(cfg.output, final, SHOWN),
+                views[outputs.GALLERY] = gallery_page(cfg, _current_rows(cfg.output, final, SHOWN), photos,
                                                       fingerprint["classes"], summary)
-            except Exception:  # a view: the labels commit without it, and the next run with work tries again
-                log.exception("gallery.html could not be made; committing the labels without it")
+            except Exception:  # a view: the labels commit without it, and the next run tries again
+                log.exception("gallery.html could not be made")
+                if not labelled and all(m.all() for m in keep.values()) and _unchanged(
+                        out, final, [t for t in tail if t != outputs.GALLERY]):
+                    # the gallery was all this run had to add: the committed output stays exactly as it was
+                    log.warning("nothing else to commit: the output is left as it was, without a gallery")
+                    return nothing_done()
+                log.warning("committing the labels without gallery.html")
         out.uncommit()  # before the sweep: an older commit may name a file that the sweep takes for a stray
         present = outputs.sweep(cfg.output, PARTS)
         files = [present[n] for n in final]
@@ -487,6 +501,8 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
         out.commit(files, dataclasses.asdict(cfg), fingerprint)
         for name in set(present) - set(final):  # only now: readers of the previous commit had them until here
             outputs.delete_part(cfg.output, PARTS, name)
+        if outputs.GALLERY not in views:  # --gallery 0 or a page that failed: no page of older rows is left behind
+            storage.delete(out.path(outputs.GALLERY), missing_ok=True)
     log.info("committed %d rows of %d photos in %d parts to %s: %s", summary["rows"], summary["photos"],
              len(final), cfg.output, summary["statuses"])
     return summary
@@ -497,14 +513,18 @@ def _current_rows(output: str, parts: list[str], columns: list[str] | None) -> p
     return outputs.read_files([storage.join(output, PARTS, n) for n in parts], columns, LABELS, ADDED)
 
 
-def gallery_page(cfg: LabelConfig, rows: pa.Table, classes: list[str], summary: dict[str, Any]) -> bytes:
+def gallery_page(cfg: LabelConfig, rows: pa.Table, listed: pa.Table, classes: list[str], summary: dict[str, Any]
+                 ) -> bytes:
     """gallery.html of the current rows: the faces by predicted emotion (most confident first), the abstained apart
     (most confident first: the nearest to being kept), then the photos with no face and those with another status,
     listed with their error; at most ``cfg.gallery`` in each. Thumbnails are cut from the photos again, here: a few
-    hundred reads, whatever the size of the output."""
+    hundred reads, whatever the size of the output, each of the very file this run ``listed`` (its ``file_id``); a
+    row of a photo no longer listed is shown without its picture."""
     from kemo import gallery
 
     cap = cfg.gallery
+    at = pc.index_in(rows.column("uri"), value_set=listed.column("uri"))
+    rows = rows.append_column("listed", pc.is_valid(at)).append_column("file_id", listed.column("file_id").take(at))
     sections = []
     ok = pc.equal(rows.column("status"), "ok")
     abstained = rows.column("abstained").fill_null(False)  # null in parts of an older kemo: no abstention there
@@ -558,6 +578,9 @@ def _unchanged(out: outputs.Output, parts: list[str], tail: list[str]) -> bool:
 def label_one_by_one(cfg: LabelConfig, photos: pa.Table) -> pa.Table:
     """The same models and code, one photo at a time in this process, no Ray, no batching, one decoder thread: what
     tests compare the Ray job's rows with (jobs/benchmark.py times its own cv2.imread loop instead)."""
-    udf = LabelPhotos(dataclasses.asdict(dataclasses.replace(cfg, decoders=1, batch_size=1)))
+    from kemo.classifier.checkpoint import read_meta
+
+    udf = LabelPhotos(dataclasses.asdict(dataclasses.replace(cfg, decoders=1, batch_size=1)),
+                      *calibration(cfg, read_meta(cfg.checkpoint)))
     return pa.concat_tables([udf(photos.slice(i, 1)) for i in range(photos.num_rows)]) if photos.num_rows \
         else LABELS.empty_table()

@@ -317,6 +317,8 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
                 log.exception("gallery.html could not be made; committing the crops without it")
         lease.check()
         out.commit(files, dataclasses.asdict(cfg), claim)
+        if outputs.GALLERY not in {r.path for r in files}:  # --gallery 0 or a page that failed: none of older rows
+            storage.delete(out.path(outputs.GALLERY), missing_ok=True)
     log.info("committed %d rows in %d shards to %s: %s", manifest.num_rows, len(shards), cfg.output,
              summary["statuses"])
     return summary

@@ -1,4 +1,5 @@
-"""gallery.html read back: its sections by title, each with its figures' images and its list rows."""
+"""gallery.html read back: its sections by title, each with its figures' images, titles and texts, and its list
+rows."""
 
 from __future__ import annotations
 
@@ -12,19 +13,23 @@ from kemo import gallery
 
 
 class Page(html.parser.HTMLParser):
-    """The gallery's sections (by their h2 id), each with its figures' images and its list rows."""
+    """The gallery's sections (by their h2 id), each with its figures' images, titles (the full names) and texts
+    (caption and note), and its list rows."""
 
     def __init__(self):
         super().__init__()
-        self.sections, self.current, self.in_h2 = {}, None, False
+        self.sections, self.current, self.in_h2, self.in_figure = {}, None, False, False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "h2":
-            self.current, self.in_h2 = {"title": "", "figures": [], "rows": 0}, True
+            self.current, self.in_h2 = {"title": "", "figures": [], "titles": [], "texts": [], "rows": 0}, True
             self.sections[attrs["id"]] = self.current
         elif tag == "figure":
             self.current["figures"].append([])
+            self.current["titles"].append(attrs.get("title"))
+            self.current["texts"].append("")
+            self.in_figure = True
         elif tag == "img":
             self.current["figures"][-1].append(attrs["src"])
         elif tag == "tr" and self.current is not None:
@@ -33,10 +38,14 @@ class Page(html.parser.HTMLParser):
     def handle_endtag(self, tag):
         if tag == "h2":
             self.in_h2 = False
+        elif tag == "figure":
+            self.in_figure = False
 
     def handle_data(self, data):
         if self.in_h2:
             self.current["title"] += data
+        elif self.in_figure:
+            self.current["texts"][-1] += data
 
 
 def parse_gallery(path: str) -> dict[str, dict]:

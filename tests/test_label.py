@@ -17,13 +17,14 @@ import pyarrow.csv as pacsv
 import pytest
 import torch
 
+from kemo import label as label_module
 from kemo import outputs, storage
 from kemo.classes import CLASS_NAMES
-from kemo.classifier.checkpoint import input_batch, load_checkpoint, save_checkpoint
+from kemo.classifier.checkpoint import input_batch, load_checkpoint, read_meta, save_checkpoint
 from kemo.classifier.data import decode_crop
 from kemo.classifier.registry import create_model
 from kemo.data import aihub, synth
-from kemo.label import LabelConfig, LabelPhotos, label_one_by_one, read_labels, run, snapshot, write_part
+from kemo.label import LabelConfig, LabelPhotos, calibration, label_one_by_one, read_labels, run, snapshot, write_part
 from kemo.preprocess import CropPhotos, PreprocessConfig
 from kemo.schema import LABELS, MANIFEST
 from tests import hostile
@@ -33,6 +34,11 @@ from tests.tree import snapshot as tree_snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PART = re.compile(r"parts/part-[0-9a-f]{20}\.parquet")
+
+
+def actor(cfg: LabelConfig) -> LabelPhotos:
+    """The job's actor in this process, with the calibration the job's driver would give it."""
+    return LabelPhotos(dataclasses.asdict(cfg), *calibration(cfg, read_meta(cfg.checkpoint)))
 
 
 def face_photo(seed: int, boxes: list[tuple[float, float, float, float]], w: int = 320, h: int = 240) -> bytes:
@@ -202,7 +208,7 @@ def test_labels_equal_the_classifier_on_the_training_path(labelled):
             assert r["label"] == int(np.argmax(w["probs"]))
     # the UDF alone, and the plain per-photo loop, give the same rows as the Ray job
     photos = snapshot(cfg)[0]
-    alone = LabelPhotos(dataclasses.asdict(cfg))(photos)
+    alone = actor(cfg)(photos)
     plain = label_one_by_one(cfg, photos)
     assert alone.schema.equals(LABELS) and plain.schema.equals(LABELS)
     job = read_labels(cfg.output).sort_by("uri")
@@ -360,7 +366,7 @@ def test_all_faces_gives_one_row_per_face(ray_local, checkpoint, tmp_path):
     left, right = sorted(r["face_box"][0] for r in two)
     assert left < 100 < 150 < right  # the two drawn faces, not one face twice
     # face 0 is the primary face: the one row that labelling without --all-faces gives
-    (primary,) = LabelPhotos(dataclasses.asdict(dataclasses.replace(cfg, all_faces=False)))(
+    (primary,) = actor(dataclasses.replace(cfg, all_faces=False))(
         snapshot(cfg)[0].filter(pa.compute.equal(pa.compute.field("uri"), str(photos / "two.jpg")))).to_pylist()
     assert primary["face_box"] == two[0]["face_box"]
     np.testing.assert_allclose(primary["probs"], two[0]["probs"], atol=1e-5)
@@ -413,6 +419,22 @@ def test_an_old_checkpoint_labels_at_temperature_1_and_refuses_abstain_but_takes
         assert r["probs"] == pytest.approx(baseline[r["uri"]][0]["probs"], abs=1e-6)
 
 
+def test_actors_apply_the_calibration_the_driver_read_not_meta_json_again(labelled):
+    """jobs/train.py rewrites meta.json when it calibrates a finished run: an actor started after that must still
+    write the temperature and threshold that the run fingerprinted (and its commit says), the ones it is given."""
+    cfg, _ = labelled
+    assert "temperature" not in read_meta(cfg.checkpoint)  # meta.json says 1; the driver said 2
+    photos = snapshot(cfg)[0]
+    plain = LabelPhotos(dataclasses.asdict(cfg), 1.0, None)(photos).to_pylist()
+    given = LabelPhotos(dataclasses.asdict(cfg), 2.0, 0.3)(photos).to_pylist()
+    ok = [(a, b) for a, b in zip(plain, given) if a["status"] == "ok"]
+    assert len(ok) >= 4 and [a["uri"] for a, _ in ok] == [b["uri"] for _, b in ok]
+    for a, b in ok:
+        z = np.log(np.asarray(a["probs"], np.float64)) / 2  # log softmax(z) is z up to a constant
+        assert b["probs"] == pytest.approx(np.exp(z) / np.exp(z).sum(), abs=1e-5)
+        assert a["abstained"] is False and b["abstained"] == (b["confidence"] < 0.3)
+
+
 def test_an_output_of_an_older_kemo_continues_gains_its_gallery_once_then_reruns_write_nothing(labelled, tmp_path):
     cfg, _ = labelled
     old = dataclasses.replace(cfg, output=str(tmp_path / "old"))
@@ -439,6 +461,64 @@ def test_an_output_of_an_older_kemo_continues_gains_its_gallery_once_then_reruns
     before = tree_snapshot(old.output)
     run(old)
     assert tree_snapshot(old.output) == before
+
+
+def test_a_failing_gallery_costs_the_labels_nothing_and_a_rerun_that_only_retries_it_writes_nothing(
+        labelled, folder, tmp_path, monkeypatch):
+    cfg, _ = labelled
+    job = dataclasses.replace(cfg, input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    shutil.copytree(folder[0], job.input)
+    run(job)
+    page = os.path.join(job.output, "gallery.html")
+    committed = lambda: sorted(f["path"] for f in outputs.Output(job.output, "labels").committed()["files"])  # noqa: E731
+    assert "gallery.html" in committed() and os.path.exists(page)
+
+    def no_page(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(label_module, "gallery_page", no_page)
+    open(os.path.join(job.input, "new.jpg"), "wb").write(one_face(9))
+    summary = run(job)  # the new photo is labelled and committed; the page of the older rows is not left behind
+    assert summary["processed"] == 1 and summary["photos"] == len(by_uri(job.output))
+    assert "gallery.html" not in committed() and not os.path.exists(page)
+    before = tree_snapshot(job.output)
+    assert run(job)["processed"] == 0 and tree_snapshot(job.output) == before  # the page fails again: no writes
+    monkeypatch.undo()
+    run(job)  # now it can be made: the commit gains it, and then a rerun writes nothing
+    assert "gallery.html" in committed() and os.path.exists(page)
+    before = tree_snapshot(job.output)
+    run(job)
+    assert tree_snapshot(job.output) == before
+    run(dataclasses.replace(job, gallery=0))  # asked for none: none committed, none left on disk
+    assert "gallery.html" not in committed() and not os.path.exists(page)
+
+
+def test_the_gallery_reads_only_the_files_listed_not_what_an_old_row_s_name_points_to_now(ray_local, checkpoint,
+                                                                                        tmp_path):
+    """A labelled folder becomes a link to somebody else's photos: its old rows stay in the output (a row is
+    superseded only by its photo's new version), but the gallery must not read what their names reach now."""
+    root, outside = tmp_path / "in", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.jpg").write_bytes(one_face(1))
+    (root / "b.jpg").write_bytes(one_face(2))
+    cfg = LabelConfig(input=str(root), output=str(tmp_path / "labels"), checkpoint=checkpoint, detector="none",
+                      crop_size=48, batch_size=4)
+    run(cfg)
+    outside.mkdir()
+    (outside / "a.jpg").write_bytes(one_face(7))  # a photo outside the input, under the same name
+    shutil.rmtree(root / "sub")
+    (root / "sub").symlink_to(outside, target_is_directory=True)
+    (root / "c.jpg").write_bytes(one_face(3))
+    summary = run(cfg)  # c.jpg, and the link (outside the input: a row of its own)
+    assert summary["processed"] == 2 and summary["statuses"]["outside_link"] == 1
+    tiles = {t: (f, x) for s in parse_gallery(os.path.join(cfg.output, "gallery.html")).values()
+             for t, f, x in zip(s["titles"], s["figures"], s["texts"])}
+    old = next(t for t in tiles if t.endswith("sub/a.jpg"))
+    figures, text = tiles[old]
+    assert figures == [] and "no longer listed under the input" in text  # no picture: nothing was read
+    for name in ("b.jpg", "c.jpg"):
+        (figure, _), = [v for t, v in tiles.items() if t.endswith(name)]
+        decoded_thumb(figure[0])
 
 
 def test_an_output_of_another_kind_is_refused_and_left_intact(labelled, corpus_index):
@@ -562,8 +642,8 @@ def test_yolo_labels_equal_the_training_path(ray_local, yolo_weights, folder, ch
 def test_gpu_half_precision_agrees_with_cpu(labelled):
     cfg, _ = labelled
     photos = snapshot(cfg)[0]
-    cpu = LabelPhotos(dataclasses.asdict(dataclasses.replace(cfg, device="cpu")))(photos).to_pylist()
-    gpu = LabelPhotos(dataclasses.asdict(dataclasses.replace(cfg, device="cuda:0")))(photos).to_pylist()
+    cpu = actor(dataclasses.replace(cfg, device="cpu"))(photos).to_pylist()
+    gpu = actor(dataclasses.replace(cfg, device="cuda:0"))(photos).to_pylist()
     assert [r["status"] for r in gpu] == [r["status"] for r in cpu]
     for a, b in zip(cpu, gpu):
         if a["status"] == "ok":
