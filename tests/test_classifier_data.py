@@ -3,6 +3,7 @@ that depends on the photos alone, and the cache decision."""
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from kemo import outputs
@@ -89,6 +90,16 @@ def test_the_train_split_carries_each_photos_vote_shares_and_old_shards_refuse_t
     assert not older.votes and older.report["annotators"] is None and older.photos("train") == data.photos("train")
     with pytest.raises(ValueError, match="before crop shards carried the annotators' votes"):
         older.check_votes()
+    # shards that carry the column with no vote in it (preprocessed from a manifest without votes): refused too,
+    # not trained on the one-hot majority under the votes target's name
+    unvoted = str(tmp_path / "unvoted")
+    nulls = table.append_column(read_crops(annotation_crops).schema.field("votes"),
+                                pa.nulls(table.num_rows, read_crops(annotation_crops).schema.field("votes").type))
+    outputs.Output(unvoted, KIND).commit([outputs.write_part(unvoted, "shards", nulls, ["a"])], {})
+    empty = plan(unvoted, 32)
+    assert empty.votes and empty.voted == 0 and data.voted == len(ids)
+    with pytest.raises(ValueError, match="no training photo of .* has a known annotator vote"):
+        empty.check_votes()
 
 
 def test_the_shards_row_order_and_files_never_reach_training(annotation_crops, tmp_path):

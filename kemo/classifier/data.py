@@ -104,11 +104,15 @@ class TrainingData:
     counts: dict[str, list[int]]  # split → photos per class, kemo.classes order
     report: dict[str, Any]
     votes: bool = False  # every shard carries the annotators' votes
+    voted: int = 0  # usable training photos with at least one known vote
 
     def check_votes(self) -> None:
         if not self.votes:
             raise ValueError(f"{self.shards} was written before crop shards carried the annotators' votes: "
                              "--target votes needs them; run jobs/preprocess.py into a new output")
+        if not self.voted:  # e.g. preprocessed from a manifest without votes: every target would be the one-hot
+            raise ValueError(f"no training photo of {self.shards} has a known annotator vote (its input had none): "
+                             "--target votes would train on the majority label alone; use --target majority")
 
     def photos(self, split: str) -> int:
         return sum(self.counts[split])
@@ -122,7 +126,7 @@ def plan(shards: str, image_size: int = 224, min_agree: int = 2) -> TrainingData
     files = outputs.Output(shards, outputs.CROPS).files("shards")
     left_out: Counter[str] = Counter()
     counts = {s: [0] * len(CLASS_NAMES) for s in SPLITS}
-    rows, has_votes, test_votes = 0, bool(files), []
+    rows, has_votes, test_votes, voted = 0, bool(files), [], 0
     for uri in files:
         table = storage.read_parquet_columns(uri, SMALL, (VOTES,))
         rows += table.num_rows
@@ -138,6 +142,8 @@ def plan(shards: str, image_size: int = 224, min_agree: int = 2) -> TrainingData
                 counts[s][y] += 1
                 if s == "test":
                     test_votes.append(v)
+                elif s == "train" and v and any(x >= 0 for x in v):
+                    voted += 1
             else:
                 left_out[f"split {s}"] += 1
     # the test photos' own ceiling: how often one annotator matches the other two (None for shards without votes)
@@ -146,7 +152,7 @@ def plan(shards: str, image_size: int = 224, min_agree: int = 2) -> TrainingData
               "left_out": dict(sorted(left_out.items())),
               "splits": {s: {"photos": sum(c), "per_class": dict(zip(CLASS_NAMES, c))} for s, c in counts.items()},
               "annotators": annotators}
-    return TrainingData(shards, files, image_size, min_agree, counts, report, has_votes)
+    return TrainingData(shards, files, image_size, min_agree, counts, report, has_votes, voted)
 
 
 def read_usable(batch: dict[str, np.ndarray], split: str, min_agree: int, block_rows: int, votes: bool = False
