@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kemo import outputs, storage
-from kemo.crop import encode_jpeg, iou, ious, primary_face
+from kemo.crop import encode_jpeg, ious, primary_face
 from kemo.detector.base import Faces
 from kemo.detector.registry import check_detector, verify_detector
 from kemo.frontend import FrontEnd, Prepared
@@ -170,11 +170,32 @@ CHECKED = ["image_id", "status", "box", "face_box"]  # what the commit reads of 
 GALLERY_COLUMNS = [*CHECKED, "uri", "error", "label"]  # and what the gallery reads, in the same pass
 
 
+def _four(column: pa.ChunkedArray) -> np.ndarray:
+    """Which rows hold a box of 4 numbers."""
+    return pc.equal(pc.fill_null(pc.list_value_length(column), 0), 4).to_numpy(zero_copy_only=False)
+
+
+def face_iou(table: pa.Table) -> pa.Array:
+    """Per row, the IoU of the crop's face box with the annotators' consensus box, in one vectorised pass: null where
+    the manifest has no box, 0 where no face was cropped."""
+    has_box, has_face = _four(table.column("box")), _four(table.column("face_box"))
+    both = has_box & has_face
+    values = np.zeros(table.num_rows)
+    if both.any():
+        rows = table.filter(pa.array(both))
+
+        def boxes(name: str) -> np.ndarray:
+            return rows.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
+
+        values[both] = ious(boxes("box"), boxes("face_box"))
+    return pa.array(values, mask=~has_box)
+
+
 def _finalize(output: str, manifest: pa.Table, columns: list[str]
               ) -> tuple[list[outputs.Receipt], list[pa.Table], Counter, float | None]:
     """Check exactly one row per input across the shards (dropping a retried batch's duplicate file); return the
-    shards (by path), their ``columns`` (a superset of :data:`CHECKED`), the status counts and the share of annotated
-    faces the crops hold."""
+    shards (by path), their ``columns`` (a superset of :data:`CHECKED`) with each row's :func:`face_iou` as ``iou``,
+    the status counts and the share of annotated faces the crops hold (IoU >= 0.5)."""
     expected = set(manifest.column("image_id").to_pylist())
     seen: set[str] = set()
     kept, tables = [], []
@@ -205,15 +226,14 @@ def _finalize(output: str, manifest: pa.Table, columns: list[str]
         raise RuntimeError(f"{len(missing)} of {len(expected)} photos have no row yet (e.g. {sorted(missing)[0]}); "
                            "run the same command again to finish them")
     statuses: Counter = Counter()
-    hits = []  # does the crop hold the annotated face? (IoU >= 0.5), where the manifest has a box
+    tables = [t.append_column("iou", face_iou(t)) for t in tables]
+    hits = boxed = 0  # does the crop hold the annotated face? (IoU >= 0.5), where the manifest has a box
     for t in tables:
         statuses.update(t.column("status").to_pylist())
-        for box, face in zip(t.column("box").to_pylist(), t.column("face_box").to_pylist()):
-            if box is not None:
-                hits.append(face is not None and iou(box, face) >= 0.5)
+        boxed += t.num_rows - t.column("iou").null_count
+        hits += pc.sum(pc.greater_equal(t.column("iou"), 0.5)).as_py() or 0
     shards = sorted(zip(kept, tables), key=lambda pair: pair[0].path)
-    return ([r for r, _ in shards], [t for _, t in shards], statuses,
-            round(sum(hits) / len(hits), 4) if hits else None)
+    return [r for r, _ in shards], [t for _, t in shards], statuses, round(hits / boxed, 4) if boxed else None
 
 
 def steady_rate(receipts: list[tuple[float, int]]) -> float | None:
@@ -324,33 +344,23 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     return summary
 
 
-def _away(table: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    """The ok rows whose face box and the annotators' box are both 4 numbers, and their IoU."""
-    has = pc.and_(pc.equal(table.column("status"), "ok"),
-                  pc.and_(pc.equal(pc.fill_null(pc.list_value_length(table.column("box")), 0), 4),
-                          pc.equal(pc.fill_null(pc.list_value_length(table.column("face_box")), 0), 4)))
-    rows = table.filter(has)
-
-    def boxes(name: str) -> np.ndarray:
-        return rows.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
-
-    return rows, ious(boxes("box"), boxes("face_box")) if rows.num_rows else np.zeros(0)
-
-
 def gallery_page(cfg: PreprocessConfig, shards: list[outputs.Receipt], small: list[pa.Table],
                  summary: dict[str, Any]) -> bytes:
-    """gallery.html of a crop output: crops of each status (the first by image_id; a photo with no face shown
-    whole, read again; the others listed with their error), and the crops whose face lies away from the annotators'
-    box (IoU < 0.5, the least overlap first), at most ``cfg.gallery`` each. ``small`` is each shard's
-    :data:`GALLERY_COLUMNS`, as the commit read them (rows are chosen in Arrow); the driver reads the crops of only
-    the shards that hold a shown one."""
+    """gallery.html of a crop output: the ok crops (the first shard's first: their crops are read from a shard or
+    two), the other statuses (by image_id; a photo with no face shown whole, read again; the others listed with
+    their error), and the crops whose face lies away from the annotators' box (IoU < 0.5, the least overlap first),
+    at most ``cfg.gallery`` each. ``small`` is each shard's :data:`GALLERY_COLUMNS` and ``iou``, as the commit read
+    them (rows are chosen in Arrow); the driver reads the crops column of only the shards that hold a shown crop:
+    at most ``cfg.gallery`` + 1 of them."""
     from kemo import gallery
     from kemo.classes import CLASS_NAMES
 
     cap = cfg.gallery
-    tables = [t.select(GALLERY_COLUMNS).append_column("shard", pa.array(np.full(t.num_rows, k, np.int32)))
+    columns = [*GALLERY_COLUMNS, "iou"]
+    tables = [t.select(columns).append_column("shard", pa.array(np.full(t.num_rows, k, np.int32)))
               .append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))) for k, t in enumerate(small)]
-    table = pa.concat_tables(tables) if tables else CROP.empty_table().select(GALLERY_COLUMNS)
+    table = pa.concat_tables(tables) if tables else CROP.empty_table().select(GALLERY_COLUMNS).append_column(
+        "iou", pa.array([], pa.float64()))
     by_id = [("image_id", "ascending")]
 
     def name(r: dict[str, Any]) -> str:
@@ -367,7 +377,8 @@ def gallery_page(cfg: PreprocessConfig, shards: list[outputs.Receipt], small: li
     sections = []
     statuses = sorted(summary["statuses"], key=lambda x: (x != "ok", x))
     for status in statuses:
-        total, group = gallery.top(table, pc.equal(table.column("status"), status), cap, by_id)
+        total, group = gallery.top(table, pc.equal(table.column("status"), status), cap,
+                                   [("shard", "ascending"), ("row", "ascending")] if status == "ok" else by_id)
         if status == "ok":
             sections.append(gallery.Section("ok", [crop_tile(r, name(r)) for r in group], total,
                                             "the crops as training reads them"))
@@ -378,9 +389,9 @@ def gallery_page(cfg: PreprocessConfig, shards: list[outputs.Receipt], small: li
                 gallery.Tile(caption=r["image_id"], title=r["uri"] or r["image_id"], note=r["error"])
                 for r in group], total, "nothing to show: each with its error", pictures=False))
     if cfg.detector != "none":  # the whole photo is never the annotators' box
-        rows, overlap = _away(table)
-        rows = rows.append_column("iou", pa.array(overlap))
-        total, group = gallery.top(rows, pc.less(rows.column("iou"), 0.5), cap, [("iou", "ascending"), *by_id])
+        away = pc.and_(pc.and_(pc.equal(table.column("status"), "ok"), pc.less(table.column("iou"), 0.5)),
+                       pa.array(_four(table.column("face_box"))))
+        total, group = gallery.top(table, away, cap, [("iou", "ascending"), *by_id])
         sections.append(gallery.Section(
             "face away from the annotators' box", [crop_tile(r, f"IoU {r['iou']:.2f} · {name(r)}") for r in group],
             total, "the crop's face box overlaps the annotators' consensus box by IoU < 0.5"))

@@ -230,6 +230,10 @@ def test_yolo_and_haar_run_end_to_end(ray_local, corpus, yolo_weights, tmp_path)
         assert len(sections["ok"]["figures"]) == min(48, len(ok))
         assert len(sections.get("no face", {"figures": []})["figures"]) == min(48, len(no_face))
         assert len(sections["face away from the annotators' box"]["figures"]) == min(48, len(away))
+        # ok: the first shards' first crops (their crops read from a shard or two); away: the least overlap first
+        assert sections["ok"]["titles"] == [r["image_id"] for r in ok][:48]
+        assert sections["face away from the annotators' box"]["titles"] == [
+            r["image_id"] for r in sorted(away, key=lambda r: (iou(r["box"], r["face_box"]), r["image_id"]))][:48]
         for name in ("ok", "face away from the annotators' box", "no face"):
             for figure in sections.get(name, {"figures": []})["figures"]:
                 assert len(figure) == 1
