@@ -185,42 +185,44 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
     return sums
 
 
-def evaluate(model: torch.nn.Module, batches: Iterable[Batch], normalize: dict[str, list[float]] = IMAGENET,
-             num_classes: int = len(CLASS_NAMES), bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model (in eval mode, without gradients) on uint8 photo batches already at its input size, normalised by
-    ``normalize``; bf16 autocast if ``bf16`` and on GPU. Workers each evaluate their share and add up. Returns
-    (confusion matrix ``cm[true, predicted]`` as (num_classes, num_classes) int64 counts, summed cross-entropy as
-    float64) on the model's device, so nothing waits for the GPU until the caller reads them."""
+def _outputs(model: torch.nn.Module, batches: Iterable[Batch], normalize: dict[str, list[float]], bf16: bool
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(fp32 logits, labels) per batch of uint8 photos already at the model's input size, normalised by
+    ``normalize``, on the model's device, in eval mode without gradients (bf16 autocast if ``bf16`` and on GPU)."""
     device = next(model.parameters()).device
     mean = torch.tensor(normalize["mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(normalize["std"], device=device).view(1, 3, 1, 1)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-    loss = torch.zeros((), dtype=torch.float64, device=device)
     model.eval()
     with torch.no_grad():
         for images, labels in batches:
             x = (_to_input(images, device) - mean) / std
-            y = labels.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
                 logits = model(x)
-            loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+            yield logits.float(), labels.to(device)
+
+
+def evaluate(model: torch.nn.Module, batches: Iterable[Batch], normalize: dict[str, list[float]] = IMAGENET,
+             num_classes: int = len(CLASS_NAMES), bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model on ``batches`` (see :func:`_outputs`). Workers each evaluate their share and add up. Returns
+    (confusion matrix ``cm[true, predicted]`` as (num_classes, num_classes) int64 counts, summed cross-entropy as
+    float64) on the model's device, so nothing waits for the GPU until the caller reads them."""
+    device = next(model.parameters()).device
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    for logits, y in _outputs(model, batches, normalize, bf16):
+        loss += F.cross_entropy(logits, y, reduction="sum").double()
+        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
     return confusion.view(num_classes, num_classes), loss
 
 
 def predict(model: torch.nn.Module, batches: Iterable[Batch], normalize: dict[str, list[float]] = IMAGENET
             ) -> tuple[np.ndarray, np.ndarray]:
-    """The model's fp32 logits (N, classes) and the labels, on uint8 photo batches already at its input size, in
-    eval mode without gradients: what calibration and the test figures are computed from."""
-    device = next(model.parameters()).device
-    mean = torch.tensor(normalize["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(normalize["std"], device=device).view(1, 3, 1, 1)
+    """The model's fp32 logits (N, classes) and the labels on ``batches`` (see :func:`_outputs`), in fp32: what
+    calibration and the test figures are computed from."""
     logits, labels = [], []
-    model.eval()
-    with torch.no_grad():
-        for images, y in batches:
-            logits.append(model((_to_input(images, device) - mean) / std).float().cpu().numpy())
-            labels.append(np.asarray(y, np.int64))
+    for z, y in _outputs(model, batches, normalize, bf16=False):
+        logits.append(z.cpu().numpy())
+        labels.append(y.cpu().numpy().astype(np.int64))
     if not logits:
         return np.zeros((0, len(CLASS_NAMES)), np.float32), np.zeros(0, np.int64)
     return np.concatenate(logits), np.concatenate(labels)
