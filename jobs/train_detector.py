@@ -32,10 +32,8 @@ if __name__ == "__main__":
             meta = ray.get(ray.remote(num_gpus=cfg.gpus, num_cpus=cfg.cpus)(run).remote(cfg))
         else:
             meta = run(cfg)
-    m = meta["metrics"]
-    for when in ("before", "after"):
-        if m[when]:
-            print(f"{when:>6}: mAP@0.5 {m[when]['map50']:.4f}  mAP@0.5:0.95 {m[when]['map50_95']:.4f}  "
-                  f"primary-face recall {m[when]['primary_face_recall']:.4f}  ({m[when]['photos']} test photos)")
-    print(f"best.pt sha256 {meta['weights']['sha256']}; trained in {meta['train']['seconds']} s, "
-          f"job {meta['seconds']} s")
+    for when, m in (("before", meta.metrics.before), ("after", meta.metrics.after)):
+        if m:
+            print(f"{when:>6}: mAP@0.5 {m.map50:.4f}  mAP@0.5:0.95 {m.map50_95:.4f}  "
+                  f"primary-face recall {m.primary_face_recall:.4f}  ({m.photos} test photos)")
+    print(f"best.pt sha256 {meta.weights.sha256}; trained in {meta.train.seconds} s, job {meta.seconds} s")

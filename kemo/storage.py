@@ -1,16 +1,12 @@
-"""Local paths and ``s3://`` URIs behind one filesystem API: list, read, write whole files, and the two conditional
-writes that a lease needs (create only if absent, replace only if unchanged).
-
-S3 goes through pyarrow's S3 client (boto3 where pyarrow cannot: ETags, odd keys, conditional writes);
-``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` selects a custom endpoint (a moto server in tests, MinIO on premises).
-How outputs are committed is :mod:`kemo.outputs`.
+"""Local paths and ``s3://`` URIs behind one API: read, write and delete whole files, and the conditional writes a
+lease needs (create only if absent, replace only if unchanged). S3 goes through pyarrow (boto3 where it cannot: ETags,
+odd keys, conditional writes); ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` selects a custom endpoint (moto in
+tests, MinIO on premises). What is under a root is :mod:`kemo.listing`; committing outputs is :mod:`kemo.outputs`.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import errno
 import fcntl
 import functools
 import io
@@ -20,7 +16,6 @@ import posixpath
 import stat
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
@@ -75,6 +70,11 @@ def _boto3_s3(endpoint: str | None, region: str | None) -> Any:
     return boto3.client("s3", endpoint_url=endpoint, region_name=region)  # thread-safe; one per process
 
 
+def s3_client(bucket: str) -> Any:
+    """boto3's S3 client for ``bucket``: for what pyarrow cannot do (ETags, odd keys, conditional writes)."""
+    return _boto3_s3(*_s3_settings(bucket))
+
+
 def _pyarrow_addressable(key: str) -> bool:
     """pyarrow's S3 client refuses empty path components and drops "." / ".." ones: such keys are legal S3 objects
     (``a/../x.jpg``, ``a//x.jpg``) that only a client sending the key verbatim, boto3, can read."""
@@ -88,7 +88,6 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
-LINKS = ("inside", "anywhere")  # symlink policies of a job's input (docs/design.md, «Safety»)
 HEAD_BYTES = 64  # enough for every format sniffer: read first, before the rest of a file
 
 
@@ -102,32 +101,6 @@ class NotAFile(OSError):
 
 class Changed(OSError):
     """A local file that is no longer the one listed (a link re-pointed, a file replaced): not read."""
-
-
-@dataclass(frozen=True, slots=True)  # slots: a listing holds one per file, 500k for the corpus
-class FileEntry:
-    rel: str  # root-relative key with '/' separators, exactly as stored (not normalised; surrogate-escaped if need be)
-    uri: str  # what read_bytes() takes: valid UTF-8 always (a local name that is not is a file:// URI, percent-encoded)
-    size: int
-    mtime_ns: int | None
-    etag: str | None = None  # S3 with etags=True: changes with the content even within LastModified's second
-    # set when the entry is not a readable file: broken_link, outside_link, folder_link, special_file or
-    # read_error (with why)
-    status: str | None = None
-    error: str | None = None
-    file_id: str | None = None  # local files: "device:inode" of what was listed (a link's target), see read_bounded
-
-
-def os_metadata(rel: str) -> bool:
-    """Files an OS leaves beside photos (macOS resource forks and folder views, Windows thumbnails): never inputs."""
-    parts = rel.split("/")
-    return "__MACOSX" in parts or parts[-1].startswith("._") or parts[-1] in (".DS_Store", "Thumbs.db")
-
-
-def _below(path: str, base: str) -> str:
-    """An S3 key relative to the listed prefix, verbatim: ``posixpath.relpath`` would fold ``a/../x`` into ``x``
-    (two keys, one name) and needs a current directory, which a job's unpacked working dir may no longer be."""
-    return path[len(base):].removeprefix("/") if path.startswith(base) else path
 
 
 def local_uri(path: str) -> str:
@@ -148,143 +121,14 @@ def local_path(uri: str) -> str:
     return os.path.abspath(uri)
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
     return {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
             stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(mode), "not a regular file")
 
 
-def _file_id(st: os.stat_result) -> str:
+def file_identity(st: os.stat_result) -> str:
+    """A file's ``device:inode``: which file a name led to, so a later open can tell it is still that one."""
     return f"{st.st_dev}:{st.st_ino}"
-
-
-def _walk_local(base: str, links: str) -> list[FileEntry]:
-    """Every entry under ``base``: regular files (and links the policy follows to one) as plain entries, everything
-    else as an entry with a status; no entry ever raises. ``links="inside"`` follows a symlink only when its target
-    (resolved) stays inside the resolved root. Each real folder is walked once: the real tree first, then the folder
-    links in the order found, so a link to a folder already listed (its own ancestor, a sibling, a second link to the
-    same place) is a ``folder_link`` entry, and links between folders cannot multiply the listing.
-    """
-    if links not in LINKS:
-        raise ValueError(f"--links {links!r}: choose from {', '.join(LINKS)}")
-    real_root = os.path.realpath(base)
-    out: list[FileEntry] = []
-
-    def rel(path: str) -> str:
-        return os.path.relpath(path, base).replace(os.sep, "/")
-
-    def entry(path: str, st: os.stat_result | None, status: str | None = None, error: str | None = None) -> None:
-        out.append(FileEntry(rel(path), local_uri(path), st.st_size if st and status is None else 0,
-                             st.st_mtime_ns if st else None, status=status, error=error,
-                             file_id=_file_id(st) if st and status is None else None))
-
-    root_st = os.stat(base)
-    listed = {(root_st.st_dev, root_st.st_ino): base}  # real folder → the path it is listed under
-    folder_links: list[tuple[str, os.stat_result, os.stat_result]] = []  # (link, its lstat, its target's stat)
-
-    def walk(start: str) -> None:
-        queue = collections.deque([start])
-        while queue:
-            directory = queue.popleft()
-            try:
-                with os.scandir(directory) as it:
-                    items = sorted(it, key=lambda d: d.name)
-            except OSError as e:  # permissions, I/O: the folder's entries cannot be known; it gets the row
-                entry(directory, None, "read_error", f"cannot list this folder: {e.strerror or e}")
-                continue
-            for item in items:
-                path = item.path
-                try:
-                    st = os.lstat(path)
-                    if stat.S_ISLNK(st.st_mode):
-                        try:
-                            target = os.path.realpath(path, strict=True)
-                        except OSError as e:
-                            why = "a symlink loop" if e.errno == errno.ELOOP else "a dangling symlink"
-                            entry(path, st, "broken_link", f"{why} ({os.readlink(path)!r}): {e.strerror or e}")
-                            continue
-                        if links == "inside" and not _inside(target, real_root):
-                            entry(path, st, "outside_link", f"a symlink to {local_uri(target)}, outside the input: "
-                                                            "not followed (--links anywhere follows it)")
-                            continue
-                        tst = os.stat(target)
-                        if stat.S_ISDIR(tst.st_mode):
-                            folder_links.append((path, st, tst))  # after the real tree
-                            continue
-                    else:
-                        tst = st
-                    if stat.S_ISDIR(tst.st_mode):
-                        key = (tst.st_dev, tst.st_ino)
-                        if key in listed:  # the same folder mounted twice
-                            entry(path, st, "folder_link", f"the folder listed as {rel(listed[key])}: not listed twice")
-                        else:
-                            listed[key] = path
-                            queue.append(path)
-                    elif stat.S_ISREG(tst.st_mode):
-                        entry(path, tst)
-                    else:
-                        entry(path, st, "special_file", f"{_kind(tst.st_mode)}: never opened")
-                except OSError as e:  # vanished or unreadable between the listing and its stat
-                    entry(path, None, "read_error", f"{type(e).__name__}: {e.strerror or e}")
-
-    walk(base)
-    for path, st, tst in folder_links:  # grows while linked folders are walked
-        key = (tst.st_dev, tst.st_ino)
-        if key in listed:
-            entry(path, st, "folder_link", f"a symlink to the folder listed as {rel(listed[key])}: its photos have "
-                                           "their rows there")
-        else:
-            listed[key] = path
-            walk(path)
-    return out
-
-
-def list_input(root: str, links: str = "inside", etags: bool = False) -> list[FileEntry]:
-    """Every entry under a job's input ``root`` (recursive), sorted by key; no single entry fails the listing.
-
-    Regular files come back plain. Locally, what is not one (a dangling or looping symlink, a symlink the ``links``
-    policy does not follow, a link to a folder listed already, a FIFO, socket or device, an unlistable folder) comes
-    back with ``status`` and
-    ``error`` set, for the job to give it its row. Names that are not UTF-8 keep their bytes (``FileEntry.uri``).
-    S3 "folder" marker keys are not files. ``etags=True`` lists S3 with boto3, whose ListObjectsV2 answer carries each
-    object's ETag (pyarrow drops it).
-    """
-    out = []
-    if is_s3(root) and etags:
-        bucket, _, prefix = root[len("s3://"):].rstrip("/").partition("/")
-        base = f"{bucket}/{prefix}" if prefix else bucket
-        pages = _boto3_s3(*_s3_settings(bucket)).get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
-        for page in pages:
-            for obj in page.get("Contents", []):
-                if not obj["Key"].endswith("/"):
-                    path = f"{bucket}/{obj['Key']}"
-                    out.append(FileEntry(_below(path, base), f"s3://{path}", int(obj["Size"]),
-                                         int(obj["LastModified"].timestamp()) * 10**9, obj["ETag"].strip('"')))
-    elif is_s3(root):
-        fs, base = resolve(root)
-        for info in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=False)):
-            if info.type == pafs.FileType.File and not info.path.endswith("/"):
-                out.append(FileEntry(_below(info.path, base), f"s3://{info.path}", int(info.size or 0),
-                                     info.mtime_ns))
-    else:
-        base = os.path.abspath(root)
-        if os.path.isfile(base):
-            raise NotADirectoryError(f"{root} is a file, not a folder: give the folder that holds it")
-        if not os.path.isdir(base):
-            raise FileNotFoundError(f"no such folder: {root}")
-        out = _walk_local(base, links)
-    out.sort(key=lambda e: e.rel)
-    return out
-
-
-def list_files(root: str, etags: bool = False) -> list[FileEntry]:
-    """The regular files under ``root`` (recursive), sorted by key: what the output store lists of its own folders.
-    Links are followed anywhere (an output's files are its own); entries that are not files are left out."""
-    return [e for e in list_input(root, "anywhere", etags) if e.status is None]
 
 
 def read_bytes(uri: str) -> bytes:
@@ -293,7 +137,7 @@ def read_bytes(uri: str) -> bytes:
             return f.read()
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not _pyarrow_addressable(key):
-        client = _boto3_s3(*_s3_settings(bucket))
+        client = s3_client(bucket)
         try:
             return client.get_object(Bucket=bucket, Key=key)["Body"].read()
         except client.exceptions.NoSuchKey as e:
@@ -343,8 +187,8 @@ def read_bounded(uri: str, limit: int, check_head: Callable[[bytes], object] | N
 
         def check(st: os.stat_result) -> None:
             if not stat.S_ISREG(st.st_mode):
-                raise NotAFile(f"{_kind(st.st_mode)}: never read")
-            if file_id is not None and _file_id(st) != file_id:
+                raise NotAFile(f"{file_kind(st.st_mode)}: never read")
+            if file_id is not None and file_identity(st) != file_id:
                 raise Changed("not the file that was listed (replaced, or a symlink re-pointed since): not read")
 
         check(os.stat(path))  # a FIFO is not even opened (that alone wakes a writer waiting on it)
@@ -355,7 +199,7 @@ def read_bounded(uri: str, limit: int, check_head: Callable[[bytes], object] | N
             return finish(st.st_size, f.read)
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not _pyarrow_addressable(key):
-        client = _boto3_s3(*_s3_settings(bucket))
+        client = s3_client(bucket)
         try:
             answer = client.get_object(Bucket=bucket, Key=key)
         except client.exceptions.NoSuchKey as e:
@@ -430,7 +274,7 @@ def delete(uri: str, missing_ok: bool = False) -> None:
 
 def _s3_object(uri: str) -> tuple[Any, str, str]:
     bucket, _, key = uri[len("s3://"):].partition("/")
-    return _boto3_s3(*_s3_settings(bucket)), bucket, key
+    return s3_client(bucket), bucket, key
 
 
 def _version(st: os.stat_result) -> str:

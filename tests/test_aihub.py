@@ -14,10 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kemo import outputs, storage
-from kemo.classes import UNKNOWN
+from kemo.classes import UNKNOWN, class_index
 from kemo.crop import iou
 from kemo.data import aihub, synth
-from kemo.data.aihub import IndexConfig, assign_splits, index, load_manifest, majority, parse_box, run
+from kemo.data.aihub import IndexConfig, IndexReport, index, load_manifest, run
+from kemo.data.labelfile import decode_json
+from kemo.data.record import majority, parse_box
+from kemo.data.split import assign_splits
 from kemo.settings import InputSettings
 from tests import hostile
 
@@ -63,7 +66,7 @@ def rows_by_name(table):
 def test_label_file_encodings_give_the_same_rows(tmp_path, encoding):
     records = [rec(fname(n=i), votes=("슬픔", "슬픔", "기쁨")) for i in range(3)]
     table, report = index(make_root(tmp_path, records, encoding=encoding))
-    assert report["label_files"][0]["encoding"] == encoding
+    assert report.label_files[0]["encoding"] == encoding
     assert table.num_rows == 3
     rows = table.to_pylist()
     assert {r["label"] for r in rows} == {2} and {r["agree_n"] for r in rows} == {2}
@@ -74,7 +77,7 @@ def test_cp949_is_not_mistaken_for_utf8():
     data = json.dumps([{"filename": "x_기쁨.jpg"}], ensure_ascii=False).encode("cp949")
     with pytest.raises(UnicodeDecodeError):
         data.decode("utf-8")
-    parsed, enc = aihub.decode_json(data)
+    parsed, enc = decode_json(data)
     assert enc == "cp949" and parsed[0]["filename"] == "x_기쁨.jpg"
 
 
@@ -85,7 +88,7 @@ def test_garbage_label_file_is_reported_not_fatal(tmp_path):
     bad.write_bytes(b"\x00\xff\xfe garbage {")
     table, report = index(root)
     assert table.num_rows == 1
-    errors = [f for f in report["label_files"] if "error" in f]
+    errors = [f for f in report.label_files if "error" in f]
     assert len(errors) == 1 and "분노" in errors[0]["path"]
 
 
@@ -98,7 +101,7 @@ def test_deeply_nested_label_file_is_reported_not_fatal(tmp_path, depth, message
     bad.write_bytes(b"[" * depth + b"]" * depth)
     table, report = index(root)
     assert table.num_rows == 1
-    (error,) = [f for f in report["label_files"] if "error" in f]
+    (error,) = [f for f in report.label_files if "error" in f]
     assert message in error["error"] and "분노" in error["path"]
 
 
@@ -120,7 +123,7 @@ def test_nfd_names_on_disk_and_in_json_are_matched_and_normalised(tmp_path):
     assert row["image_id"] == unicodedata.normalize("NFC", row["image_id"])
     assert row["image_id"].endswith(name) and row["label"] == 0
     assert os.path.exists(row["uri"])  # the uri keeps the bytes of the name on disk
-    assert report["orphan_images"] == [] and report["missing_images"] == []
+    assert report.orphan_images == [] and report.missing_images == []
 
 
 # --------------------------------------------------------------------------------------------------- labels
@@ -146,7 +149,7 @@ def test_majority_rules(tmp_path, votes, label, agree_n):
     table, _ = index(make_root(tmp_path, [rec(fname(), votes=votes)]))
     (row,) = table.to_pylist()
     assert (row["label"], row["agree_n"]) == (label, agree_n)
-    assert row["votes"] == [aihub.class_index(v) for v in votes]
+    assert row["votes"] == [class_index(v) for v in votes]
 
 
 def test_two_annotators_tie_is_unknown():
@@ -160,7 +163,7 @@ def test_folder_is_not_the_label_and_purity_is_reported(tmp_path):
     table, report = index(make_root(tmp_path, records))
     assert sorted(r["label"] for r in table.to_pylist()) == [UNKNOWN, 0, 0, 2]
     assert all(r["uploader_label"] == 0 for r in table.to_pylist())
-    assert report["folder_purity"] == {"기쁨": 0.5}
+    assert report.folder_purity == {"기쁨": 0.5}
 
 
 # --------------------------------------------------------------------------------------------------- boxes
@@ -176,7 +179,7 @@ def test_negative_boxes_are_clipped_and_empty_boxes_dropped(tmp_path):
     boxes = [(-20, -10, 200, 220), (0, 0, 0, 0), (20, 10, 220, 240)]
     table, report = index(make_root(tmp_path, [rec(fname(), boxes=boxes)]))
     assert table.to_pylist()[0]["box"] == pytest.approx([10, 5, 210, 230])
-    assert report["boxes"] == {"clipped": 1, "empty": 1, "ok": 1}
+    assert report.boxes == {"clipped": 1, "empty": 1, "ok": 1}
 
 
 def test_unknown_label_still_gets_a_face_box(tmp_path):
@@ -189,7 +192,7 @@ def test_unknown_label_still_gets_a_face_box(tmp_path):
 def test_no_usable_box_gives_null_box(tmp_path):
     boxes = [(0, 0, 0, 0), (-50, -50, -10, -10), (5, 5, 5, 90)]
     table, report = index(make_root(tmp_path, [rec(fname(), boxes=boxes)]))
-    assert table.to_pylist()[0]["box"] is None and report["no_box"] == 1
+    assert table.to_pylist()[0]["box"] is None and report.no_box == 1
 
 
 @pytest.mark.parametrize("raw, box, note", [
@@ -233,7 +236,7 @@ def test_keys_are_matched_whatever_their_case(tmp_path):
     assert (row["label"], row["agree_n"], row["votes"], row["gender"], row["is_prof"], row["uploader_label"]) == (
         1, 2, [1, 1, 2], "M", True, 1)
     assert row["box"] == pytest.approx([2, 3, 31, 41])
-    assert rows[fname(n=1)]["label"] == UNKNOWN and report["boxes"]["no_annotators"] == 1
+    assert rows[fname(n=1)]["label"] == UNKNOWN and report.boxes["no_annotators"] == 1
 
 
 def test_absurd_values_do_not_stop_the_index(tmp_path):
@@ -241,7 +244,7 @@ def test_absurd_values_do_not_stop_the_index(tmp_path):
     table, report = index(make_root(tmp_path, [rec(fname(), boxes=boxes, age=40000), rec(fname(n=1), age="19900101")]))
     rows = rows_by_name(table)
     assert rows[fname()]["box"] == pytest.approx([10, 10, 60, 50]) and rows[fname()]["age"] is None
-    assert rows[fname(n=1)]["age"] is None and report["boxes"]["malformed"] == 1
+    assert rows[fname(n=1)]["age"] is None and report.boxes["malformed"] == 1
 
 
 def test_non_utf8_file_names_are_reported_not_fatal(tmp_path):
@@ -252,7 +255,7 @@ def test_non_utf8_file_names_are_reported_not_fatal(tmp_path):
         f.write(b"x")
     table, report = index(root)
     assert table.num_rows == 1
-    assert report["undecodable_names"] == [f"Training/[원천]EMOIMG_기쁨_TRAIN_01/{fname(n=5)}"]
+    assert report.undecodable_names == [f"Training/[원천]EMOIMG_기쁨_TRAIN_01/{fname(n=5)}"]
 
 
 def test_entries_that_are_not_files_are_reported_and_never_opened(tmp_path):
@@ -273,12 +276,12 @@ def test_entries_that_are_not_files_are_reported_and_never_opened(tmp_path):
         huge.write_bytes(b"[" + b" " * 5000 + b"]")
         table, report = index(root, inputs=InputSettings(max_bytes=4096))
         assert table.column("image_id").to_pylist() == [f"Training/[원천]EMOIMG_기쁨_TRAIN_01/{names[0]}"]
-        unusable = {r["filename"]: r["status"] for r in report["unusable_images"]}
+        unusable = {r["filename"]: r["status"] for r in report.unusable_images}
         assert unusable == {names[1]: "broken_link", names[2]: "special_file", names[3]: "outside_link"}
-        assert report["not_files"] == {"broken_link": 3, "folder_link": 5, "outside_link": 7, "special_file": 2}
-        errors = {r["path"]: r.get("error") for r in report["label_files"]}
+        assert report.not_files == {"broken_link": 3, "folder_link": 5, "outside_link": 7, "special_file": 2}
+        errors = {r["path"]: r.get("error") for r in report.label_files}
         assert "exceeds the 4096-byte limit" in errors[huge.relative_to(tmp_path / "root").as_posix()]
-        assert report["undecodable_names"] == ["more/한글 사진.jpg"]
+        assert report.undecodable_names == ["more/한글 사진.jpg"]
         assert "not files (never opened)" in aihub.summarize(report)
     finally:
         assert not guard.close()
@@ -294,12 +297,12 @@ def test_root_above_the_release_folders(tmp_path):
     assert set(rows) == {"Training", "Validation"}
     assert rows["Training"]["image_id"].startswith("aihub/Training/") and rows["Training"]["label"] == 1
     assert rows["Validation"]["image_id"].startswith("aihub/Validation/") and rows["Validation"]["label"] == 2
-    assert not report["duplicate_records"] and not report["orphan_images"]
+    assert not report.duplicate_records and not report.orphan_images
 
 
 def test_person_id_missing_falls_back_to_the_file(tmp_path):
     table, report = index(make_root(tmp_path, [rec("IMG_0001 & 2.jpg")]))
-    assert table.to_pylist()[0]["person_id"] == "file:IMG_0001 & 2" and report["no_person_id"] == 1
+    assert table.to_pylist()[0]["person_id"] == "file:IMG_0001 & 2" and report.no_person_id == 1
 
 
 # --------------------------------------------------------------------------------------------------- files
@@ -314,10 +317,10 @@ def test_missing_images_orphans_bad_and_duplicate_records_are_reported(tmp_path)
     (junk / ("._" + fname(n=9))).write_bytes(b"")
     table, report = index(root)
     assert [os.path.basename(r["image_id"]) for r in table.to_pylist()] == [fname(n=0)]
-    assert [m["filename"] for m in report["missing_images"]] == [fname(n=1)]
-    assert [os.path.basename(p) for p in report["orphan_images"]] == [fname(n=2, ext="jpeg")]
-    assert [b["error"] for b in report["bad_records"]] == ["record has no filename", "record is not an object"]
-    assert [d["filename"] for d in report["duplicate_records"]] == [fname(n=0)]
+    assert [m["filename"] for m in report.missing_images] == [fname(n=1)]
+    assert [os.path.basename(p) for p in report.orphan_images] == [fname(n=2, ext="jpeg")]
+    assert [b["error"] for b in report.bad_records] == ["record has no filename", "record is not an object"]
+    assert [d["filename"] for d in report.duplicate_records] == [fname(n=0)]
 
 
 def test_same_file_name_in_two_parts_prefers_the_records_own_release(tmp_path):
@@ -328,8 +331,8 @@ def test_same_file_name_in_two_parts_prefers_the_records_own_release(tmp_path):
     (other / name).write_bytes(b"x")
     table, report = index(str(tmp_path))
     assert table.to_pylist()[0]["image_id"].startswith("Validation/")
-    assert report["ambiguous_images"][0]["candidates"] == 2
-    assert len(report["orphan_images"]) == 1
+    assert report.ambiguous_images[0]["candidates"] == 2
+    assert len(report.orphan_images) == 1
 
 
 # --------------------------------------------------------------------------------------------------- split, sample
@@ -365,7 +368,7 @@ def test_split_is_by_person_with_8_1_1_proportions(tmp_path):
         assert split_of.setdefault(r["person_id"], r["split"]) == r["split"]
     counts = Counter(r["split"] for r in rows)
     assert counts == {"train": 160, "val": 20, "test": 20}  # 40 persons × 5 images: exact
-    assert report["splits"]["train"]["persons"] == 32
+    assert report.splits["train"]["persons"] == 32
 
 
 def test_balanced_sample_prefers_unanimous_and_reports_shortfall(tmp_path):
@@ -378,10 +381,10 @@ def test_balanced_sample_prefers_unanimous_and_reports_shortfall(tmp_path):
     happy = [r for r in rows if r["label"] == 0]
     assert sorted(r["agree_n"] for r in happy) == [2, 3, 3, 3]
     assert all(r["label"] != UNKNOWN for r in rows) and len(rows) == 6
-    sample = report["sample"]["classes"]
+    sample = report.sample.classes
     assert sample["happy"] == {"available": {"3": 3, "2": 5}, "taken": {"3": 3, "2": 1}, "short": 0}
     assert sample["angry"]["short"] == 2 and sample["sad"]["short"] == 4
-    assert report["sample"]["short_classes"] == ["angry", "sad", "anxious", "embarrassed", "hurt", "neutral"]
+    assert report.sample.short_classes == ["angry", "sad", "anxious", "embarrassed", "hurt", "neutral"]
     again, _ = index(make_root(tmp_path, records), per_class=4, seed=1)
     assert again.equals(table)
 
@@ -392,9 +395,10 @@ def test_balanced_sample_prefers_unanimous_and_reports_shortfall(tmp_path):
 def test_run_commits_output_and_rerun_replaces_it(tmp_path):
     root = make_root(tmp_path / "root", [rec(fname(n=i)) for i in range(4)])
     out = str(tmp_path / "out")
-    run(IndexConfig(root=root, output=out))
+    report = run(IndexConfig(root=root, output=out))
     manifest = outputs.Output(out, "index").committed()
     assert {f["path"] for f in manifest["files"]} == {"manifest.parquet", "report.json", "config.json"}
+    assert IndexReport.read(out) == report  # report.json reads back typed, as written
     first = load_manifest(out)
     mtimes = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
     run(IndexConfig(root=root, output=out))  # the same corpus: nothing written
@@ -411,7 +415,21 @@ def test_run_commits_output_and_rerun_replaces_it(tmp_path):
 def test_smoke_test_reads_one_label_file(tmp_path):
     root = make_root(tmp_path / "root", [rec(fname(n=i)) for i in range(3)])
     report = run(IndexConfig(root=root, output=str(tmp_path / "out"), smoke_test=True))
-    assert len(report["label_files"]) == 1 and load_manifest(str(tmp_path / "out")).num_rows == 3
+    assert len(report.label_files) == 1 and load_manifest(str(tmp_path / "out")).num_rows == 3
+
+
+def test_split_shares_and_an_earlier_kemos_index_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="--split needs three"):
+        IndexConfig(root="r", output="o", split=(0.9, 0.1))
+    root = make_root(tmp_path / "root", [rec(fname())])
+    index_dir = str(tmp_path / "index")
+    assert aihub.load_or_index(root, index_dir).num_rows == 1
+    with pytest.raises(ValueError, match="use a new --output for other inputs"):
+        aihub.load_or_index(root, index_dir, seed=1)
+    committed = outputs.Output.committed
+    monkeypatch.setattr(outputs.Output, "committed", lambda self: {**committed(self), "fingerprint": None})
+    with pytest.raises(ValueError, match="written by an earlier kemo: use a new --output"):
+        aihub.load_or_index(root, index_dir)
 
 
 def test_uncommitted_output_is_refused(tmp_path):
@@ -445,8 +463,8 @@ def test_index_reproduces_the_generators_ground_truth(corpus):
     rows = table.to_pylist()
     good = {k: t for k, t in truth.items() if t["written"] and t["has_record"]}
     assert {r["image_id"] for r in rows} == set(good)
-    assert len(report["missing_images"]) == cfg.missing
-    assert len(report["orphan_images"]) == cfg.orphans
+    assert len(report.missing_images) == cfg.missing
+    assert len(report.orphan_images) == cfg.orphans
     agree = 0
     for r in rows:
         t = good[r["image_id"]]
@@ -463,7 +481,7 @@ def test_index_reproduces_the_generators_ground_truth(corpus):
                   if (v == r["label"] or r["label"] == UNKNOWN) and b[2] > b[0] and b[3] > b[1]]
         assert r["box"] == pytest.approx(np.mean(usable, axis=0), abs=1e-3)
     assert agree / len(rows) >= 0.9  # the majority recovers the drawn expression; the folder does not always
-    assert report["boxes"].get("empty", 0) > 0 and report["boxes"].get("clipped", 0) > 0
+    assert report.boxes.get("empty", 0) > 0 and report.boxes.get("clipped", 0) > 0
 
 
 def test_index_of_generated_corpus_is_person_disjoint(corpus):
@@ -473,8 +491,8 @@ def test_index_of_generated_corpus_is_person_disjoint(corpus):
     for r in table.to_pylist():
         persons.setdefault(r["person_id"], set()).add(r["split"])
     assert all(len(s) == 1 for s in persons.values())
-    labelled = sum(v["labelled"] for v in report["splits"].values())
-    assert abs(report["splits"]["train"]["labelled"] / labelled - 0.8) < 0.05
+    labelled = sum(v["labelled"] for v in report.splits.values())
+    assert abs(report.splits["train"]["labelled"] / labelled - 0.8) < 0.05
 
 
 def test_index_from_s3_equals_local_index(corpus, s3_bucket, upload_tree):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from kemo.benchmark import BenchmarkConfig, run
-from kemo.benchmark.config import DEFAULT_STAGES, effective, parse_stages
+from kemo.benchmark.config import DEFAULT_STAGES, parse_stages
+from kemo.benchmark.decode import decode_methods
 from kemo.benchmark.loops import plain_train
-from kemo.benchmark.stages import decode_methods, worker_counts
+from kemo.benchmark.scaling import worker_counts
 from tests.photos import jpeg, scene
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -38,10 +39,10 @@ def test_stages_and_worker_counts():
 
 def test_smoke_test_config():
     """--smoke-test shrinks the work, not what runs; list fields are tuples, and a bare str is refused."""
-    cfg = effective(BenchmarkConfig(smoke_test=True, images=300, train_model="resnet18", detectors=("haar",)))
+    cfg = BenchmarkConfig(smoke_test=True, images=300, train_model="resnet18", detectors=("haar",)).smoke()
     assert (cfg.images, cfg.size, cfg.train_epochs, cfg.train_images) == (14, "320x240", 2, 32)
     assert (cfg.stages, cfg.detectors, cfg.train_model) == (DEFAULT_STAGES, ("haar",), "resnet18")
-    assert effective(BenchmarkConfig(images=300)).images == 300
+    assert BenchmarkConfig(images=300).smoke().images == 300
     with pytest.raises(TypeError, match="tuple of str"):
         BenchmarkConfig(detectors="haar")
 

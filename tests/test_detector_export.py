@@ -43,14 +43,14 @@ def test_export_round_trips_to_the_upright_consensus_boxes(corpus_index, corpus,
     root, _ = corpus
     out = str(tmp_path / "faces")
     summary = run(ExportConfig(input=corpus_index, output=out, counts=(60, 20, 20), max_side=160, jobs=2))
-    assert summary["counts"] == {"train": 60, "val": 20, "test": 20}
-    assert summary["statuses"] == {"exported": 100}
+    assert summary.counts == {"train": 60, "val": 20, "test": 20}
+    assert summary.statuses == {"exported": 100}
     truth = {t["image_id"]: t for t in synth.read_truth(root).to_pylist()}
     manifest = {r["image_id"]: r for r in aihub.load_manifest(corpus_index).to_pylist()}
     seen = Counter()
     for split in ("train", "val", "test"):
         names = sorted(os.listdir(os.path.join(out, "labels", split)))
-        assert len(names) == summary["counts"][split]
+        assert len(names) == summary.counts[split]
         for r in manifest.values():
             name = file_id(r["image_id"])
             if f"{name}.txt" not in names:
@@ -81,14 +81,14 @@ def test_export_resumes_and_skips_what_is_done(corpus_index, tmp_path):
     victim = sorted(os.listdir(os.path.join(out, "labels", "train")))[0]
     os.remove(os.path.join(out, "labels", "train", victim))  # as if killed before this label was written
     again = run(cfg)
-    assert again["statuses"] == {"exported": 1, "skipped": 29} and again["counts"] == {"train": 20, "val": 5, "test": 5}
+    assert again.statuses == {"exported": 1, "skipped": 29} and again.counts == {"train": 20, "val": 5, "test": 5}
 
 
 def test_export_with_other_settings_leaves_only_the_new_selection(corpus_index, tmp_path):
     out = str(tmp_path / "faces")
     run(ExportConfig(input=corpus_index, output=out, counts=(20, 5, 5), max_side=128, seed=0, jobs=2))
     again = run(ExportConfig(input=corpus_index, output=out, counts=(12, 4, 4), max_side=128, seed=1, jobs=2))
-    assert again["statuses"]["removed_stale"] > 0
+    assert again.statuses["removed_stale"] > 0
     for split, n in (("train", 12), ("val", 4), ("test", 4)):
         images = {f[:-4] for f in os.listdir(os.path.join(out, "images", split))}
         labels = {f[:-4] for f in os.listdir(os.path.join(out, "labels", split))}
@@ -100,7 +100,7 @@ def test_export_redoes_pairs_whose_size_or_box_changed(corpus_index, tmp_path):
     manifest = aihub.load_manifest(corpus_index)
     run(ExportConfig(input=corpus_index, output=out, counts=(8, 2, 2), max_side=96, jobs=2), manifest=manifest)
     again = run(ExportConfig(input=corpus_index, output=out, counts=(8, 2, 2), max_side=128, jobs=2), manifest=manifest)
-    assert again["statuses"] == {"exported": 12, "removed_stale": 12}  # a crashed run at another size: all redone
+    assert again.statuses == {"exported": 12, "removed_stale": 12}  # a crashed run at another size: all redone
     for name in os.listdir(os.path.join(out, "images", "train")):
         assert max(cv2.imread(os.path.join(out, "images", "train", name)).shape[:2]) == 128
     rows = manifest.to_pylist()
@@ -111,5 +111,5 @@ def test_export_redoes_pairs_whose_size_or_box_changed(corpus_index, tmp_path):
     before = open(os.path.join(out, "labels", "train", moved + ".txt")).read()
     third = run(ExportConfig(input=corpus_index, output=out, counts=(8, 2, 2), max_side=128, jobs=2),
                 manifest=pa.Table.from_pylist(rows, schema=manifest.schema))
-    assert third["statuses"] == {"exported": 1, "skipped": 11, "removed_stale": 1}
+    assert third.statuses == {"exported": 1, "skipped": 11, "removed_stale": 1}
     assert open(os.path.join(out, "labels", "train", moved + ".txt")).read() != before

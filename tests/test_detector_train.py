@@ -1,5 +1,6 @@
 """jobs/train_detector.py's library: real ultralytics models from YAML trained on generated photos (CPU)."""
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -12,8 +13,24 @@ import pytest
 
 from kemo import outputs, storage
 from kemo.detector.train import KIND, TrainDetectorConfig, photos_to_use, resolve_source, run, split_counts
+from kemo.settings import DetectorSettings
 
 pytestmark = pytest.mark.slow
+
+
+@contextlib.contextmanager
+def killing_trainer(monkeypatch, kill):
+    """ultralytics' trainer with ``kill`` called at the end of every epoch (after last.pt is written)."""
+    from kemo.detector import trainer
+
+    class Killing(trainer.FaceTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback("on_fit_epoch_end", kill)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "FaceTrainer", Killing)
+        yield
 
 
 def small(**kw) -> TrainDetectorConfig:
@@ -41,10 +58,13 @@ def test_the_source_is_weights_or_a_yaml_never_both_nor_neither(tmp_path):
         resolve_source(small(input="x", output="y", model="no-such-model.yaml"))
     with pytest.raises(FileNotFoundError):
         resolve_source(small(input="x", output="y", weights=str(tmp_path / "missing.pt")))
-    ours = resolve_source(small(input="x", output="y", model="yolo-face-v2.yaml"))
-    theirs = resolve_source(small(input="x", output="y", model="yolo11n.yaml"))
-    assert ours["kind"] == theirs["kind"] == "model" and ours["sha256"] != theirs["sha256"]
-    assert resolve_source(small(input="x", output="y", model="yolo11s.yaml"))["sha256"] != theirs["sha256"]  # scale
+    ours, _ = resolve_source(small(input="x", output="y", model="yolo-face-v2.yaml"))
+    theirs, _ = resolve_source(small(input="x", output="y", model="yolo11n.yaml"))
+    assert ours.kind == theirs.kind == "model" and ours.sha256 != theirs.sha256
+    assert resolve_source(small(input="x", output="y", model="yolo11s.yaml"))[0].sha256 != theirs.sha256  # scale
+    with pytest.raises(ValueError, match="only the yolo detector"):
+        small(input="x", output="y", model="yolo11n.yaml", detector="haar")
+    assert small(input="x", output="y", model="yolo11n.yaml", smoke_test=True).smoke().epochs == 1
 
 
 def test_trains_from_a_yaml_resumes_after_a_crash_and_commits(corpus, tmp_path, monkeypatch):
@@ -58,12 +78,12 @@ def test_trains_from_a_yaml_resumes_after_a_crash_and_commits(corpus, tmp_path, 
     def kill_after_first_epoch(trainer):
         raise Killed
 
-    with pytest.raises(Killed):
-        run(cfg, callbacks={"on_fit_epoch_end": kill_after_first_epoch})
+    with pytest.raises(Killed), killing_trainer(monkeypatch, kill_after_first_epoch):
+        run(cfg)
     assert not storage.exists(os.path.join(out, "_commit.json"))
 
     meta = run(cfg)
-    assert meta["train"]["resumed_at_epoch"] == 1  # continued from last.pt, not from scratch
+    assert meta.train.resumed_at_epoch == 1  # continued from last.pt, not from scratch
     epochs = open(os.path.join(out, "work", "runs", "train", "results.csv")).read().strip().splitlines()[1:]
     assert [int(line.split(",")[0]) for line in epochs] == [1, 2]
     manifest = outputs.Output(out, KIND).committed()
@@ -71,12 +91,12 @@ def test_trains_from_a_yaml_resumes_after_a_crash_and_commits(corpus, tmp_path, 
                                                       "config.json"}
     best = open(os.path.join(out, "best.pt"), "rb").read()
     sha = hashlib.sha256(best).hexdigest()
-    assert open(os.path.join(out, "best.pt.sha256")).read() == f"{sha}  best.pt\n" and meta["weights"]["sha256"] == sha
-    assert meta["data"]["counts"] == {"train": 32, "val": 4, "test": 4}
-    after = meta["metrics"]["after"]
-    assert meta["metrics"]["before"] is None and after["photos"] == 4 and after["faces"] == 4
-    assert after["max_abs_diff"] < 1e-9 and 0 <= after["map50_95"] <= after["map50"] <= 1
-    assert set(after["ultralytics_val"]) == {"map50", "map50_95"}
+    assert open(os.path.join(out, "best.pt.sha256")).read() == f"{sha}  best.pt\n" and meta.weights.sha256 == sha
+    assert meta.data.counts == {"train": 32, "val": 4, "test": 4}
+    after = meta.metrics.after
+    assert meta.metrics.before is None and after.photos == 4 and after.faces == 4
+    assert after.max_abs_diff < 1e-9 and 0 <= after.map50_95 <= after.map50 <= 1
+    assert set(after.ultralytics_val) == {"map50", "map50_95"}
     table = open(os.path.join(out, "table4.md")).read().splitlines()
     assert table[0] == "| Model | mAP@0.5:0.95 | mAP@0.5 | primary-face recall |"
     assert table[2].startswith("| yolo11n.yaml (untrained") and table[3].startswith("| yolo11n.yaml (trained) | ")
@@ -88,13 +108,13 @@ def test_trains_from_a_yaml_resumes_after_a_crash_and_commits(corpus, tmp_path, 
     # killed after training but before the commit: the finished training is reused, not redone
     work = os.path.join(out, "work")
     os.remove(os.path.join(out, "_commit.json"))
-    assert run(cfg)["train"] == meta["train"]
+    assert run(cfg).train == meta.train
     # killed after ultralytics' last epoch but before trained.json: its stripped last.pt says it finished
     os.remove(os.path.join(out, "_commit.json"))
     os.remove(os.path.join(work, "trained.json"))
     monkeypatch.chdir(tmp_path)  # a fresh ultralytics run would write ./runs
     again = run(cfg)
-    assert again["train"]["resumed_at_epoch"] is None and again["weights"] == meta["weights"]
+    assert again.train.resumed_at_epoch is None and again.weights == meta.weights
     assert open(os.path.join(work, "runs", "train", "results.csv")).read().strip().splitlines()[1:] == epochs
     assert not os.path.exists(tmp_path / "runs")
     with pytest.raises(ValueError, match="may not set"):
@@ -103,17 +123,17 @@ def test_trains_from_a_yaml_resumes_after_a_crash_and_commits(corpus, tmp_path, 
         run(dataclasses.replace(cfg, train_args="[1]"))
 
 
-def test_killed_after_the_last_epoch_but_before_ultralytics_finished(corpus_index, tmp_path):
+def test_killed_after_the_last_epoch_but_before_ultralytics_finished(corpus_index, tmp_path, monkeypatch):
     out = str(tmp_path / "detector")
     cfg = small(input=corpus_index, output=out, model="yolo11n.yaml")
 
     def kill(trainer):  # last.pt of the final epoch is written, not yet stripped
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, callbacks={"on_fit_epoch_end": kill})
+    with pytest.raises(KeyboardInterrupt), killing_trainer(monkeypatch, kill):
+        run(cfg)
     meta = run(cfg)  # ultralytics would refuse to resume a finished run; kemo finishes it instead
-    assert meta["train"]["reused_finished_run"] is True and meta["train"]["resumed_at_epoch"] is None
+    assert meta.train.reused_finished_run is True and meta.train.resumed_at_epoch is None
     outputs.Output(out, KIND).committed()
 
 
@@ -124,16 +144,16 @@ def test_fine_tunes_face_weights_into_s3_and_the_pipeline_loads_the_result(corpu
     out = f"s3://{s3_bucket}/detector"
     meta = run(small(input=corpus_index, output=out, weights=yolo_weights, work=str(tmp_path / "work")))
     outputs.Output(out, KIND).committed()
-    before, after = meta["metrics"]["before"], meta["metrics"]["after"]
-    assert before["photos"] == after["photos"] == 4 and before["max_abs_diff"] < 1e-9
+    before, after = meta.metrics.before, meta.metrics.after
+    assert before.photos == after.photos == 4 and before.max_abs_diff < 1e-9
     sha = storage.read_bytes(f"{out}/best.pt.sha256").decode().split()[0]
-    assert sha == hashlib.sha256(storage.read_bytes(f"{out}/best.pt")).hexdigest() != meta["source"]["sha256"]
-    assert meta["source"]["sha256"] == hashlib.sha256(open(yolo_weights, "rb").read()).hexdigest()
-    assert meta["use"] == f"jobs/preprocess.py --detector yolo --weights {out}/best.pt --weights-sha256 {sha}"
+    assert sha == hashlib.sha256(storage.read_bytes(f"{out}/best.pt")).hexdigest() != meta.source.sha256
+    assert meta.source.sha256 == hashlib.sha256(open(yolo_weights, "rb").read()).hexdigest()
+    assert meta.use == f"jobs/preprocess.py --detector yolo --weights {out}/best.pt --weights-sha256 {sha}"
     table = storage.read_bytes(f"{out}/table4.md").decode().splitlines()
     assert "(before fine-tuning) | " in table[2] and "(fine-tuned) | " in table[3]
-    detector = YoloDetector(weights=f"{out}/best.pt", weights_sha256=sha, imgsz=160, device="cpu")
-    assert detector.sha256 == sha
+    settings = DetectorSettings(weights=f"{out}/best.pt", weights_sha256=sha, imgsz=160, device="cpu")
+    assert YoloDetector.from_settings(settings, threads=1).imgsz == 160  # fetched from S3, its hash checked
 
 
 def test_yolo_face_v2_yaml_trains_an_epoch_offline_and_its_checkpoint_loads_elsewhere(corpus_index, tmp_path,
@@ -154,7 +174,7 @@ def test_yolo_face_v2_yaml_trains_an_epoch_offline_and_its_checkpoint_loads_else
     meta = run(small(input=corpus_index, output=out, model="yolo-face-v2.yaml"))
     assert attempts == []  # nothing tried to download (fonts, AMP-check weights)
     monkeypatch.undo()
-    assert meta["metrics"]["after"]["photos"] == 4 and meta["source"]["name"] == "yolo-face-v2.yaml"
+    assert meta.metrics.after.photos == 4 and meta.source.name == "yolo-face-v2.yaml"
     best = os.path.join(out, "best.pt")
     detector = YoloDetector(weights=best, imgsz=160, device="cpu")
     frame = cv2.imread(os.path.join(out, "work", "dataset", "images", "test",

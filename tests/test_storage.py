@@ -7,7 +7,7 @@ import boto3
 import pyarrow as pa
 import pytest
 
-from kemo import storage
+from kemo import listing, storage
 from tests import hostile
 
 KEYS = ["a/기쁨 사진 & 친구.jpg", "a/b/x+y.jpeg", "c.json"]
@@ -17,7 +17,7 @@ def test_local_round_trip_and_listing(tmp_path):
     root = str(tmp_path / "root")
     for i, key in enumerate(KEYS):
         storage.write_bytes(storage.join(root, key), bytes([i]) * (i + 1))
-    entries = storage.list_files(root)
+    entries = listing.list_files(root)
     assert [e.rel for e in entries] == sorted(KEYS)
     assert [e.size for e in entries] == [2, 1, 3]
     assert storage.read_bytes(entries[1].uri) == b"\x00"
@@ -35,7 +35,7 @@ def test_missing_file_raises_file_not_found(tmp_path):
 def test_a_listing_never_fails_on_an_entry_and_follows_links_only_inside_the_input(tmp_path):
     expected, guard = hostile.build(tmp_path / "in", tmp_path / "out")
     try:
-        entries = storage.list_input(str(tmp_path / "in"))
+        entries = listing.list_input(str(tmp_path / "in"))
         listed = {e.rel: e.status for e in entries}
         # the listing judges what an entry is, not its size: the sparse file is a regular file
         assert listed == {k: (None if v == "too_large" else v) for k, v in expected.items()}
@@ -51,10 +51,10 @@ def test_a_listing_never_fails_on_an_entry_and_follows_links_only_inside_the_inp
         assert "loop" in by_rel["loop.jpg"].error and "dangling" in by_rel["dangling.jpg"].error
         assert "listed as inner" in by_rel["inner/cycle"].error and "listed as inner" in by_rel["innerdir"].error
         assert "listed as mesh/b" in by_rel["mesh/a/to_b"].error and "FIFO" in by_rel["pipe.jpg"].error
-        anywhere = {e.rel: e.status for e in storage.list_input(str(tmp_path / "in"), links="anywhere")}
+        anywhere = {e.rel: e.status for e in listing.list_input(str(tmp_path / "in"), links="anywhere")}
         assert anywhere == {k: (None if v == "too_large" else v) for k, v in hostile.anywhere(expected).items()}
         # the output store's own listing: regular files only
-        assert {e.rel for e in storage.list_files(str(tmp_path / "in"))} == {
+        assert {e.rel for e in listing.list_files(str(tmp_path / "in"))} == {
             k for k, v in hostile.anywhere(expected).items() if v in (None, "too_large")}
     finally:
         assert not guard.close()  # listing (and stat'ing) the FIFO outside never opened it
@@ -63,11 +63,11 @@ def test_a_listing_never_fails_on_an_entry_and_follows_links_only_inside_the_inp
 def test_an_input_that_is_a_file_or_is_missing_is_named_as_such(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
-        storage.list_input(str(tmp_path / "a.jpg"))
+        listing.list_input(str(tmp_path / "a.jpg"))
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        storage.list_input(str(tmp_path / "nope"))
+        listing.list_input(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="--links"):
-        storage.list_input(str(tmp_path), links="everywhere")
+        listing.list_input(str(tmp_path), links="everywhere")
 
 
 def test_bounded_reads_open_only_regular_files_and_never_read_past_the_limit(tmp_path):
@@ -103,7 +103,7 @@ def test_bounded_reads_open_only_regular_files_and_never_read_past_the_limit(tmp
 def test_a_file_that_changed_since_it_was_listed_is_not_read(tmp_path, monkeypatch):
     expected, guard = hostile.build(tmp_path / "in", tmp_path / "out")
     root = tmp_path / "in"
-    link = next(e for e in storage.list_input(str(root)) if e.rel == "inner/link.jpg")
+    link = next(e for e in listing.list_input(str(root)) if e.rel == "inner/link.jpg")
     assert storage.read_bounded(link.uri, 1 << 20, file_id=link.file_id) == hostile.photo(1)
     os.remove(root / "inner" / "link.jpg")
     os.symlink(tmp_path / "out" / "away.jpg", root / "inner" / "link.jpg")  # re-pointed outside after the listing
@@ -138,7 +138,7 @@ def test_s3_round_trip_with_awkward_keys(s3_bucket, moto_endpoint):
         storage.write_bytes(storage.join(root, key), f"v{i}".encode())
     # a console-made "folder" marker is not a file
     boto3.client("s3", endpoint_url=moto_endpoint).put_object(Bucket=s3_bucket, Key="pre fix/a/", Body=b"")
-    entries = storage.list_files(root)
+    entries = listing.list_files(root)
     assert [e.rel for e in entries] == sorted(KEYS)
     assert entries[0].uri == f"s3://{s3_bucket}/pre fix/a/b/x+y.jpeg"
     assert storage.read_bytes(storage.join(root, KEYS[0])) == b"v0"
@@ -153,7 +153,7 @@ def test_s3_keys_that_differ_only_in_slashes_keep_their_own_names(s3_bucket, mot
     s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
     for key, body in {"in/x.jpg": b"one", "in//x.jpg": b"two", "in/a/../x.jpg": b"three"}.items():
         s3.put_object(Bucket=s3_bucket, Key=key, Body=body)
-    entries = storage.list_files(f"s3://{s3_bucket}/in", etags=True)
+    entries = listing.list_files(f"s3://{s3_bucket}/in", etags=True)
     assert sorted(e.rel for e in entries) == ["/x.jpg", "a/../x.jpg", "x.jpg"]  # three keys, three names
     assert {e.rel: storage.read_bytes(e.uri) for e in entries} == {"x.jpg": b"one", "/x.jpg": b"two",
                                                                   "a/../x.jpg": b"three"}
@@ -197,6 +197,6 @@ def test_a_folder_that_cannot_be_listed_gets_a_read_error_entry(tmp_path, monkey
         return real(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    entries = {e.rel: (e.status, e.error) for e in storage.list_input(str(tmp_path / "in"))}
+    entries = {e.rel: (e.status, e.error) for e in listing.list_input(str(tmp_path / "in"))}
     assert entries == {"open.jpg": (None, None),
                        "locked": ("read_error", "cannot list this folder: Permission denied")}

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 
 from kemo.classes import UNKNOWN
 from kemo.data import aihub, synth
+from kemo.data.labelfile import decode_json
 from kemo.data.synth import SynthConfig, generate, read_truth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +94,7 @@ def test_label_files_in_every_encoding_and_key_style(corpus):
         for name in names:
             if name.startswith("img_emotion"):
                 data = open(os.path.join(dirpath, name), "rb").read()
-                records, enc = aihub.decode_json(data)
+                records, enc = decode_json(data)
                 seen_enc.add(enc)
                 seen_keys |= {k[:-2] for k in records[0] if k.endswith(("_A", "_B", "_C"))}
                 assert records[0]["filename"].endswith((".jpg", ".jpeg"))
@@ -114,7 +115,7 @@ def test_nfd_names_index_cleanly(tmp_path):
     on_disk = [n for _, _, names in os.walk(cfg.out) for n in names if n.endswith(".jpg")]
     assert on_disk and all(n != unicodedata.normalize("NFC", n) for n in on_disk)
     table, report = aihub.index(cfg.out)
-    assert table.num_rows == 14 and not report["missing_images"] and not report["orphan_images"]
+    assert table.num_rows == 14 and not report.missing_images and not report.orphan_images
     truth_ids = set(read_truth(cfg.out).column("image_id").to_pylist())
     assert set(table.column("image_id").to_pylist()) == truth_ids
 

@@ -74,10 +74,9 @@ class BenchmarkConfig(CropSettings):
             setattr(self, name, tuple(value))
         parse_stages(self.stages)
 
-
-def effective(cfg: BenchmarkConfig) -> BenchmarkConfig:
-    """The config a run uses: with ``smoke_test``, :data:`SMOKE`'s sizes in place of the ones asked for."""
-    return dataclasses.replace(cfg, **SMOKE) if cfg.smoke_test else cfg
+    def smoke(self) -> BenchmarkConfig:
+        """The config a run uses: with ``smoke_test``, :data:`SMOKE`'s sizes in place of the ones asked for."""
+        return dataclasses.replace(self, **SMOKE) if self.smoke_test else self
 
 
 def crop_settings(cfg: BenchmarkConfig) -> dict[str, object]:

@@ -21,7 +21,6 @@ and batch in the plain in-memory loop, so the report says whether training would
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from kemo.benchmark.config import BenchmarkConfig
+from kemo.benchmark.photos import generate
 from kemo.benchmark.probes import Sampler, data_path_rates
 
 PROBE = "kemo-probe: "  # the probe's result line, among Ray's log lines on the same stream
@@ -69,16 +69,6 @@ def run_driver(args: list[str], sample_every: float) -> dict[str, Any]:
             "largest_worker_rss_mib": sampler.report()["peak_rss_mib"], "stdout": out}
 
 
-def _corpus(cfg: BenchmarkConfig, root: str, n: int) -> int:
-    """A generated corpus of ``n`` photos (rounded up to whole emotions) at the stage's size; how many it holds."""
-    from kemo.data import synth
-
-    per_class = max(1, math.ceil(n / 7))
-    synth.generate(synth.SynthConfig(out=root, per_class=per_class, size=cfg.scale_size, seed=cfg.seed,
-                                     texture=cfg.texture))
-    return 7 * per_class
-
-
 def scale_benchmark(cfg: BenchmarkConfig, work: str) -> dict[str, Any]:
     import torch
 
@@ -95,7 +85,7 @@ def scale_benchmark(cfg: BenchmarkConfig, work: str) -> dict[str, Any]:
     photos = []
     for k, n in enumerate(sizes):
         d = os.path.join(work, f"scale-{k}-{n}")
-        photos.append(_corpus(cfg, os.path.join(d, "corpus"), n))
+        photos.append(generate(os.path.join(d, "corpus"), n, cfg.scale_size, cfg.seed, cfg.texture))
         runs["index"].append(run_driver(["jobs/index.py", "--root", f"{d}/corpus", "--output", f"{d}/index"],
                                         cfg.sample_every))
         runs["preprocess"].append(run_driver(

@@ -1,13 +1,7 @@
-"""Generated AI-Hub-shaped corpora, so every stage can run and be tested end to end where the real corpus cannot be.
-
-    python -m kemo.data.synth --out /tmp/corpus --per-class 20 --seed 0 [--size 2000x1500]
-
-Writes the AI-Hub layout (docs/design.md, «Corpus facts the code respects») with per-emotion JSON label lists (UTF-8,
-UTF-8 with BOM or cp949) and JPEG selfies: a cluttered background, a subject whose drawn expression (brows, eyes, mouth,
-blush, tears) encodes the class, sometimes a smaller distractor face (a poster or a passer-by), EXIF orientations 1–8
-with boxes in the upright frame, three annotators with box jitter and label disagreement. ``_synth/truth.parquet``
-records what was drawn, for tests.
-Deterministic for a seed: each photo draws from its own generator seeded by (seed, photo index).
+"""Generated AI-Hub-shaped corpora (``python -m kemo.data.synth --out DIR --per-class 20``), so every stage runs end to
+end where the real corpus cannot: the AI-Hub layout with label lists in UTF-8, UTF-8 with BOM or cp949, and JPEG
+selfies whose drawn expression encodes the class, with distractor faces, EXIF orientations 1–8, three annotators'
+jittered boxes and disagreeing labels. ``_synth/truth.parquet`` records what was drawn; a seed fixes every byte.
 """
 
 from __future__ import annotations
@@ -112,6 +106,73 @@ def _curve(img, cx, cy, half_w, bend, thick, color, wave=0.0):
     cv2.polylines(img, [pts], False, color, thick, cv2.LINE_AA)
 
 
+@dataclass
+class _Expression:
+    """How a drawn face shows an emotion, in units of the face size; the defaults are neutral."""
+
+    openness: float = 1.0
+    gaze: float = 0.0
+    brow_in: float = 0.0
+    brow_out: float = 0.0
+    brow_lift: float = 0.0
+    brow_wave: float = 0.0
+    mouth_bend: float = 0.0
+    mouth_wave: float = 0.0
+    mouth_open: float = 0.0
+    blush: bool = False
+    tears: bool = False
+
+
+def _expression(expr: int, rng: np.random.Generator) -> _Expression:
+    k = rng.uniform(0.75, 1.25)  # how strongly this photo shows the expression
+    if expr == 0:  # happy: smile, squinting eyes
+        return _Expression(mouth_bend=0.07 * k, openness=0.55)
+    if expr == 1:  # angry: brows pulled down to the middle, narrowed eyes, tight mouth
+        return _Expression(brow_in=0.06 * k, brow_out=-0.03 * k, openness=0.6, mouth_bend=-0.015)
+    if expr == 2:  # sad: inner brows up, frown
+        return _Expression(brow_in=-0.06 * k, brow_out=0.02 * k, mouth_bend=-0.06 * k)
+    if expr == 3:  # anxious: raised wavy brows, wide eyes, wavy mouth
+        return _Expression(brow_lift=-0.05 * k, brow_wave=0.012, openness=1.45, mouth_wave=0.018 * k)
+    if expr == 4:  # embarrassed: blush, eyes looking aside, slight smile
+        return _Expression(blush=True, gaze=rng.choice([-1, 1]) * 0.55, mouth_bend=0.025 * k)
+    if expr == 5:  # hurt: inner brows up, tears, open frowning mouth
+        return _Expression(brow_in=-0.05 * k, tears=True, mouth_open=0.045 * k, mouth_bend=-0.035 * k)
+    return _Expression()
+
+
+def _eye(img: np.ndarray, box: tuple[float, float, float, float], s: int, e: _Expression, look: dict[str, Any],
+         t: int) -> None:
+    """One eye (``s`` = -1 left, 1 right) with its brow, and its cheek's blush and tears."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    cx = (x1 + x2) / 2
+    dark, white = (35, 25, 25), (250, 250, 250)
+    eye_y, eye_dx, eye_w, eye_h = y1 + 0.46 * h, 0.19 * w, 0.075 * w, 0.035 * h * e.openness
+    ex = cx + s * eye_dx
+    cv2.ellipse(img, _pt(ex, eye_y), _pt(eye_w, max(eye_h, 1)), 0, 0, 360, white, -1, cv2.LINE_AA)
+    pr = max(2, int(0.032 * w * (0.8 if e.openness > 1.2 else 1.0)))
+    cv2.circle(img, _pt(ex + e.gaze * eye_w, eye_y), min(pr, int(max(eye_h, 2))), dark, -1, cv2.LINE_AA)
+    if look["glasses"]:
+        cv2.ellipse(img, _pt(ex, eye_y), _pt(eye_w * 1.35, 0.06 * h), 0, 0, 360, (30, 30, 30), max(1, t // 2))
+    # brow: outer end and inner end, y grows downward
+    by = y1 + 0.36 * h + e.brow_lift * h
+    outer = (ex + s * 0.09 * w, by + e.brow_out * h)
+    inner = (cx + s * 0.07 * w, by + e.brow_in * h)
+    if e.brow_wave:
+        _curve(img, (outer[0] + inner[0]) / 2, by, abs(outer[0] - inner[0]) / 2, 0, t, look["hair"],
+               wave=e.brow_wave * h)
+    else:
+        cv2.line(img, _pt(*outer), _pt(*inner), look["hair"], t + 1, cv2.LINE_AA)
+    if e.blush:
+        cheek = (ex + s * 0.02 * w, y1 + 0.6 * h)
+        cv2.ellipse(img, _pt(*cheek), _pt(0.08 * w, 0.035 * h), 0, 0, 360, (235, 120, 130), -1, cv2.LINE_AA)
+    if e.tears:
+        for j in range(2):
+            ty = eye_y + (0.07 + 0.06 * j) * h
+            cv2.ellipse(img, _pt(ex + s * 0.03 * w, ty), _pt(0.012 * w, 0.022 * h), 0, 0, 360,
+                        (90, 150, 235), -1, cv2.LINE_AA)
+
+
 def draw_face(img: np.ndarray, box: tuple[float, float, float, float], expr: int, look: dict[str, Any],
               rng: np.random.Generator) -> None:
     """Draw a frontal face filling ``box`` (x1, y1, x2, y2) whose features encode the emotion ``expr``."""
@@ -119,63 +180,21 @@ def draw_face(img: np.ndarray, box: tuple[float, float, float, float], expr: int
     w, h = x2 - x1, y2 - y1
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     t = max(2, int(round(0.024 * w)))  # feature stroke: thin enough to vanish when the whole photo is shrunk
-    k = rng.uniform(0.75, 1.25)  # how strongly this photo shows the expression
-    dark, white = (35, 25, 25), (250, 250, 250)
+    e = _expression(expr, rng)
 
     cv2.ellipse(img, _pt(cx, y1 + 0.45 * h), _pt(0.56 * w, 0.5 * h), 0, 180, 360, look["hair"], -1, cv2.LINE_AA)
     cv2.ellipse(img, _pt(cx, cy), _pt(w / 2, h / 2), 0, 0, 360, look["skin"], -1, cv2.LINE_AA)
     cv2.ellipse(img, _pt(cx, y1 + 0.08 * h), _pt(0.46 * w, look["fringe"] * h), 0, 180, 360, look["hair"], -1)
     cv2.ellipse(img, _pt(cx, y1 + 0.08 * h), _pt(0.46 * w, look["fringe"] * h * 0.6), 0, 0, 180, look["hair"], -1)
-
-    # per-class feature parameters, in units of the face size
-    openness, gaze, brow_in, brow_out, brow_lift, brow_wave = 1.0, 0.0, 0.0, 0.0, 0.0, 0.0
-    mouth_bend, mouth_wave, mouth_open, blush, tears = 0.0, 0.0, 0.0, False, False
-    if expr == 0:  # happy: smile, squinting eyes
-        mouth_bend, openness = 0.07 * k, 0.55
-    elif expr == 1:  # angry: brows pulled down to the middle, narrowed eyes, tight mouth
-        brow_in, brow_out, openness, mouth_bend = 0.06 * k, -0.03 * k, 0.6, -0.015
-    elif expr == 2:  # sad: inner brows up, frown
-        brow_in, brow_out, mouth_bend = -0.06 * k, 0.02 * k, -0.06 * k
-    elif expr == 3:  # anxious: raised wavy brows, wide eyes, wavy mouth
-        brow_lift, brow_wave, openness, mouth_wave = -0.05 * k, 0.012, 1.45, 0.018 * k
-    elif expr == 4:  # embarrassed: blush, eyes looking aside, slight smile
-        blush, gaze, mouth_bend = True, rng.choice([-1, 1]) * 0.55, 0.025 * k
-    elif expr == 5:  # hurt: inner brows up, tears, open frowning mouth
-        brow_in, tears, mouth_open, mouth_bend = -0.05 * k, True, 0.045 * k, -0.035 * k
-
-    eye_y, eye_dx, eye_w, eye_h = y1 + 0.46 * h, 0.19 * w, 0.075 * w, 0.035 * h * openness
     for s in (-1, 1):
-        ex = cx + s * eye_dx
-        cv2.ellipse(img, _pt(ex, eye_y), _pt(eye_w, max(eye_h, 1)), 0, 0, 360, white, -1, cv2.LINE_AA)
-        pr = max(2, int(0.032 * w * (0.8 if openness > 1.2 else 1.0)))
-        cv2.circle(img, _pt(ex + gaze * eye_w, eye_y), min(pr, int(max(eye_h, 2))), dark, -1, cv2.LINE_AA)
-        if look["glasses"]:
-            cv2.ellipse(img, _pt(ex, eye_y), _pt(eye_w * 1.35, 0.06 * h), 0, 0, 360, (30, 30, 30), max(1, t // 2))
-        # brow: outer end and inner end, y grows downward
-        by = y1 + 0.36 * h + brow_lift * h
-        outer = (ex + s * 0.09 * w, by + brow_out * h)
-        inner = (cx + s * 0.07 * w, by + brow_in * h)
-        if brow_wave:
-            _curve(img, (outer[0] + inner[0]) / 2, by, abs(outer[0] - inner[0]) / 2, 0, t, look["hair"],
-                   wave=brow_wave * h)
-        else:
-            cv2.line(img, _pt(*outer), _pt(*inner), look["hair"], t + 1, cv2.LINE_AA)
-        if blush:
-            cheek = (ex + s * 0.02 * w, y1 + 0.6 * h)
-            cv2.ellipse(img, _pt(*cheek), _pt(0.08 * w, 0.035 * h), 0, 0, 360, (235, 120, 130), -1, cv2.LINE_AA)
-        if tears:
-            for j in range(2):
-                ty = eye_y + (0.07 + 0.06 * j) * h
-                cv2.ellipse(img, _pt(ex + s * 0.03 * w, ty), _pt(0.012 * w, 0.022 * h), 0, 0, 360,
-                            (90, 150, 235), -1, cv2.LINE_AA)
-
+        _eye(img, box, s, e, look, t)
     cv2.polylines(img, [np.array([_pt(cx, y1 + 0.5 * h), _pt(cx - 0.04 * w, y1 + 0.62 * h),
                                   _pt(cx + 0.02 * w, y1 + 0.63 * h)], np.int32)], False, (150, 100, 90), t)
-    mouth_y, mouth_hw = y1 + 0.75 * h - mouth_bend * h / 2, 0.15 * w
-    if mouth_open:
-        cv2.ellipse(img, _pt(cx, mouth_y + 0.02 * h), _pt(mouth_hw * 0.6, mouth_open * h), 0, 0, 360,
+    mouth_y, mouth_hw = y1 + 0.75 * h - e.mouth_bend * h / 2, 0.15 * w
+    if e.mouth_open:
+        cv2.ellipse(img, _pt(cx, mouth_y + 0.02 * h), _pt(mouth_hw * 0.6, e.mouth_open * h), 0, 0, 360,
                     (110, 30, 40), -1, cv2.LINE_AA)
-    _curve(img, cx, mouth_y, mouth_hw, mouth_bend * h, t + 1, (150, 40, 50), wave=mouth_wave * h)
+    _curve(img, cx, mouth_y, mouth_hw, e.mouth_bend * h, t + 1, (150, 40, 50), wave=e.mouth_wave * h)
 
 
 def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:

@@ -1,12 +1,7 @@
-"""Export a face-detection dataset in the layout ultralytics trains from (the paper's 2,800/350/350).
-
-    from kemo.detector.export import ExportConfig, run; run(ExportConfig(input="out/index", output="out/faces"))
-
-Photos are sampled by person (no person in two splits), decoded upright (EXIF applied, as the annotators drew their
-boxes), downsized so the longer side is at most ``max_side``, and written as ``images/<split>/<id>.jpg`` with
-``labels/<split>/<id>.txt`` holding one YOLO line from the consensus box. File names are hashes of the image ids, never
-the input names. Photos already exported are skipped, so an interrupted export resumes; files of another selection
-(other counts, seed, boxes or size) are removed, so the folders hold exactly this one; ``data.yaml`` comes last.
+"""Export a face-detection dataset in the layout ultralytics trains from (the paper's 2,800/350/350): photos sampled
+by person, decoded upright and downsized, ``images/<split>/<hash>.jpg`` with one YOLO label line from the consensus
+box. An interrupted export resumes; files of another selection (counts, seed, boxes, size) are removed, so the folders
+hold exactly this one; ``data.yaml`` comes last.
 """
 
 from __future__ import annotations
@@ -26,11 +21,12 @@ import pyarrow as pa
 
 from kemo import storage
 from kemo.crop import clip_box, valid_box
+from kemo.data.split import seeded_key
 from kemo.image import DecodeError, decode, largest_reduction, probe, read_photo
+from kemo.schema import SPLITS
 from kemo.settings import InputSettings
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -45,9 +41,22 @@ class ExportConfig(InputSettings):
     seed: int = field(default=0, metadata={"help": "seed of the person order"})
     jobs: int = field(default=0, metadata={"help": "export threads; 0 = all cores"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if storage.is_s3(self.output):
+            raise ValueError("ultralytics trains from a local directory: give a local --output")
+        if len(self.counts) != len(SPLITS) or min(self.counts) < 0:
+            raise ValueError(f"--counts needs three non-negative numbers, got {self.counts!r}")
 
-def _order(seed: int, key: str) -> bytes:
-    return hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+
+@dataclass
+class ExportSummary:
+    """What an export holds (``summary.json``): photos and persons per split, and every photo's status."""
+
+    counts: dict[str, int]
+    statuses: dict[str, int]
+    persons: dict[str, int]
+    config: dict[str, Any]
 
 
 def select(rows: list[dict[str, Any]], counts: tuple[int, ...], seed: int) -> dict[str, list[dict[str, Any]]]:
@@ -60,7 +69,7 @@ def select(rows: list[dict[str, Any]], counts: tuple[int, ...], seed: int) -> di
     for r in rows:
         if valid_box(r.get("box")):
             by_person.setdefault(r["person_id"], []).append(r)
-    persons = sorted(by_person, key=lambda p: _order(seed, p))
+    persons = sorted(by_person, key=lambda p: seeded_key(seed, p))
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     split = 0
     for person in persons:
@@ -68,7 +77,7 @@ def select(rows: list[dict[str, Any]], counts: tuple[int, ...], seed: int) -> di
             split += 1
         if split == len(SPLITS):
             break
-        photos = sorted(by_person[person], key=lambda r: _order(seed, r["image_id"]))
+        photos = sorted(by_person[person], key=lambda r: seeded_key(seed, r["image_id"]))
         out[SPLITS[split]].extend(photos[: counts[split] - len(out[SPLITS[split]])])
     return out
 
@@ -161,19 +170,14 @@ def _reconcile(out: str, wanted: dict[str, dict[str, str]]) -> int:
     return removed
 
 
-def run(cfg: ExportConfig, manifest: pa.Table | None = None) -> dict[str, Any]:
+def run(cfg: ExportConfig, manifest: pa.Table | None = None) -> ExportSummary:
     """Export the dataset under ``cfg.output`` (local) and return a summary; ``data.yaml`` is written last.
     ``manifest`` saves reading ``cfg.input`` again when the caller already holds it."""
     from kemo.data.aihub import load_manifest
 
-    if storage.is_s3(cfg.output):
-        raise ValueError("ultralytics trains from a local directory: give a local --output")
-    counts = tuple(cfg.counts)
-    if len(counts) != len(SPLITS) or min(counts) < 0:
-        raise ValueError(f"--counts needs three non-negative numbers, got {cfg.counts!r}")
     if manifest is None:
         manifest = load_manifest(cfg.input)
-    chosen = select(manifest.to_pylist(), counts, cfg.seed)
+    chosen = select(manifest.to_pylist(), tuple(cfg.counts), cfg.seed)
     jobs = [(row, split) for split in SPLITS for row in chosen[split]]
     stale = _reconcile(cfg.output, {s: {file_id(r["image_id"]): file_key(r, cfg.max_side) for r in chosen[s]}
                                     for s in SPLITS})
@@ -190,9 +194,9 @@ def run(cfg: ExportConfig, manifest: pa.Table | None = None) -> dict[str, Any]:
     with open(os.path.join(cfg.output, "data.yaml"), "w") as f:
         f.write(f"path: {os.path.abspath(cfg.output)}\ntrain: images/train\nval: images/val\ntest: images/test\n"
                 "names:\n  0: face\n")
-    summary = {"counts": {s: len(kept[s]) for s in SPLITS}, "statuses": dict(sorted(statuses.items())),
-               "persons": {s: len({r["person_id"] for r in kept[s]}) for s in SPLITS},
-               "config": dataclasses.asdict(cfg)}
-    storage.write_json(os.path.join(cfg.output, "summary.json"), summary)
-    log.info("exported %s (%s) to %s", summary["counts"], summary["statuses"], cfg.output)
+    summary = ExportSummary(counts={s: len(kept[s]) for s in SPLITS}, statuses=dict(sorted(statuses.items())),
+                            persons={s: len({r["person_id"] for r in kept[s]}) for s in SPLITS},
+                            config=dataclasses.asdict(cfg))
+    storage.write_json(os.path.join(cfg.output, "summary.json"), dataclasses.asdict(summary))
+    log.info("exported %s (%s) to %s", summary.counts, summary.statuses, cfg.output)
     return summary
