@@ -24,9 +24,9 @@ if __name__ == "__main__":
     cfg = parse(LabelConfig)
     with refusals():
         summary = run(cfg)
-    print(f"{summary['listed']} files: {summary['processed']} labelled {summary['processed_statuses']}, "
-          f"{summary['skipped']} already labelled, in {summary['seconds']} s")
-    print(f"{cfg.output}: {summary['photos']} photos {summary['statuses']}; faces per emotion {summary['emotions']}")
-    if summary.get("min_confidence") is not None:
-        print(f"abstained: {summary['abstained']} of {summary['rows']} rows below confidence "
-              f"{summary['min_confidence']:.3f} (temperature {summary['temperature']:.3f})")
+    print(f"{summary.listed} files: {summary.processed} labelled {summary.processed_statuses}, "
+          f"{summary.skipped} already labelled, in {summary.seconds} s")
+    print(f"{cfg.output}: {summary.photos} photos {summary.statuses}; faces per emotion {summary.emotions}")
+    if summary.min_confidence is not None:
+        print(f"abstained: {summary.abstained} of {summary.rows} rows below confidence {summary.min_confidence:.3f} "
+              f"(temperature {summary.temperature:.3f})")

@@ -23,5 +23,5 @@ if __name__ == "__main__":
     cfg = parse(PreprocessConfig)
     with refusals():
         summary = run(cfg)
-    print(f"{summary['inputs']} photos → {summary['statuses']} in {summary['seconds']} s "
-          f"({summary['photos_per_s']} photos/s processed)")
+    print(f"{summary.inputs} photos → {summary.statuses} in {summary.seconds} s "
+          f"({summary.photos_per_s} photos/s processed)")

@@ -90,17 +90,22 @@ def iou(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> float:
     return float(ious(np.asarray(a), np.asarray(b))[0])
 
 
-def primary_face(boxes: np.ndarray, scores: np.ndarray) -> int | None:
-    """Index of the selfie subject among detected faces: the best score × sqrt(area).
+def ranked_faces(boxes: np.ndarray, scores: np.ndarray) -> list[int]:
+    """Face indices, the selfie subject first: by score × sqrt(area), the earlier detection first among equals.
 
     A poster or passer-by face half the subject's side needs twice its score to win; a large, low-score false
-    positive loses to a real face.
+    positive loses to a real face. The one ranking rule: the primary face is the first, ``--all-faces`` rows follow it.
     """
-    if len(boxes) == 0:
-        return None
-    boxes = np.asarray(boxes, dtype=np.float64)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
-    return int(np.argmax(np.asarray(scores, dtype=np.float64) * np.sqrt(areas)))
+    key = np.asarray(scores, dtype=np.float64).reshape(-1) * np.sqrt(areas)
+    return [int(i) for i in np.argsort(-key, kind="stable")]
+
+
+def primary_face(boxes: np.ndarray, scores: np.ndarray) -> int | None:
+    """Index of the selfie subject among detected faces (the first of :func:`ranked_faces`), None without faces."""
+    order = ranked_faces(boxes, scores)
+    return order[0] if order else None
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:

@@ -1,9 +1,11 @@
-"""The photo front end that preprocessing and labelling share: read → decode → detect → the faces → a square crop.
+"""The photo front end that preprocessing and labelling share: bytes → decode → detect → rank → crop.
 
 One ``FrontEnd`` per actor: the detector loads once, a pool of decoder threads reads and decodes the photos of a
-batch (cv2 and the reads release the GIL), and the detector runs once on the decodable ones. What a photo became is a
-``Prepared`` (a status when it went no further); ``faces`` and ``crop`` turn it into full-resolution boxes and pixels.
-Nothing here knows a detector by name: each says how far a photo may be reduced (``decode_hint``).
+batch (cv2 and the reads release the GIL), the detector runs once on the decodable ones, and each photo becomes a
+``Photo``: its status, and its faces in rank order (the primary face first; every face with ``all_faces``), each with
+its full-resolution box, score and square crop. The jobs only turn a ``Photo`` into their schema's rows. Nothing here
+knows a detector by name: each says how far a photo may be reduced (``decode_hint``) and whether it crops the whole
+photo (``whole_photo``).
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
 import numpy as np
 
-from kemo.crop import clip_box, crop_region, crop_square, resize_whole
+from kemo.crop import clip_box, crop_region, crop_square, ranked_faces, resize_whole
 from kemo.detector.base import Faces
 from kemo.detector.registry import create_detector
 from kemo.image import Decoded, DecodeError, PixelBudget, decode, read_photo
+from kemo.schema import STATUSES
 from kemo.settings import CropSettings, DetectorSettings
 
 log = logging.getLogger(__name__)
@@ -38,14 +41,41 @@ class Prepared:
     header: tuple[int | None, int | None, int | None] = (None, None, None)  # width, height, EXIF orientation
 
 
+@dataclass
+class Face:
+    """One face of a photo, as the crops and the labels keep it."""
+
+    box: list[float]  # xyxy in the full-resolution upright frame (the whole frame when the detector crops it whole)
+    score: float | None  # the detector's score; None when nothing was searched
+    crop: np.ndarray  # (crop_size, crop_size, 3) uint8 RGB: the square around the box with its margin
+
+
+@dataclass
+class Photo:
+    """What the front end made of one photo: ``ok`` with its faces, ``no_face``, or a status it stopped at."""
+
+    status: str = "ok"
+    error: str | None = None
+    width: int | None = None  # full-resolution upright size, once decoded (from the header)
+    height: int | None = None
+    orientation: int | None = None  # EXIF orientation
+    n_faces: int | None = None  # faces the detector found; None when it searched none (the whole photo, or undecoded)
+    faces: list[Face] = field(default_factory=list)  # rank order, the primary face first; empty unless ok
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:  # a reader's refusal outside the contract would reach the rows unnoticed
+            raise ValueError(f"status {self.status!r} is not one of the data contract's {STATUSES}")
+
+
 class FrontEnd:
     """Detector, decoder threads and crop settings of one actor."""
 
     def __init__(self, detector: DetectorSettings, crop: CropSettings, decoders: int, max_bytes: int,
-                 decode_pixels: int):
-        """``decoders`` threads (the actor's CPU share); no file of more than ``max_bytes`` is read; the threads
-        decode at most ``decode_pixels`` at once."""
-        self.crop_settings, self.max_bytes = crop, max_bytes
+                 decode_pixels: int, all_faces: bool = False):
+        """``detector`` as the driver resolved it; ``decoders`` threads (the actor's CPU share); no file of more than
+        ``max_bytes`` is read; the threads decode at most ``decode_pixels`` at once; ``all_faces``: every face of a
+        photo, not only the primary one."""
+        self.crop_settings, self.max_bytes, self.all_faces = crop, max_bytes, all_faces
         threads = max(1, decoders)
         cv2.setNumThreads(threads)  # the actor's CPU share, not every core of the node
         self.detector = create_detector(detector, threads)
@@ -79,6 +109,12 @@ class FrontEnd:
         return Prepared(decoded=dec, det_input=det_input, det_factors=det_factors,
                         header=(dec.width, dec.height, dec.orientation))
 
+    def __call__(self, rows: list[dict[str, Any]]) -> list[Photo]:
+        """Each row's ``Photo``, in order: read and decoded in the decoder threads, the detector run once on the
+        decodable ones, then ranked and cropped in the threads again."""
+        prepared, faces = self.detect(rows)
+        return list(self.pool.map(self.finish, prepared, faces))
+
     def detect(self, rows: list[dict[str, Any]]) -> tuple[list[Prepared], list[Faces | None]]:
         """Read and decode ``rows`` in the decoder threads, then run the detector once on the decodable ones."""
         # With several calls in flight another batch decodes in the shared pool while this one holds the detector.
@@ -97,12 +133,34 @@ class FrontEnd:
                     prepared[i] = Prepared("error", f"detector: {type(e).__name__}: {e}", header=prepared[i].header)
         return prepared, faces
 
-    def faces(self, prep: Prepared, faces: Faces) -> tuple[list[list[float]], list[float]]:
+    def finish(self, prep: Prepared, faces: Faces | None) -> Photo:
+        """One photo's ``Photo`` from its preparation and the detector's faces: ranked, and cropped."""
+        width, height, orientation = prep.header
+        photo = Photo(prep.status or "ok", prep.error, width, height, orientation)
+        dec = prep.decoded
+        if dec is None:
+            return photo
+        try:
+            if self.detector.whole_photo:
+                photo.faces = [Face([0.0, 0.0, float(dec.width), float(dec.height)], None, self.crop(dec, None))]
+                return photo
+            boxes, scores = self.faces(prep, faces)
+            photo.n_faces = len(boxes)
+            order = ranked_faces(np.asarray(boxes), np.asarray(scores))[:None if self.all_faces else 1]
+            if not order:
+                photo.status, photo.error = "no_face", f"{self.detector.name} found no face"
+            photo.faces = [Face(boxes[i], scores[i], self.crop(dec, boxes[i])) for i in order]
+        except Exception as e:
+            log.exception("cropping a photo of %s×%s failed", dec.width, dec.height)
+            photo.status, photo.error, photo.faces = "error", f"{type(e).__name__}: {e}", []
+        return photo
+
+    def faces(self, prep: Prepared, faces: Faces | None) -> tuple[list[list[float]], list[float]]:
         """The detector's faces as boxes of the full-resolution upright frame, clipped to it, with their scores."""
         dec = prep.decoded
         fx, fy = prep.det_factors
         boxes, scores = [], []
-        for b, s in zip(faces.boxes, faces.scores):
+        for b, s in zip(faces.boxes if faces is not None else [], faces.scores if faces is not None else []):
             clipped = clip_box([b[0] * fx, b[1] * fy, b[2] * fx, b[3] * fy], dec.width, dec.height)
             if clipped is not None:
                 boxes.append(clipped)
@@ -115,3 +173,7 @@ class FrontEnd:
         if box is None:
             return resize_whole(dec.image, size)
         return crop_square(dec.image, crop_region(box, self.crop_settings.margin), size, dec.factors)
+
+    def close(self) -> None:
+        """Stop the decoder threads (an actor's pool ends with its process; an in-process front end calls this)."""
+        self.pool.shutdown()

@@ -37,7 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kemo import storage
+from kemo import listing, storage
 from kemo.config import code_version
 
 log = logging.getLogger(__name__)
@@ -134,11 +134,11 @@ def delete_part(out_dir: str, folder: str, name: str) -> None:
 def _listed(out_dir: str, folder: str) -> tuple[dict[str, int], dict[str, Receipt]]:
     """(every file in ``folder`` with its size, the parts among them): one listing of each folder."""
     try:
-        listed = {e.rel: e.size for e in storage.list_files(storage.join(out_dir, folder))}
+        listed = {e.rel: e.size for e in listing.list_files(storage.join(out_dir, folder))}
     except FileNotFoundError:
         return {}, {}
     try:
-        receipts = [e for e in storage.list_files(storage.join(out_dir, RECEIPTS, folder))
+        receipts = [e for e in listing.list_files(storage.join(out_dir, RECEIPTS, folder))
                     if e.rel.removesuffix(".json") in listed]
     except FileNotFoundError:
         return listed, {}
@@ -164,34 +164,26 @@ def sweep(out_dir: str, folder: str) -> dict[str, Receipt]:
     return whole
 
 
-def read_parts(out_dir: str, folder: str, columns: list[str], optional: tuple[str, ...] = ()
-               ) -> dict[str, pa.Table]:
-    """The named columns of every part present in ``folder`` (for resuming), one column read each; ``optional``
-    ones where a part has them."""
-    return {name: storage.read_parquet_columns(storage.join(out_dir, folder, name), columns, optional)
-            for name in sorted(parts(out_dir, folder))}
+def read_parts(out_dir: str, folder: str, columns: list[str]) -> dict[str, pa.Table]:
+    """The named columns of every part present in ``folder`` (for resuming), one column read each."""
+    return {name: read_files([storage.join(out_dir, folder, name)], columns) for name in sorted(parts(out_dir, folder))}
 
 
-def conform(table: pa.Table, schema: pa.Schema, names: list[str] | None = None) -> pa.Table:
-    """``table`` with the columns ``names`` (default: all) of ``schema`` in its order, a column it lacks (one added to
-    the contract after it was written) as nulls of the contract's type."""
-    for name in names if names is not None else schema.names:
-        if name not in table.column_names:
-            table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
-    return table.select(names if names is not None else schema.names)
-
-
-def read_files(uris: list[str], columns: list[str] | None, schema: pa.Schema, added: tuple[str, ...] = ()
-               ) -> pa.Table:
-    """The rows of the Parquet files ``uris`` as one table of ``columns`` (default: all) of ``schema``; ``added``
-    names the contract's columns that files of an older kemo lack: those read as nulls there (any other missing
-    column is an error, as it should be)."""
-    names = columns if columns is not None else schema.names
-    tables = [storage.read_parquet_columns(uri, [n for n in names if n not in added],
-                                           tuple(n for n in names if n in added)) for uri in uris]
+def read_files(uris: list[str], columns: list[str] | None, schema: pa.Schema | None = None) -> pa.Table:
+    """The rows of the Parquet files ``uris`` as one table of ``columns`` (default: all of ``schema``'s); a file
+    without one of them was written by an earlier development version of kemo, and is refused in one line."""
+    names = columns if columns is not None else (schema.names if schema is not None else None)
+    tables = []
+    for uri in uris:
+        table = storage.read_parquet_columns(uri, names)  # a column the file lacks is left out, silently
+        missing = [n for n in names or [] if n not in table.column_names]
+        if missing:
+            raise Damaged(f"{uri} has no {', '.join(missing)} column: it was written by an earlier version of kemo; "
+                          "write a new output")
+        tables.append(table)
     if not tables:
-        return schema.empty_table().select(names)
-    return conform(pa.concat_tables(tables, promote_options="default"), schema, names)
+        return schema.empty_table().select(names) if schema is not None else pa.table({})
+    return pa.concat_tables(tables)
 
 
 def table_sha256(table: pa.Table, sort_by: str | None = None) -> str:
@@ -214,13 +206,11 @@ def content_sha256(files: list[dict[str, Any]]) -> str:
 class Output:
     """One output directory of one kind (index, crops, labels, detector, classifier-report, benchmark)."""
 
-    def __init__(self, uri: str, kind: str, older: dict[str, Any] | None = None):
-        """``older``: fingerprint keys added after outputs of this kind were first written, with the value older
-        runs had; a fingerprint recorded without them is compared as if it held those values."""
+    def __init__(self, uri: str, kind: str):
         if not storage.is_s3(uri) and os.path.isfile(uri):
             raise NotADirectoryError(f"output {uri} is a file, not a directory: give a directory (new or an output "
                                      f"of this kind, {kind})")
-        self.uri, self.kind, self.older = uri, kind, plain(older or {})
+        self.uri, self.kind = uri, kind
         self.held: Lease | None = None  # while a run holds the lease, every write of the commit checks it first
 
     def path(self, *parts: str) -> str:
@@ -245,7 +235,7 @@ class Output:
         manifest = self.manifest()
         if manifest is None:
             raise FileNotFoundError(f"{self.uri} holds no committed output ({COMMIT} missing)")
-        listed = {e.rel: e.size for e in storage.list_files(self.uri)}
+        listed = {e.rel: e.size for e in listing.list_files(self.uri)}
         for entry in manifest["files"]:
             if listed.get(entry["path"]) != entry["bytes"]:
                 raise Damaged(f"{self.uri}: committed file {entry['path']} is missing or changed")
@@ -258,17 +248,16 @@ class Output:
         except (FileNotFoundError, Damaged):
             return None
         recorded = manifest.get("fingerprint")
-        return manifest if recorded is not None and {**self.older, **recorded} == plain(fingerprint) else None
+        return manifest if recorded is not None and recorded == plain(fingerprint) else None
 
     def files(self, folder: str) -> list[str]:
         """The committed files under ``folder``, as URIs (readers read these, never a listing)."""
         manifest = self.committed()
         return [self.path(f["path"]) for f in manifest["files"] if f["path"].startswith(f"{folder}/")]
 
-    def read_table(self, folder: str, columns: list[str] | None, empty: pa.Schema, added: tuple[str, ...] = ()
-                   ) -> pa.Table:
-        """Every row of the committed parts under ``folder``, read as :func:`read_files` reads them."""
-        return read_files(self.files(folder), columns, empty, added)
+    def read_table(self, folder: str, columns: list[str] | None, schema: pa.Schema) -> pa.Table:
+        """Every row of the committed parts under ``folder`` (``columns``, default all of ``schema``'s)."""
+        return read_files(self.files(folder), columns, schema)
 
     def read_json(self, rel: str) -> Any:
         return storage.read_json(self.path(rel))
@@ -283,7 +272,7 @@ class Output:
             previous = storage.read_json(self.path(RUN))
         except FileNotFoundError:
             return False
-        fingerprint, previous = plain(fingerprint), {**self.older, **previous}
+        fingerprint = plain(fingerprint)
         if previous != fingerprint:
             changed = sorted(k for k in {*fingerprint, *previous} if previous.get(k) != fingerprint.get(k))
             raise ValueError(f"{self.uri} holds a {self.kind} output of another run, another setup (differs in "
@@ -322,7 +311,9 @@ class Output:
 
     def commit(self, receipts: list[Receipt], config: dict[str, Any], fingerprint: dict[str, Any] | None = None
                ) -> dict[str, Any]:
-        """Write the resolved config, then ``_commit.json`` naming ``receipts`` and the config. Reads nothing."""
+        """Write the resolved config, then ``_commit.json`` naming ``receipts`` and the config; a gallery page the
+        commit does not name (``--gallery 0``, or a page that failed) is deleted, so none of older rows is left to
+        look at. Reads nothing."""
         version = code_version()
         files = [*receipts, self.write_json(CONFIG, {"kind": self.kind, "code_version": version,
                                                          "config": config})]
@@ -332,6 +323,8 @@ class Output:
                     "committed_at": _now(), "files": entries}
         self._check()
         storage.write_bytes(self.path(COMMIT), json_bytes(manifest))
+        if GALLERY not in {r.path for r in files}:
+            storage.delete(self.path(GALLERY), missing_ok=True)
         return manifest
 
     @contextmanager

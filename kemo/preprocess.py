@@ -17,29 +17,26 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kemo import outputs, storage
-from kemo.crop import encode_jpeg, ious, primary_face
-from kemo.detector.base import Faces
-from kemo.detector.registry import check_detector, verify_detector
-from kemo.frontend import FrontEnd, Prepared
-from kemo.resources import ActorResources, check_shared, connect, resolve_resources
-from kemo.schema import CARRIED, CROP, IDENTITY, TRANSIENT
-from kemo.settings import CropSettings, DetectorSettings, InputSettings, crop_fingerprint, input_defaults
+from kemo import outputs, storage, views
+from kemo.actor_pool import map_photos, prepare
+from kemo.crop import encode_jpeg, ious
+from kemo.detector.registry import detector_class, resolve_detector
+from kemo.frontend import FrontEnd, Photo
+from kemo.schema import CARRIED, CROP, IDENTITY, TRANSIENT, has_box
+from kemo.settings import PhotoSettings, crop_fingerprint
 
 log = logging.getLogger(__name__)
 KIND = outputs.CROPS
 SHARDS = "shards"
-SMOKE_ROWS = 16
 
 
 @dataclass(kw_only=True)
-class PreprocessConfig(DetectorSettings, CropSettings, InputSettings, ActorResources):
+class PreprocessConfig(PhotoSettings):
     """Detect and crop the face of every photo into Parquet crop shards."""
 
     input: str = field(metadata={"help": "AI-Hub root, index output directory or manifest .parquet (local or s3://)"})
@@ -50,7 +47,32 @@ class PreprocessConfig(DetectorSettings, CropSettings, InputSettings, ActorResou
     gallery: int = field(default=48, metadata={
         "help": "gallery.html: at most this many crops per status (and of crops away from the annotators' box); "
                 "0 for none"})
-    smoke_test: bool = field(default=False, metadata={"help": f"only the first {SMOKE_ROWS} photos"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gallery < 0:
+            raise ValueError(f"--gallery takes crops per group (0 for no gallery), not {self.gallery}")
+        if self.rows_per_shard < 1:
+            raise ValueError(f"--rows-per-shard {self.rows_per_shard}: give at least 1")
+
+
+@dataclass
+class PreprocessSummary:
+    """What a preprocess run did and what its committed output holds (``summary.json``)."""
+
+    inputs: int  # photos in the manifest
+    processed: int  # photos this run cropped
+    skipped: int  # photos already in shards
+    statuses: dict[str, int]  # photos per status, over the whole output
+    shards: int
+    seconds: float
+    crop_on_annotated_face: float | None  # share of annotated photos whose crop holds the annotators' box (IoU ≥ .5)
+    photos_per_s: float | None
+    steady_photos_per_s: float | None  # between the first and the last shard: without Ray Data's start-up
+
+    @classmethod
+    def read(cls, out: outputs.Output) -> PreprocessSummary:
+        return cls(**out.read_json(outputs.SUMMARY))
 
 
 # --------------------------------------------------------------------------------------------------- the actor
@@ -59,44 +81,30 @@ class PreprocessConfig(DetectorSettings, CropSettings, InputSettings, ActorResou
 class CropPhotos:
     """Ray Data class UDF: a batch of manifest rows → the same rows as crop-shard rows (``CROP``), one each."""
 
-    def __init__(self, cfg: dict[str, Any]):
-        """The front end (detector, decoder threads) from ``cfg``, a ``PreprocessConfig`` as a dict."""
+    def __init__(self, cfg: dict[str, object]):
+        """The front end (detector, decoder threads) from ``cfg``, a resolved ``PreprocessConfig`` as a dict."""
         self.cfg = PreprocessConfig(**cfg)
         self.front = FrontEnd(self.cfg, self.cfg, self.cfg.decoders, self.cfg.max_bytes, self.cfg.decode_pixels)
 
-    def finish(self, row: dict[str, Any], prep: Prepared, faces: Faces | None) -> dict[str, Any]:
-        """One photo's crop-shard row from what the front end made of it."""
-        front = self.front
-        out = {k: row.get(k) for k in CARRIED}
-        out.update(detector=front.detector.name, status=prep.status or "ok", error=prep.error, crop=None,
-                   face_box=None, face_score=None, n_faces=None)
-        out["orig_width"], out["orig_height"], out["exif_orientation"] = prep.header
-        dec = prep.decoded
-        if dec is None:
-            return out
-        try:
-            if front.detector.whole_photo:
-                crop = front.crop(dec, None)
-                out["face_box"] = [0.0, 0.0, float(dec.width), float(dec.height)]
-            else:
-                boxes, scores = front.faces(prep, faces)
-                out["n_faces"] = len(boxes)
-                best = primary_face(np.asarray(boxes).reshape(-1, 4), np.asarray(scores))
-                if best is None:
-                    out.update(status="no_face", error=f"{front.detector.name} found no face")
-                    return out
-                crop = front.crop(dec, boxes[best])
-                out["face_box"], out["face_score"] = boxes[best], scores[best]
-            out["crop"] = encode_jpeg(crop, self.cfg.jpeg_quality)
-        except Exception as e:
-            log.exception("cropping %s failed", row.get("image_id"))
-            out.update(status="error", error=f"{type(e).__name__}: {e}", crop=None)
+    def row(self, listed: dict[str, object], photo: Photo) -> dict[str, object]:
+        """One photo's crop-shard row: its manifest identity, what the front end made of it, its primary face's
+        crop as JPEG."""
+        face = photo.faces[0] if photo.faces else None
+        out = {k: listed.get(k) for k in CARRIED}
+        out.update(detector=self.cfg.detector, status=photo.status, error=photo.error, orig_width=photo.width,
+                   orig_height=photo.height, exif_orientation=photo.orientation, n_faces=photo.n_faces,
+                   face_box=face.box if face else None, face_score=face.score if face else None, crop=None)
+        if face is not None:
+            try:
+                out["crop"] = encode_jpeg(face.crop, self.cfg.jpeg_quality)
+            except Exception as e:
+                log.exception("encoding the crop of %s failed", listed.get("image_id"))
+                out.update(status="error", error=f"{type(e).__name__}: {e}", face_box=None, face_score=None)
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        prepared, faces = self.front.detect(rows)
-        out = list(self.front.pool.map(self.finish, rows, prepared, faces))
+        out = list(self.front.pool.map(self.row, rows, self.front(rows)))
         return pa.Table.from_pylist(out, schema=CROP)
 
 
@@ -144,42 +152,31 @@ def resume(output: str) -> tuple[set[str], int]:
 
 
 def load_input(cfg: PreprocessConfig, index: bool = True) -> pa.Table | None:
-    """The manifest to preprocess: from a manifest file, an index output, or by indexing an AI-Hub root into
-    ``OUTPUT/index`` (``index=False``: None instead, so nothing is written)."""
+    """The manifest to preprocess (its ``--smoke-test`` share): from a manifest file, an index output, or by indexing
+    an AI-Hub root into ``OUTPUT/index`` (``index=False``: None instead, so nothing is written)."""
     from kemo.data import aihub
 
-    return aihub.load_or_index(cfg.input, storage.join(cfg.output, "index"), per_class=cfg.per_class, seed=cfg.seed,
-                               index=index, inputs=cfg)
+    manifest = aihub.load_or_index(cfg.input, storage.join(cfg.output, "index"), per_class=cfg.per_class,
+                                   seed=cfg.seed, index=index, inputs=cfg)
+    return None if manifest is None else cfg.smoke(manifest)
 
 
-def fingerprint(cfg: PreprocessConfig, manifest: pa.Table) -> dict[str, Any]:
-    """Everything that changes a row: the settings, and every input column a row copies or crops by (the manifest's
-    identity columns: a re-made index with other splits, labels or boxes is another run); resource knobs and the code
-    version do not (a bug-fix release may resume)."""
-    weights_sha = None
-    if cfg.detector == "yolo" and cfg.weights:
-        from kemo.detector.weights import fetch_weights
-
-        weights_sha = fetch_weights(cfg.weights, cfg.weights_sha256)[1]
-    return {**crop_fingerprint(cfg, cfg), "weights_sha256": weights_sha, "max_bytes": cfg.max_bytes,
-            "inputs": manifest.num_rows,
+def fingerprint(cfg: PreprocessConfig, manifest: pa.Table) -> dict[str, object]:
+    """Everything that changes a row: the settings (the weights by the hash the driver pinned), and every input column
+    a row copies or crops by (the manifest's identity columns: a re-made index with other splits, labels or boxes is
+    another run); resource knobs and the code version do not (a bug-fix release may resume)."""
+    return {**crop_fingerprint(cfg, cfg), "max_bytes": cfg.max_bytes, "inputs": manifest.num_rows,
             "inputs_sha256": outputs.table_sha256(manifest.select(list(IDENTITY)), sort_by="image_id")}
 
 
-CHECKED = ["image_id", "status", "box", "face_box"]  # what the commit reads of every shard
-GALLERY_COLUMNS = [*CHECKED, "uri", "error", "label"]  # and what the gallery reads, in the same pass
-
-
-def _four(column: pa.ChunkedArray) -> np.ndarray:
-    """Which rows hold a box of 4 numbers."""
-    return pc.equal(pc.fill_null(pc.list_value_length(column), 0), 4).to_numpy(zero_copy_only=False)
+CHECKED = ["image_id", "status", "box", "face_box"]  # what the commit reads of every shard (with a page: CROP_SHOWN)
 
 
 def face_iou(table: pa.Table) -> pa.Array:
     """Per row, the IoU of the crop's face box with the annotators' consensus box, in one vectorised pass: null where
     the manifest has no box, 0 where no face was cropped."""
-    has_box, has_face = _four(table.column("box")), _four(table.column("face_box"))
-    both = has_box & has_face
+    boxed, has_face = has_box(table.column("box")), has_box(table.column("face_box"))
+    both = boxed & has_face
     values = np.zeros(table.num_rows)
     if both.any():
         rows = table.filter(pa.array(both))
@@ -188,7 +185,7 @@ def face_iou(table: pa.Table) -> pa.Array:
             return rows.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
 
         values[both] = ious(boxes("box"), boxes("face_box"))
-    return pa.array(values, mask=~has_box)
+    return pa.array(values, mask=~boxed)
 
 
 def _finalize(output: str, manifest: pa.Table, columns: list[str]
@@ -244,171 +241,108 @@ def steady_rate(receipts: list[tuple[float, int]]) -> float | None:
     return round((n1 - n0) / (t1 - t0), 2)
 
 
-def _current(out: outputs.Output, cfg: PreprocessConfig) -> dict[str, Any] | None:
-    """The committed summary when this exact run is done and nothing is left to retry; reads only."""
-    manifest = load_input(cfg, index=False)
-    if manifest is None:
+def _done(out: outputs.Output, claim: dict[str, object] | None, t0: float) -> PreprocessSummary | None:
+    """What this run did (nothing) over the committed output's tallies, when this exact run is committed and has
+    nothing left to retry; else None. Reads only."""
+    if claim is None or out.current(claim) is None:
         return None
-    if cfg.smoke_test:
-        manifest = manifest.slice(0, SMOKE_ROWS)
-    if out.current(fingerprint(cfg, manifest)) is None:
+    summary = PreprocessSummary.read(out)
+    if any(summary.statuses.get(s) for s in TRANSIENT):
         return None
-    summary = out.read_json(outputs.SUMMARY)
-    if any(summary["statuses"].get(s) for s in TRANSIENT):
-        return None
-    # what this run did (nothing), over the committed output's tallies
-    return {**summary, "processed": 0, "skipped": summary["inputs"], "photos_per_s": None,
-            "steady_photos_per_s": None}
+    return dataclasses.replace(summary, processed=0, skipped=summary.inputs, photos_per_s=None,
+                               steady_photos_per_s=None, seconds=round(time.perf_counter() - t0, 2))
 
 
-def run(cfg: PreprocessConfig) -> dict[str, Any]:
-    """Preprocess ``cfg.input`` into committed crop shards under ``cfg.output``; returns the summary."""
-    t0 = time.perf_counter()
-    check_detector(cfg)  # here, not later inside every actor's constructor
-    if cfg.gallery < 0:
-        raise ValueError(f"--gallery takes crops per group (0 for no gallery), not {cfg.gallery}")
-    out = outputs.Output(cfg.output, KIND, older={"max_bytes": input_defaults()["max_bytes"]})
-    done_before = _current(out, cfg)
-    if done_before is not None:
-        log.info("%s already holds these crops, committed: nothing to do, nothing written", cfg.output)
-        return {**done_before, "seconds": round(time.perf_counter() - t0, 2)}
-    verify_detector(cfg)  # weights that do not load fail here, before the lease or any file is written
-    # Ray, and actors sized for its nodes, before anything is written: a request that no node can hold, or a cluster
-    # that cannot take this output, is refused with the output unchanged
+def _pending(cfg: PreprocessConfig, manifest: pa.Table) -> pa.Table:
+    """The manifest rows that have no row in the shards yet (transient failures dropped from the shards first)."""
+    done, retried = resume(cfg.output)
+    if retried:
+        log.info("%d photos failed transiently (%s) last time: processing them again", retried, ", ".join(TRANSIENT))
+    pending = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"), pa.array(sorted(done), pa.string()))))
+    log.info("%d photos: %d already in shards, %d to process with %s (%d actors × %d decoders, %g GPU each, "
+             "batch %d, %d in flight per actor)", manifest.num_rows, manifest.num_rows - pending.num_rows,
+             pending.num_rows, cfg.detector, cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size,
+             cfg.calls_per_actor)
+    return pending
+
+
+def _crop(cfg: PreprocessConfig, pending: pa.Table) -> tuple[int, list[tuple[float, int]]]:
+    """Stream ``pending`` through the actor pool into shards; returns (photos written, (time, photos so far) per
+    shard)."""
     import ray
 
-    nodes = connect()
-    cfg = resolve_resources(cfg, nodes)
-    # node types the autoscaler can start count: actors may go there
-    check_shared({"--output": cfg.output}, len(nodes), "shards would land on whichever node wrote them")
-    with out.lease() as lease:
-        manifest = load_input(cfg)
-        if cfg.smoke_test:
-            manifest = manifest.slice(0, SMOKE_ROWS)
-        claim = fingerprint(cfg, manifest)
+    processed, receipts = 0, []
+    if not pending.num_rows:
+        return processed, receipts
+    ds = map_photos(pending, CropPhotos, {"cfg": dataclasses.asdict(cfg)}, cfg)
+    # Writers are light I/O and must never wait for a CPU that the actors hold (shards are what a killed run
+    # resumes from); as a fixed actor pool they also never spawn a worker process per shard.
+    ds = ds.map_batches(ShardWriter, fn_constructor_kwargs={"output": cfg.output}, batch_size=cfg.rows_per_shard,
+                        batch_format="pyarrow", num_cpus=0,
+                        compute=ray.data.ActorPoolStrategy(size=max(1, min(4, cfg.actors // 2))))
+    for receipt in ds.iter_rows():
+        processed += receipt["rows"]
+        receipts.append((time.perf_counter(), processed))
+        log.info("shard %s: %d rows (%d ok) — %d/%d", receipt["file"], receipt["rows"], receipt["ok"], processed,
+                 pending.num_rows)
+    return processed, receipts
+
+
+def _commit(out: outputs.Output, cfg: PreprocessConfig, claim: dict[str, object], shards: list[outputs.Receipt],
+            small: list[pa.Table], summary: PreprocessSummary) -> None:
+    """Commit the shards with the summary, the claim and (a view: the crops commit without it) the gallery."""
+    files = [*shards, out.write_json(outputs.SUMMARY, dataclasses.asdict(summary)), out.claim_receipt()]
+    if cfg.gallery:
+        try:
+            heading = [f"kemo crops · {cfg.detector}",
+                       f"{cfg.input} → {cfg.output} ({cfg.detector}): {summary.inputs} photos, statuses "
+                       f"{summary.statuses}; crop on the annotated face {summary.crop_on_annotated_face}",
+                       f"at most {cfg.gallery} per group"]
+            page = views.crop_gallery(cfg.output, shards, small, heading, list(summary.statuses), cfg.gallery,
+                                      cfg.max_bytes, detector_class(cfg.detector).whole_photo)
+            files.append(out.write_file(outputs.GALLERY, page))
+        except Exception:
+            log.exception("gallery.html could not be made; committing the crops without it")
+    out.commit(files, dataclasses.asdict(cfg), claim)
+
+
+def run(cfg: PreprocessConfig) -> PreprocessSummary:
+    """Preprocess ``cfg.input`` into committed crop shards under ``cfg.output``; returns the summary.
+
+    Plan (the detector resolved, the manifest and the fingerprint: a committed output of this exact run is left as
+    it is, nothing started) → prepare the pool → under the lease: claim, resume, crop, reconcile (one row per input)
+    → commit.
+    """
+    t0 = time.perf_counter()
+    cfg = resolve_detector(cfg)  # checked, weights hashed and pinned: once, here
+    out = outputs.Output(cfg.output, KIND)
+    manifest = load_input(cfg, index=False)  # None: an AI-Hub root still to index, under the lease
+    claim = fingerprint(cfg, manifest) if manifest is not None else None
+    done = _done(out, claim, t0)
+    if done is not None:
+        log.info("%s already holds these crops, committed: nothing to do, nothing written", cfg.output)
+        return done
+    cfg = prepare(cfg, {"--output": cfg.output}, "shards would land on whichever node wrote them")
+    with out.lease():
+        if manifest is None or claim is None:
+            manifest = load_input(cfg)
+            claim = fingerprint(cfg, manifest)
         out.claim(claim)
-        if claim["weights_sha256"]:  # actors load exactly the weights fingerprinted here, from fetch_weights' cache
-            cfg = dataclasses.replace(cfg, weights_sha256=claim["weights_sha256"])
         out.uncommit()
-        done, retried = resume(cfg.output)
-        if retried:
-            log.info("%d photos failed transiently (%s) last time: processing them again", retried,
-                     ", ".join(TRANSIENT))
-        pending = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"),
-                                                     pa.array(sorted(done), pa.string()))))
-        log.info("%d photos: %d already in shards, %d to process with %s (%d actors × %d decoders, %g GPU each, "
-                 "batch %d, %d in flight per actor)", manifest.num_rows, manifest.num_rows - pending.num_rows,
-                 pending.num_rows, cfg.detector, cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size,
-                 cfg.calls_per_actor)
-        processed, receipts = 0, []  # (time, rows so far) per shard written
-        if pending.num_rows:
-            blocks = [pending.slice(i, cfg.batch_size) for i in range(0, pending.num_rows, cfg.batch_size)]
-            ds = ray.data.from_arrow(blocks)
-            ds = ds.map_batches(
-                CropPhotos, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg)}, batch_size=cfg.batch_size,
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=cfg.actors,
-                                                   max_concurrent_calls_per_actor=cfg.calls_per_actor,
-                                                   enable_true_multi_threading=cfg.calls_per_actor > 1),
-                num_cpus=cfg.decoders, num_gpus=cfg.gpus_per_actor or None)
-            # Writers are light I/O and must never wait for a CPU that the actors hold (shards are what a killed run
-            # resumes from); as a fixed actor pool they also never spawn a worker process per shard.
-            ds = ds.map_batches(ShardWriter, fn_constructor_kwargs={"output": cfg.output},
-                                batch_size=cfg.rows_per_shard, batch_format="pyarrow", num_cpus=0,
-                                compute=ray.data.ActorPoolStrategy(size=max(1, min(4, cfg.actors // 2))))
-            for receipt in ds.iter_rows():
-                processed += receipt["rows"]
-                receipts.append((time.perf_counter(), processed))
-                log.info("shard %s: %d rows (%d ok) — %d/%d", receipt["file"], receipt["rows"], receipt["ok"],
-                         processed, pending.num_rows)
-        shards, small, statuses, on_face = _finalize(cfg.output, manifest,
-                                                     GALLERY_COLUMNS if cfg.gallery else CHECKED)
+        pending = _pending(cfg, manifest)
+        processed, receipts = _crop(cfg, pending)
+        shards, small, statuses, on_face = _finalize(cfg.output, manifest, views.CROP_SHOWN if cfg.gallery else CHECKED)
         seconds = time.perf_counter() - t0
-        summary = {"inputs": manifest.num_rows, "processed": processed,
-                   "skipped": manifest.num_rows - pending.num_rows, "statuses": dict(sorted(statuses.items())),
-                   "shards": len(shards), "seconds": round(seconds, 2), "crop_on_annotated_face": on_face,
-                   "photos_per_s": round(processed / seconds, 2) if seconds else None,
-                   "steady_photos_per_s": steady_rate(receipts)}
-        files = [*shards, out.write_json(outputs.SUMMARY, summary), out.claim_receipt()]
-        if cfg.gallery:
-            try:
-                files.append(out.write_file(outputs.GALLERY, gallery_page(cfg, shards, small, summary)))
-            except Exception:  # a view: the crops commit without it
-                log.exception("gallery.html could not be made; committing the crops without it")
-        lease.check()
-        out.commit(files, dataclasses.asdict(cfg), claim)
-        if outputs.GALLERY not in {r.path for r in files}:  # --gallery 0 or a page that failed: none of older rows
-            storage.delete(out.path(outputs.GALLERY), missing_ok=True)
-    log.info("committed %d rows in %d shards to %s: %s", manifest.num_rows, len(shards), cfg.output,
-             summary["statuses"])
+        summary = PreprocessSummary(
+            inputs=manifest.num_rows, processed=processed, skipped=manifest.num_rows - pending.num_rows,
+            statuses=dict(sorted(statuses.items())), shards=len(shards), seconds=round(seconds, 2),
+            crop_on_annotated_face=on_face, photos_per_s=round(processed / seconds, 2) if seconds else None,
+            steady_photos_per_s=steady_rate(receipts))
+        _commit(out, cfg, claim, shards, small, summary)
+    log.info("committed %d rows in %d shards to %s: %s", manifest.num_rows, len(shards), cfg.output, summary.statuses)
     return summary
-
-
-def gallery_page(cfg: PreprocessConfig, shards: list[outputs.Receipt], small: list[pa.Table],
-                 summary: dict[str, Any]) -> bytes:
-    """gallery.html of a crop output: the ok crops (the first shard's first: their crops are read from a shard or
-    two), the other statuses (by image_id; a photo with no face shown whole, read again; the others listed with
-    their error), and the crops whose face lies away from the annotators' box (IoU < 0.5, the least overlap first),
-    at most ``cfg.gallery`` each. ``small`` is each shard's :data:`GALLERY_COLUMNS` and ``iou``, as the commit read
-    them (rows are chosen in Arrow); the driver reads the crops column of only the shards that hold a shown crop:
-    at most ``cfg.gallery`` + 1 of them."""
-    from kemo import gallery
-    from kemo.classes import CLASS_NAMES
-
-    cap = cfg.gallery
-    columns = [*GALLERY_COLUMNS, "iou"]
-    tables = [t.select(columns).append_column("shard", pa.array(np.full(t.num_rows, k, np.int32)))
-              .append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))) for k, t in enumerate(small)]
-    table = pa.concat_tables(tables) if tables else CROP.empty_table().select(GALLERY_COLUMNS).append_column(
-        "iou", pa.array([], pa.float64()))
-    by_id = [("image_id", "ascending")]
-
-    def name(r: dict[str, Any]) -> str:
-        label = CLASS_NAMES[r["label"]] if r["label"] is not None and r["label"] >= 0 else "no label"
-        return f"{label} · {r['image_id'].rsplit('/', 1)[-1]}"
-
-    crops_of: dict[tuple[int, int], list[gallery.Tile]] = {}  # a shown crop → its tiles (it may be in two sections)
-
-    def crop_tile(r: dict[str, Any], caption: str) -> gallery.Tile:
-        tile = gallery.Tile(caption=caption, title=r["image_id"])
-        crops_of.setdefault((r["shard"], r["row"]), []).append(tile)
-        return tile
-
-    sections = []
-    statuses = sorted(summary["statuses"], key=lambda x: (x != "ok", x))
-    for status in statuses:
-        total, group = gallery.top(table, pc.equal(table.column("status"), status), cap,
-                                   [("shard", "ascending"), ("row", "ascending")] if status == "ok" else by_id)
-        if status == "ok":
-            sections.append(gallery.Section("ok", [crop_tile(r, name(r)) for r in group], total,
-                                            "the crops as training reads them"))
-        elif status == "no_face":
-            sections.append(gallery.no_face(group, total, name, "image_id", cfg.max_bytes))
-        else:
-            sections.append(gallery.Section(status, [
-                gallery.Tile(caption=r["image_id"], title=r["uri"] or r["image_id"], note=r["error"])
-                for r in group], total, "nothing to show: each with its error", pictures=False))
-    if cfg.detector != "none":  # the whole photo is never the annotators' box
-        away = pc.and_(pc.and_(pc.equal(table.column("status"), "ok"), pc.less(table.column("iou"), 0.5)),
-                       pa.array(_four(table.column("face_box"))))
-        total, group = gallery.top(table, away, cap, [("iou", "ascending"), *by_id])
-        sections.append(gallery.Section(
-            "face away from the annotators' box", [crop_tile(r, f"IoU {r['iou']:.2f} · {name(r)}") for r in group],
-            total, "the crop's face box overlaps the annotators' consensus box by IoU < 0.5"))
-    for k in sorted({shard for shard, _ in crops_of}):  # the crops column of the shards that hold shown crops only
-        crops = storage.read_parquet_columns(storage.join(cfg.output, shards[k].path), ["crop"]).column("crop")
-        for (shard, row), tiles in crops_of.items():
-            if shard == k:
-                thumb = gallery.crop_thumbnail(crops[row].as_py())
-                for tile in tiles:
-                    tile.thumb, tile.note = thumb, None if thumb else "no picture: the crop does not decode"
-    gallery.thumbnails(sections)
-    lines = [f"{cfg.input} → {cfg.output} ({cfg.detector}): {summary['inputs']} photos, statuses "
-             f"{summary['statuses']}; crop on the annotated face {summary['crop_on_annotated_face']}",
-             f"at most {cap} per group"]
-    return gallery.page(f"kemo crops · {cfg.detector}", lines, sections)
 
 
 def read_crops(output: str, columns: list[str] | None = None) -> pa.Table:
     """Every row of a committed crop output, from the files its commit manifest names."""
-    return outputs.Output(output, KIND).read_table(SHARDS, columns, CROP, ("votes",))
+    return outputs.Output(output, KIND).read_table(SHARDS, columns, CROP)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SPLITS = ("train", "val", "test")
 
@@ -84,5 +86,10 @@ LABELS = pa.schema([
     ("orig_height", pa.int32()),
     ("model", pa.string()),
     ("detector", pa.string()),
-    ("abstained", pa.bool_()),  # added after the others: parts written before have none (read as null)
+    ("abstained", pa.bool_()),
 ])
+
+
+def has_box(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Which rows of a box column (``box``, ``face_box``) hold a box of 4 numbers."""
+    return pc.equal(pc.fill_null(pc.list_value_length(column), 0), 4).to_numpy(zero_copy_only=False)

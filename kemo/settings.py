@@ -1,8 +1,8 @@
 """The settings that several jobs share, each written once: which detector finds the face, how it is cropped, and how
 a job's input files are listed and read.
 
-Job configs inherit them (``class PreprocessConfig(DetectorSettings, CropSettings, ActorResources)``), so a flag,
-its default and its help text exist in one place, and a function that needs only one part is typed on that part
+Job configs inherit them (``class PreprocessConfig(PhotoSettings)``), so a flag, its default and its help text exist
+in one place, and a function that needs only one part is typed on that part
 (``create_detector(settings: DetectorSettings, threads)``). Keyword-only, so required job fields may come after.
 """
 
@@ -11,8 +11,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
 from kemo.image import MAX_PIXELS
-from kemo.storage import LINKS
+from kemo.listing import LINKS
+from kemo.resources import ActorResources
 
 
 @dataclass(kw_only=True)
@@ -58,13 +61,23 @@ class InputSettings:
             raise ValueError(f"--max-bytes {self.max_bytes}: give a positive number of bytes")
 
 
-def input_defaults() -> dict[str, object]:
-    """The input settings as older outputs' fingerprints lack them (they came later): the values those runs used."""
-    return dataclasses.asdict(InputSettings())
+SMOKE_INPUTS = 16
+
+
+@dataclass(kw_only=True)
+class PhotoSettings(DetectorSettings, CropSettings, InputSettings, ActorResources):
+    """What both photo jobs (preprocessing, labelling) share: the detector, the crop, the input rules and the pool."""
+
+    smoke_test: bool = field(default=False, metadata={"help": f"only the first {SMOKE_INPUTS} inputs"})
+
+    def smoke(self, inputs: pa.Table) -> pa.Table:
+        """The inputs a run works on: the first few under ``--smoke-test``, else all."""
+        return inputs.slice(0, SMOKE_INPUTS) if self.smoke_test else inputs
 
 
 def crop_fingerprint(detector: DetectorSettings, crop: CropSettings) -> dict[str, object]:
-    """The settings that change a crop, as a run's fingerprint records them (weights go by their hash, elsewhere;
-    the device does not change a crop)."""
+    """The settings that change a crop, as a run's fingerprint records them (the weights by the hash the driver
+    pinned; the device does not change a crop)."""
     return {"detector": detector.detector, "imgsz": detector.imgsz, "conf": detector.conf,
+            "weights_sha256": detector.weights_sha256,
             **{f.name: getattr(crop, f.name) for f in dataclasses.fields(CropSettings)}}

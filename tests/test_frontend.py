@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from kemo import storage
+from kemo import listing
 from kemo.frontend import FrontEnd
 from kemo.settings import CropSettings, DetectorSettings
 from tests import hostile
@@ -46,7 +46,7 @@ def test_what_cannot_be_read_or_is_too_large_gets_a_status_and_is_not_decoded(tm
 def test_rows_of_the_hostile_folder_get_their_status_within_seconds_and_bounded_memory(tmp_path):
     """As label's rows (with a listed size and status) and as preprocessing's manifest rows (a uri alone)."""
     expected, guard = hostile.build(tmp_path / "in", tmp_path / "out")
-    entries = storage.list_input(str(tmp_path / "in"))
+    entries = listing.list_input(str(tmp_path / "in"))
     front = FrontEnd(DetectorSettings(detector="none"), CropSettings(crop_size=64), decoders=2,
                      max_bytes=256 << 20, decode_pixels=1 << 20)
     listed = [{"uri": e.uri, "size": e.size, "status": e.status, "error": e.error} for e in entries]
@@ -77,3 +77,33 @@ def test_a_pixel_budget_smaller_than_every_photo_decodes_them_one_at_a_time(tmp_
     # the whole-photo detector needs only the crop size: PNGs kept reduced by 4, as a JPEG would be
     assert all(p.decoded is not None and p.decoded.image.shape == (75, 100, 3) for p in prepared)
     assert front.budget.free == front.budget.total == 1
+
+
+def test_a_photo_becomes_a_typed_result_with_its_faces_in_rank_order(tmp_path):
+    """What both jobs turn into rows: the status, the header, and the faces (box, score, crop), primary first."""
+    (tmp_path / "a.jpg").write_bytes(jpeg(scene(320, 240)))
+    (tmp_path / "junk.jpg").write_bytes(b"12345")
+    rows = [{"uri": str(tmp_path / "a.jpg"), "box": [100.0, 60.0, 200.0, 180.0]},
+            {"uri": str(tmp_path / "a.jpg"), "box": None}, {"uri": str(tmp_path / "junk.jpg"), "box": None}]
+    front = FrontEnd(DetectorSettings(detector="annotations"), CropSettings(crop_size=64), decoders=2,
+                     max_bytes=1 << 20, decode_pixels=1 << 20)
+    face, no_face, junk = front(rows)
+    assert (face.status, face.width, face.height, face.orientation, face.n_faces) == ("ok", 320, 240, 1, 1)
+    assert face.faces[0].box == [100.0, 60.0, 200.0, 180.0] and face.faces[0].score == 1.0
+    assert face.faces[0].crop.shape == (64, 64, 3)
+    assert (no_face.status, no_face.error, no_face.n_faces, no_face.faces) == (
+        "no_face", "annotations found no face", 0, [])
+    assert junk.status == "decode_error" and junk.n_faces is None and junk.faces == []
+    whole = FrontEnd(DetectorSettings(detector="none"), CropSettings(crop_size=64), decoders=1, max_bytes=1 << 20,
+                     decode_pixels=1 << 20)([rows[0]])[0]
+    assert whole.n_faces is None and [(f.box, f.score) for f in whole.faces] == [([0.0, 0.0, 320.0, 240.0], None)]
+    front.close()
+
+
+def test_all_faces_are_ranked_by_the_one_rule_the_primary_face_first():
+    from kemo.crop import primary_face, ranked_faces
+
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 40, 40], [0, 0, 20, 20], [5, 5, 15, 15]], np.float32)
+    scores = np.array([0.9, 0.3, 0.9, 0.9], np.float32)  # keys 9, 12, 18, 9: ties keep the detector's order
+    assert ranked_faces(boxes, scores) == [2, 1, 0, 3] and primary_face(boxes, scores) == 2
+    assert ranked_faces(np.zeros((0, 4)), np.zeros(0)) == [] and primary_face(np.zeros((0, 4)), np.zeros(0)) is None

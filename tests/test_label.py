@@ -17,14 +17,15 @@ import pyarrow.csv as pacsv
 import pytest
 import torch
 
-from kemo import label as label_module
-from kemo import outputs, storage
+from kemo import outputs, storage, views
 from kemo.classes import CLASS_NAMES
 from kemo.classifier.checkpoint import input_batch, load_checkpoint, read_meta, save_checkpoint
 from kemo.classifier.data import decode_crop
 from kemo.classifier.registry import create_model
 from kemo.data import aihub, synth
-from kemo.label import LabelConfig, LabelPhotos, calibration, label_one_by_one, read_labels, run, snapshot, write_part
+from kemo.label import LabelConfig, calibration, run, snapshot
+from kemo.label_photos import LabelPhotos
+from kemo.label_store import read_labels, write_part
 from kemo.preprocess import CropPhotos, PreprocessConfig
 from kemo.schema import LABELS, MANIFEST
 from tests import hostile
@@ -34,6 +35,14 @@ from tests.tree import snapshot as tree_snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PART = re.compile(r"parts/part-[0-9a-f]{20}\.parquet")
+
+
+def label_one_by_one(cfg: LabelConfig, photos: pa.Table) -> pa.Table:
+    """The same models and code, one photo at a time in this process, no Ray, no batching, one decoder thread: what
+    the Ray job's rows are compared with (jobs/benchmark.py times its own cv2.imread loop instead)."""
+    udf = LabelPhotos(dataclasses.asdict(dataclasses.replace(cfg, decoders=1, batch_size=1)),
+                      *calibration(cfg, read_meta(cfg.checkpoint)))
+    return pa.concat_tables([udf(photos.slice(i, 1)) for i in range(photos.num_rows)])
 
 
 def actor(cfg: LabelConfig) -> LabelPhotos:
@@ -152,7 +161,7 @@ def test_every_file_gets_one_row_with_its_status(folder, labelled):
     cfg, summary = labelled
     rows = by_uri(cfg.output)
     assert sorted(os.path.relpath(u, root) for u in rows) == sorted(expected)  # .DS_Store: no row
-    assert summary["ignored"] == 1 and summary["listed"] == summary["processed"] == summary["photos"] == len(expected)
+    assert summary.ignored == 1 and summary.listed == summary.processed == summary.photos == len(expected)
     for uri, (r,) in rows.items():
         rel = os.path.relpath(uri, root)
         assert r["status"] == expected[rel], (rel, r["status"], r["error"])
@@ -167,8 +176,8 @@ def test_every_file_gets_one_row_with_its_status(folder, labelled):
             assert r["label"] is None and r["probs"] is None and r["face"] is None
     assert "exceeds the 200000-byte limit" in rows[os.path.join(root, "huge.bin")][0]["error"]
     statuses = {s: list(expected.values()).count(s) for s in set(expected.values())}
-    assert summary["statuses"] == summary["processed_statuses"] == statuses
-    assert sum(summary["emotions"].values()) == statuses["ok"]
+    assert summary.statuses == summary.processed_statuses == statuses
+    assert sum(summary.emotions.values()) == statuses["ok"]
     # labels.csv holds the same rows, list columns spread out; the commit names every file and nothing else
     csv = pacsv.read_csv(os.path.join(cfg.output, "labels.csv")).to_pylist()
     assert sorted(r["uri"] for r in csv) == sorted(rows)
@@ -184,14 +193,14 @@ def test_every_file_gets_one_row_with_its_status(folder, labelled):
     sections = parse_gallery(os.path.join(cfg.output, "gallery.html"))
     for name in CLASS_NAMES:
         figures = sections[name]["figures"]
-        assert len(figures) == summary["emotions"].get(name, 0) and all(len(f) == 1 for f in figures)
+        assert len(figures) == summary.emotions.get(name, 0) and all(len(f) == 1 for f in figures)
         for f in figures:
             decoded_thumb(f[0])
     assert len(sections["no face"]["figures"]) == statuses["no_face"] == 1
     decoded_thumb(sections["no face"]["figures"][0][0])
     others = sum(n for s, n in statuses.items() if s not in ("ok", "no_face"))
     assert sections["other statuses"]["rows"] == others + 1  # and the header
-    assert sections["abstained"]["figures"] == [] and summary["abstained"] == 0
+    assert sections["abstained"]["figures"] == [] and summary.abstained == 0
     assert storage.read_json(os.path.join(cfg.output, "summary.json"))["statuses"] == statuses
 
 
@@ -227,7 +236,7 @@ def test_reruns_label_only_new_and_replaced_photos(ray_local, checkpoint, tmp_pa
     cfg = LabelConfig(input=str(photos), output=str(tmp_path / "out"), checkpoint=ckpt, detector="none",
                       crop_size=64, batch_size=2, actors=1)
     first = run(cfg)
-    assert first["processed"] == 4 and first["statuses"] == {"ok": 4}
+    assert first.processed == 4 and first.statuses == {"ok": 4}
     parts = committed_parts(cfg.output)
     before = tree_state(cfg.output)
 
@@ -237,7 +246,7 @@ def test_reruns_label_only_new_and_replaced_photos(ray_local, checkpoint, tmp_pa
     with open(model_pt, "wb") as f:
         f.write(b"not the model")
     again = run(cfg)
-    assert again["processed"] == 0 and again["skipped"] == 4 and again["statuses"] == {"ok": 4}
+    assert again.processed == 0 and again.skipped == 4 and again.statuses == {"ok": 4}
     assert tree_state(cfg.output) == before
     with open(model_pt, "wb") as f:
         f.write(good)
@@ -245,7 +254,7 @@ def test_reruns_label_only_new_and_replaced_photos(ray_local, checkpoint, tmp_pa
     # Two new photos: exactly those two are labelled, in one new part; the first run's parts stay as they were.
     write_tree(photos, {"new/p4.jpg": one_face(4), "new/p5.jpg": one_face(5)})
     added = run(cfg)
-    assert added["processed"] == 2 and added["skipped"] == 4 and added["photos"] == 6
+    assert added.processed == 2 and added.skipped == 4 and added.photos == 6
     (new_part,) = set(committed_parts(cfg.output)) - set(parts)
     assert set(parts) <= set(committed_parts(cfg.output))
     new_rows = storage.read_parquet(os.path.join(cfg.output, new_part)).column("uri").to_pylist()
@@ -256,7 +265,7 @@ def test_reruns_label_only_new_and_replaced_photos(ray_local, checkpoint, tmp_pa
     old = by_uri(cfg.output)[str(target)]
     target.write_bytes(TWO_FACES)
     replaced = run(cfg)
-    assert replaced["processed"] == 1 and replaced["photos"] == 6 and replaced["rows"] == 6
+    assert replaced.processed == 1 and replaced.photos == 6 and replaced.rows == 6
     (row,) = by_uri(cfg.output)[str(target)]
     assert row["size"] == len(TWO_FACES) != old[0]["size"]
     np.testing.assert_allclose(row["probs"], direct(cfg, [str(target)])[str(target)]["probs"], atol=1e-5)
@@ -286,11 +295,11 @@ def test_an_interrupted_output_resumes_without_duplicates(labelled, folder, tmp_
     with pytest.raises(FileNotFoundError):
         read_labels(out)
     summary = run(resumed)
-    assert summary["processed"] == 1 and summary["processed_statuses"] == {"ok": 1}  # only the failed read
+    assert summary.processed == 1 and summary.processed_statuses == {"ok": 1}  # only the failed read
     rows = by_uri(out)
-    assert len(rows) == first["photos"] and all(len(r) == 1 for r in rows.values())
+    assert len(rows) == first.photos and all(len(r) == 1 for r in rows.values())
     assert rows[target][0]["status"] == "ok"
-    assert summary["statuses"] == first["statuses"]
+    assert summary.statuses == first.statuses
     assert set(os.listdir(os.path.join(out, "parts"))) == {p[6:] for p in committed_parts(out)}
     original = {u: rs[0] for u, rs in by_uri(cfg.output).items()}
     for uri, (r,) in rows.items():
@@ -312,7 +321,7 @@ def test_s3_in_and_out_with_awkward_and_path_traversal_keys(ray_local, checkpoin
     summary = run(cfg)
     rows = by_uri(out)
     assert sorted(rows) == sorted(f"s3://{s3_bucket}/{k}" for k in photos)  # keys exactly as stored
-    assert summary["statuses"] == {"ok": 6, "decode_error": 1}
+    assert summary.statuses == {"ok": 6, "decode_error": 1}
     for key, data in photos.items():
         (r,) = rows[f"s3://{s3_bucket}/{key}"]
         assert r["size"] == len(data) and r["etag"] and r["status"] == ("decode_error" if key.endswith("txt") else "ok")
@@ -342,10 +351,10 @@ def test_s3_in_and_out_with_awkward_and_path_traversal_keys(ray_local, checkpoin
 
     # rerun: nothing to do; then a same-size replacement within the same second is seen by its ETag
     before = {k: s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in written}
-    assert run(cfg)["processed"] == 0
+    assert run(cfg).processed == 0
     assert {k: s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in written} == before
     s3.put_object(Bucket=s3_bucket, Key="in/notes.txt", Body=b"bbbb")
-    assert run(cfg)["processed"] == 1
+    assert run(cfg).processed == 1
     (r,) = by_uri(out)[f"s3://{s3_bucket}/in/notes.txt"]
     assert r["size"] == 4 and r["etag"] != rows[f"s3://{s3_bucket}/in/notes.txt"][0]["etag"]
     assert len(read_labels(out)) == len(photos)
@@ -362,7 +371,7 @@ def test_all_faces_gives_one_row_per_face(ray_local, checkpoint, tmp_path):
     assert [r["face"] for r in two] == [0, 1] and {r["n_faces"] for r in two} == {2}
     assert [(r["face"], r["status"]) for r in one] == [(0, "ok")]
     assert [(r["face"], r["status"], r["n_faces"]) for r in none] == [(None, "no_face", 0)]
-    assert summary["photos"] == 3 and summary["rows"] == 4 and sum(summary["emotions"].values()) == 3
+    assert summary.photos == 3 and summary.rows == 4 and sum(summary.emotions.values()) == 3
     left, right = sorted(r["face_box"][0] for r in two)
     assert left < 100 < 150 < right  # the two drawn faces, not one face twice
     # face 0 is the primary face: the one row that labelling without --all-faces gives
@@ -413,8 +422,8 @@ def test_an_old_checkpoint_labels_at_temperature_1_and_refuses_abstain_but_takes
     ok = [r for (r,) in rows.values() if r["status"] == "ok"]
     assert ok and all(r["abstained"] == (r["confidence"] < 0.3) for r in ok)
     assert all(r["abstained"] is None for (r,) in rows.values() if r["status"] != "ok")
-    assert summary["abstained"] == sum(r["abstained"] for r in ok) and summary["min_confidence"] == 0.3
-    assert summary["temperature"] == 1.0
+    assert summary.abstained == sum(r["abstained"] for r in ok) and summary.min_confidence == 0.3
+    assert summary.temperature == 1.0
     for r in ok:
         assert r["probs"] == pytest.approx(baseline[r["uri"]][0]["probs"], abs=1e-6)
 
@@ -435,32 +444,25 @@ def test_actors_apply_the_calibration_the_driver_read_not_meta_json_again(labell
         assert a["abstained"] is False and b["abstained"] == (b["confidence"] < 0.3)
 
 
-def test_an_output_of_an_older_kemo_continues_gains_its_gallery_once_then_reruns_write_nothing(labelled, tmp_path):
+def test_an_output_of_an_earlier_kemo_is_refused_in_one_line(labelled, tmp_path):
+    """kemo keeps no compatibility with its unreleased development versions: an output one of them wrote (a claim
+    without the calibration keys, parts without `abstained`) is refused, saying to write a new output."""
     cfg, _ = labelled
     old = dataclasses.replace(cfg, output=str(tmp_path / "old"))
     run(old)
-    # as an older kemo left it: parts without `abstained`, a claim without temperature and threshold, no gallery
-    out = outputs.Output(old.output, "labels")
+    run_json = os.path.join(old.output, "_run.json")
+    claim = storage.read_json(run_json)
+    storage.write_json(run_json, {k: v for k, v in claim.items() if k not in ("temperature", "min_confidence")})
+    with pytest.raises(ValueError, match=r"another setup \(differs in temperature\); use a new --output"):
+        run(old)
+    storage.write_json(run_json, claim)
     for name in outputs.parts(old.output, "parts"):
         part = storage.read_parquet(os.path.join(old.output, "parts", name)).drop_columns(["abstained"])
         assert write_part(part, old.output) == name  # named after its rows: the same part, rewritten
-    claim = storage.read_json(os.path.join(old.output, "_run.json"))
-    storage.write_json(os.path.join(old.output, "_run.json"),
-                       {k: v for k, v in claim.items() if k not in ("temperature", "min_confidence")})
-    os.remove(os.path.join(old.output, "gallery.html"))
-    summary = outputs.Receipt.of("summary.json", open(os.path.join(old.output, "summary.json"), "rb").read())
-    parts = list(outputs.parts(old.output, "parts").values())
-    out.commit([*parts, summary, out.claim_receipt()], {}, storage.read_json(os.path.join(old.output, "_run.json")))
-    assert read_labels(old.output).column("abstained").null_count == len(read_labels(old.output))
-
-    again = run(old)  # the same setup: nothing to label; the commit gains the gallery, once
-    assert again["processed"] == 0 and again["abstained"] == 0
-    assert os.path.exists(os.path.join(old.output, "gallery.html"))
-    assert len(read_labels(old.output)) == again["rows"] and pacsv.read_csv(
-        os.path.join(old.output, "labels.csv")).column_names[-1] == "abstained"
-    before = tree_snapshot(old.output)
-    run(old)
-    assert tree_snapshot(old.output) == before
+    with pytest.raises(outputs.Damaged, match="has no abstained column: it was written by an earlier version"):
+        read_labels(old.output)
+    with pytest.raises(outputs.Damaged, match="write a new output"):
+        run(old)
 
 
 def test_a_failing_gallery_costs_the_labels_nothing_and_a_rerun_that_only_retries_it_writes_nothing(
@@ -476,13 +478,13 @@ def test_a_failing_gallery_costs_the_labels_nothing_and_a_rerun_that_only_retrie
     def no_page(*args):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(label_module, "gallery_page", no_page)
+    monkeypatch.setattr(views, "label_gallery", no_page)
     open(os.path.join(job.input, "new.jpg"), "wb").write(one_face(9))
     summary = run(job)  # the new photo is labelled and committed; the page of the older rows is not left behind
-    assert summary["processed"] == 1 and summary["photos"] == len(by_uri(job.output))
+    assert summary.processed == 1 and summary.photos == len(by_uri(job.output))
     assert "gallery.html" not in committed() and not os.path.exists(page)
     before = tree_snapshot(job.output)
-    assert run(job)["processed"] == 0 and tree_snapshot(job.output) == before  # the page fails again: no writes
+    assert run(job).processed == 0 and tree_snapshot(job.output) == before  # the page fails again: no writes
     monkeypatch.undo()
     run(job)  # now it can be made: the commit gains it, and then a rerun writes nothing
     assert "gallery.html" in committed() and os.path.exists(page)
@@ -510,7 +512,7 @@ def test_the_gallery_reads_only_the_files_listed_not_what_an_old_row_s_name_poin
     (root / "sub").symlink_to(outside, target_is_directory=True)
     (root / "c.jpg").write_bytes(one_face(3))
     summary = run(cfg)  # c.jpg, and the link (outside the input: a row of its own)
-    assert summary["processed"] == 2 and summary["statuses"]["outside_link"] == 1
+    assert summary.processed == 2 and summary.statuses["outside_link"] == 1
     tiles = {t: (f, x) for s in parse_gallery(os.path.join(cfg.output, "gallery.html")).values()
              for t, f, x in zip(s["titles"], s["figures"], s["texts"])}
     old = next(t for t in tiles if t.endswith("sub/a.jpg"))
@@ -541,7 +543,7 @@ def test_a_hostile_folder_gets_one_row_per_entry_and_nothing_outside_is_opened(r
         summary = run(cfg)
         rows = {os.path.relpath(storage.local_path(u), cfg.input): r for u, (r,) in by_uri(cfg.output).items()}
         assert {rel: r["status"] for rel, r in rows.items()} == {rel: s or "ok" for rel, s in expected.items()}
-        assert summary["photos"] == len(expected) and summary["statuses"]["ok"] == list(expected.values()).count(None)
+        assert summary.photos == len(expected) and summary.statuses["ok"] == list(expected.values()).count(None)
         odd = next(r for r in rows.values() if r["uri"].startswith("file://"))  # the cp949 name: labelled, readable
         assert odd["label_name"] and storage.read_bytes(odd["uri"]) == hostile.photo(4)
         assert "outside the input" in rows["outdir"]["error"] and "--links anywhere" in rows["secret.jpg"]["error"]
@@ -549,7 +551,7 @@ def test_a_hostile_folder_gets_one_row_per_entry_and_nothing_outside_is_opened(r
         csv = pacsv.read_csv(os.path.join(cfg.output, "labels.csv")).to_pylist()
         assert sorted(r["uri"] for r in csv) == sorted(r["uri"] for r in rows.values())
         before = tree_snapshot(cfg.output)
-        assert run(cfg)["processed"] == 0 and tree_snapshot(cfg.output) == before  # listing statuses are final
+        assert run(cfg).processed == 0 and tree_snapshot(cfg.output) == before  # listing statuses are final
         # following links anywhere: the outside photos are labelled; a device or a FIFO is still never opened
         anywhere = dataclasses.replace(cfg, output=str(tmp_path / "anywhere"), links="anywhere")
         run(anywhere)
@@ -587,7 +589,7 @@ def test_a_bad_checkpoint_is_refused_in_seconds_before_any_file_and_the_right_on
         assert not os.path.exists(out)  # not even the lease
     # the same command with the right checkpoint (here, in this test's Ray): nothing of the refused runs is in the way
     assert run(LabelConfig(input=root, output=out, checkpoint=checkpoint, detector="none", crop_size=48,
-                           smoke_test=True))["processed"] == 16
+                           smoke_test=True)).processed == 16
     assert read_labels(out).num_rows == 16
 
 
@@ -626,7 +628,7 @@ def test_yolo_labels_equal_the_training_path(ray_local, yolo_weights, folder, ch
     cfg = LabelConfig(input=root, output=str(tmp_path / "out"), checkpoint=checkpoint, detector="yolo",
                       weights=yolo_weights, imgsz=224, conf=0.001, crop_size=64, max_bytes=200_000)
     summary = run(cfg)
-    assert summary["processed"] == summary["listed"]
+    assert summary.processed == summary.listed
     assert storage.read_json(os.path.join(cfg.output, "_run.json"))["weights_sha256"] == \
         __import__("hashlib").sha256(open(yolo_weights, "rb").read()).hexdigest()
     rows = {u: rs[0] for u, rs in by_uri(cfg.output).items()}

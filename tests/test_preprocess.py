@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 import ray
 
-from kemo import outputs, storage
+from kemo import listing, outputs, storage
 from kemo.crop import iou
 from kemo.data import aihub, synth
 from kemo.preprocess import CropPhotos, PreprocessConfig, read_crops, run
@@ -80,16 +80,16 @@ def test_every_input_gets_one_row_with_its_status(ray_local, zoo, tmp_path):
         assert r["status"] == expected[r["image_id"]], (r["image_id"], r["status"], r["error"])
         assert (r["crop"] is not None) == (r["status"] == "ok")
         assert (r["error"] is None) == (r["status"] == "ok")
-    assert summary["statuses"]["ok"] == sum(s == "ok" for s in expected.values())
+    assert summary.statuses["ok"] == sum(s == "ok" for s in expected.values())
     sections = parse_gallery(os.path.join(out, "gallery.html"))  # every status its section, listed with its error
-    for status, n in summary["statuses"].items():
+    for status, n in summary.statuses.items():
         if status == "ok":
             assert len(sections["ok"]["figures"]) == n and all(len(f) == 1 for f in sections["ok"]["figures"])
         elif status != "no_face":
             assert sections[status]["rows"] == n + 1  # and the header
     shards = [f["path"] for f in outputs.Output(out, "crops").committed()["files"] if f["path"].startswith("shards/")]
     sizes = [storage.read_parquet(os.path.join(out, s)).num_rows for s in shards]
-    assert len(shards) == summary["shards"] >= 3 and max(sizes) <= 10 and sum(sizes) == len(expected)
+    assert len(shards) == summary.shards >= 3 and max(sizes) <= 10 and sum(sizes) == len(expected)
     # EXIF 1–8: the same upright crop whatever the stored orientation
     reference = decode_crop(next(r["crop"] for r in rows if r["image_id"] == "exif1.jpg")).astype(int)
     for o in range(2, 9):
@@ -103,7 +103,7 @@ def test_a_manifest_naming_special_files_gets_their_statuses_with_bounded_memory
     dangling link, a cp949 name. Each gets its row within seconds; the actor's memory stays near its idle size."""
     _, guard = hostile.build(tmp_path / "in", tmp_path / "outside")
     try:
-        uris = {e.rel: e.uri for e in storage.list_input(str(tmp_path / "in"), links="anywhere")}
+        uris = {e.rel: e.uri for e in listing.list_input(str(tmp_path / "in"), links="anywhere")}
         uris["cp949.jpg"] = uris[os.fsdecode(hostile.NON_UTF8)]  # image_id is UTF-8 text; the uri keeps the bytes
         expected = {"plain.jpg": "ok", "pipe.jpg": "special_file", "zero.jpg": "special_file",
                     "secret.jpg": "special_file", "sparse.jpg": "too_large", "dangling.jpg": "read_error",
@@ -176,8 +176,8 @@ def test_annotations_crops_match_the_ground_truth_and_rerun_adds_nothing(ray_loc
     first = run(cfg)
     truth = {t["image_id"]: t for t in synth.read_truth(root).to_pylist()}
     rows = read_crops(out).to_pylist()
-    assert len(rows) == first["inputs"] == len({r["image_id"] for r in rows})
-    assert {r["status"] for r in rows} == {"ok"} and first["crop_on_annotated_face"] == 1.0
+    assert len(rows) == first.inputs == len({r["image_id"] for r in rows})
+    assert {r["status"] for r in rows} == {"ok"} and first.crop_on_annotated_face == 1.0
     for r in rows:
         assert iou(r["face_box"], truth[r["image_id"]]["face_box"]) >= 0.9, r["image_id"]
         assert decode_crop(r["crop"]).shape == (96, 96, 3)
@@ -185,7 +185,7 @@ def test_annotations_crops_match_the_ground_truth_and_rerun_adds_nothing(ray_loc
     before = snapshot(out)
     again = run(cfg)
     assert snapshot(out) == before  # nothing written: every file byte-identical, every mtime unchanged
-    assert again["processed"] == 0 and again["skipped"] == first["inputs"]
+    assert again.processed == 0 and again.skipped == first.inputs
     assert sorted(f["path"] for f in outputs.Output(out, "crops").committed()["files"]) == shards
     assert read_crops(out).num_rows == len(rows)
     with pytest.raises(ValueError, match="another run"):
@@ -197,18 +197,44 @@ def test_annotations_crops_match_the_ground_truth_and_rerun_adds_nothing(ray_loc
         run(dataclasses.replace(cfg, input=os.path.join(out, "index"), output=str(tmp_path / "other")))
 
 
-def test_yolo_and_haar_run_end_to_end(ray_local, corpus, yolo_weights, tmp_path):
+def counting(monkeypatch, modules: tuple, name: str) -> list[int]:
+    """Count the calls of ``name`` made in this process, through any of ``modules`` (each binds it)."""
+    calls, real = [0], getattr(modules[0], name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    for module in modules:
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_yolo_and_haar_run_end_to_end(ray_local, corpus, yolo_weights, tmp_path, monkeypatch):
+    from kemo import preprocess
+    from kemo.detector import registry, weights
+
     root, _ = corpus
     index_dir = str(tmp_path / "index")
     aihub.run(aihub.IndexConfig(root=root, output=index_dir, per_class=4))
     for detector in ("yolo", "haar"):
         out = str(tmp_path / detector)
+        checks = counting(monkeypatch, (registry, preprocess), "resolve_detector")
+        hashes = counting(monkeypatch, (weights,), "sha256_file")
         # conf 0.001: the briefly trained model still proposes boxes, so the crop path runs on real detections;
         # decode_min_side 100: 320×240 photos decode DCT-reduced by 2, so boxes must be scaled back to full size
-        summary = run(PreprocessConfig(input=index_dir, output=out, detector=detector, weights=yolo_weights,
-                                       imgsz=224, crop_size=64, conf=0.001, decode_min_side=100))
+        cfg = PreprocessConfig(input=index_dir, output=out, detector=detector, weights=yolo_weights, imgsz=224,
+                               crop_size=64, conf=0.001, decode_min_side=100)
+        summary = run(cfg)
+        # the driver checks the detector once and hashes its weights once (verifying their load hashes nothing)
+        assert (checks[0], hashes[0]) == (1, int(detector == "yolo"))
+        resolved = registry.resolve_detector(cfg)
+        checks[0] = hashes[0] = 0
+        preprocess.CropPhotos(dataclasses.asdict(resolved)).front.close()  # as an actor loads it
+        assert (checks[0], hashes[0]) == (0, int(detector == "yolo"))  # an actor: no check, one hash per load
+        monkeypatch.undo()
         rows = read_crops(out).to_pylist()
-        assert len(rows) == summary["inputs"] == 28
+        assert len(rows) == summary.inputs == 28
         assert {r["detector"] for r in rows} == {detector}
         assert {r["status"] for r in rows} <= {"ok", "no_face"}
         ok = [r for r in rows if r["status"] == "ok"]
@@ -251,7 +277,7 @@ def test_s3_in_and_out(ray_local, corpus, s3_bucket, upload_tree):
     summary = run(PreprocessConfig(input=f"s3://{s3_bucket}/aihub", output=out, detector="none", crop_size=32,
                                    per_class=3))
     rows = read_crops(out).to_pylist()
-    assert len(rows) == summary["inputs"] == 21 and {r["status"] for r in rows} == {"ok"}
+    assert len(rows) == summary.inputs == 21 and {r["status"] for r in rows} == {"ok"}
     assert all(r["uri"].startswith(f"s3://{s3_bucket}/aihub/") for r in rows)
     assert outputs.Output(f"s3://{s3_bucket}/crops/none/index", "index").committed()
     assert decode_crop(rows[0]["crop"]).shape == (32, 32, 3)
@@ -264,10 +290,10 @@ def test_transient_failures_are_retried_on_rerun(ray_local, tmp_path):
     paths = {"a.jpg": str(good), "late.jpg": str(late)}
     manifest = write_manifest(manifest_of(paths), str(tmp_path / "m.parquet"))
     cfg = PreprocessConfig(input=manifest, output=str(tmp_path / "out"), detector="none", crop_size=32)
-    assert run(cfg)["statuses"] == {"ok": 1, "read_error": 1}
+    assert run(cfg).statuses == {"ok": 1, "read_error": 1}
     late.write_bytes(jpeg(scene()))
     again = run(cfg)
-    assert again["statuses"] == {"ok": 2} and again["processed"] == 1 and again["skipped"] == 1
+    assert again.statuses == {"ok": 2} and again.processed == 1 and again.skipped == 1
     assert sorted(read_crops(cfg.output).column("image_id").to_pylist()) == ["a.jpg", "late.jpg"]
 
 
@@ -287,13 +313,13 @@ def test_duplicate_rows_left_by_a_retried_batch_are_dropped_at_commit(ray_local,
     storage.write_parquet(extra, os.path.join(cfg.output, "shards", outputs.part_name(["y"])))
     outputs.Output(cfg.output, "crops").uncommit()
     again = run(cfg)
-    assert again["processed"] == 0 and again["statuses"] == {"ok": 3}
+    assert again.processed == 0 and again.statuses == {"ok": 3}
     assert sorted(read_crops(cfg.output).column("image_id").to_pylist()) == ["a.jpg", "b.jpg", "c.jpg"]
     # whichever file keeps a row, no file is left behind that the commit does not name
     files = outputs.Output(cfg.output, "crops").committed()["files"]
     committed = {f["path"] for f in files if f["path"].startswith("shards/")}
     assert {f"shards/{n}" for n in os.listdir(os.path.join(cfg.output, "shards"))} == committed
-    assert len(committed) == again["shards"] in (1, 2)
+    assert len(committed) == again.shards in (1, 2)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -307,8 +333,8 @@ def test_two_runs_into_one_output_one_commits_and_the_other_is_refused(where, ra
     out = str(tmp_path / "out") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/crops"
     cfg = PreprocessConfig(input=write_manifest(manifest_of(paths), str(tmp_path / "m.parquet")), output=out,
                            detector="none", crop_size=32, rows_per_shard=4, batch_size=2)
-    first: dict = {}
-    worker = threading.Thread(target=lambda: first.update(run(cfg)))
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(run(cfg)))
     worker.start()
     try:
         deadline = time.time() + 60
@@ -321,7 +347,8 @@ def test_two_runs_into_one_output_one_commits_and_the_other_is_refused(where, ra
         assert time.perf_counter() - started < 5  # at once, not after a wait
     finally:
         worker.join(timeout=300)
-    assert first["inputs"] == 24 and first["statuses"] == {"ok": 24}
+    (first,) = done
+    assert first.inputs == 24 and first.statuses == {"ok": 24}
     rows = read_crops(out).column("image_id").to_pylist()
     assert sorted(rows) == sorted(paths)  # exactly one row per input
     assert not storage.exists(storage.join(out, outputs.LEASE))
@@ -362,4 +389,4 @@ def test_killed_run_resumes_to_exactly_one_row_per_input(ray_local, tmp_path):
                                    rows_per_shard=4, batch_size=2))
     rows = read_crops(str(out)).to_pylist()
     assert sorted(r["image_id"] for r in rows) == sorted(paths)
-    assert summary["skipped"] >= 4 * done - 4 and summary["processed"] + summary["skipped"] == 60
+    assert summary.skipped >= 4 * done - 4 and summary.processed + summary.skipped == 60

@@ -7,16 +7,16 @@ from typing import Any
 import numpy as np
 
 from kemo.crop import crop_region, valid_box
-from kemo.detector.base import NO_FACES, DecodeHint, Faces
+from kemo.detector.base import NO_FACES, DecodeHint, Faces, WeightlessDetector
 from kemo.image import largest_reduction
 from kemo.settings import CropSettings, DetectorSettings
 
 
-class AnnotationBoxes:
+class AnnotationBoxes(WeightlessDetector):
     """The manifest row's ``box`` as the one face, score 1; no box, no face."""
 
     name = "annotations"
-    whole_photo = False
+    needs_annotations = True
 
     @classmethod
     def from_settings(cls, s: DetectorSettings, threads: int) -> AnnotationBoxes:

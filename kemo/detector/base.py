@@ -9,12 +9,12 @@ Weights load once, in the constructor (the actor's constructor under Ray Data).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import cv2
 import numpy as np
 
-from kemo.settings import CropSettings
+from kemo.settings import CropSettings, DetectorSettings
 
 
 @dataclass
@@ -36,14 +36,40 @@ class DecodeHint:
 
 
 class Detector(Protocol):
-    name: str  # what the crop shards' `detector` column says
-    whole_photo: bool  # True: no face search, the crop is the whole photo
+    """A face detector. Its traits say what it is, so no stage ever tests a detector's name."""
+
+    name: ClassVar[str]  # what `--detector` and the crop shards' `detector` column say
+    needs_weights: ClassVar[bool]  # True: `--weights` names its weights; the driver fetches and hashes them once
+    needs_annotations: ClassVar[bool]  # True: it reads the annotators' box of a manifest row (new photos have none)
+    whole_photo: ClassVar[bool]  # True: no face search, the crop is the whole photo
+
+    @classmethod
+    def from_settings(cls, s: DetectorSettings, threads: int) -> Detector:
+        """Built from settings the driver resolved (weights pinned by hash); ``threads`` is its CPU share."""
+        ...
+
+    @classmethod
+    def check_weights(cls, path: str) -> None:
+        """Load the weights at ``path`` (a local, hash-checked copy) once on CPU; raise when they do not load."""
+        ...
 
     def decode_hint(self, row: dict[str, Any], crop: CropSettings) -> DecodeHint: ...
 
     def prepare(self, image: np.ndarray, factors: tuple[float, float]) -> tuple[Any, tuple[float, float]]: ...
 
     def detect(self, inputs: list[Any], rows: list[dict[str, Any]]) -> list[Faces]: ...
+
+
+class WeightlessDetector:
+    """The traits and weights check of a detector that loads no weights file (OpenCV's own cascade, or nothing)."""
+
+    needs_weights: ClassVar[bool] = False
+    needs_annotations: ClassVar[bool] = False
+    whole_photo: ClassVar[bool] = False
+
+    @classmethod
+    def check_weights(cls, path: str) -> None:
+        raise TypeError(f"{cls.__name__} loads no weights")
 
 
 def fit(image: np.ndarray, side: int) -> np.ndarray:

@@ -8,15 +8,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from kemo.detector.base import NO_FACES, DecodeHint, Faces, factors_after, fit
+from kemo.detector.base import NO_FACES, DecodeHint, Faces, WeightlessDetector, factors_after, fit
 from kemo.settings import CropSettings, DetectorSettings
 
 
-class HaarDetector:
+class HaarDetector(WeightlessDetector):
     """OpenCV's frontal-face Haar cascade on a gray, histogram-equalised frame whose longer side is ``input_side``."""
 
     name = "haar"
-    whole_photo = False
     CASCADE = "haarcascade_frontalface_default.xml"
 
     def __init__(self, input_side: int = 640, scale_factor: float = 1.1, min_neighbors: int = 5,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from kemo.detector.base import NO_FACES, DecodeHint, Faces
+from kemo.detector.base import NO_FACES, DecodeHint, Faces, WeightlessDetector
 from kemo.settings import CropSettings, DetectorSettings
 
 
-class WholePhoto:
+class WholePhoto(WeightlessDetector):
     """No detection: the whole photo resized to the crop size."""
 
     name = "none"

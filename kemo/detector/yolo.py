@@ -16,33 +16,46 @@ from kemo.settings import CropSettings, DetectorSettings
 log = logging.getLogger(__name__)
 
 
+def _load(path: str) -> Any:
+    """An ultralytics YOLO model from a local weights file (YOLO-Face-v2-style modules registered first)."""
+    from ultralytics import YOLO
+
+    import kemo.detector.modules  # noqa: F401  (registers MultiSEAM/C3RFEM: YOLO-Face-v2-style checkpoints load)
+
+    return YOLO(path, task="detect")
+
+
 class YoloDetector:
     """Ultralytics YOLO face weights, batched, letterboxed to ``imgsz``, half precision on GPU."""
 
     name = "yolo"
+    needs_weights = True
+    needs_annotations = False
     whole_photo = False
 
-    def __init__(self, weights: str, weights_sha256: str | None = None, imgsz: int = 640, device: str = "auto",
-                 conf: float = 0.25, iou: float = 0.5, max_det: int = 30, threads: int = 1):
-        if not weights:
-            raise ValueError("--detector yolo needs --weights PATH_OR_URI (no weights are downloaded)")
+    def __init__(self, weights: str, imgsz: int = 640, device: str = "auto", conf: float = 0.25, iou: float = 0.5,
+                 max_det: int = 30, threads: int = 1):
+        """``weights``: a local weights file, already checked against its hash (:meth:`from_settings`)."""
         import torch
-        from ultralytics import YOLO
-
-        import kemo.detector.modules  # noqa: F401  (registers MultiSEAM/C3RFEM: YOLO-Face-v2-style checkpoints load)
 
         torch.set_num_threads(max(1, threads))  # the actor's CPU share, not every core of the node
-        path, self.sha256 = fetch_weights(weights, weights_sha256)
         self.device = torch_device(device)
         self.half = self.device.startswith("cuda")
-        self.model = YOLO(path, task="detect")
+        self.model = _load(weights)
         self.imgsz, self.conf, self.iou, self.max_det = imgsz, conf, iou, max_det
-        log.info("yolo weights %s (sha256 %s) on %s%s", weights, self.sha256[:12], self.device,
-                 " fp16" if self.half else "")
 
     @classmethod
     def from_settings(cls, s: DetectorSettings, threads: int) -> YoloDetector:
-        return cls(s.weights or "", s.weights_sha256, imgsz=s.imgsz, device=s.device, conf=s.conf, threads=threads)
+        """Fetched (from S3: a cached copy) and hashed once per load, against the hash the driver pinned."""
+        if not s.weights:
+            raise ValueError("--detector yolo needs --weights PATH_OR_URI (no weights are downloaded)")
+        path, sha256 = fetch_weights(s.weights, s.weights_sha256)
+        log.info("yolo weights %s (sha256 %s) on %s", s.weights, sha256[:12], s.device)
+        return cls(path, imgsz=s.imgsz, device=s.device, conf=s.conf, threads=threads)
+
+    @classmethod
+    def check_weights(cls, path: str) -> None:
+        _load(path)
 
     def decode_hint(self, row: dict[str, Any], crop: CropSettings) -> DecodeHint:
         return DecodeHint(crop.decode_min_side)

@@ -1,0 +1,160 @@
+"""The views of a committed output, made by the driver at commit: ``gallery.html`` of crops and of labels, and
+``labels.csv``. A view is volatile (never a content key) and never data: the rows commit without it when it fails.
+
+Rows are chosen in Arrow from the small columns the commit already read; only the pictures a page shows are read
+again: the crops column of the shards that hold a shown crop, or the photos of the faces it shows.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kemo import gallery, storage
+from kemo.classes import CLASS_NAMES
+from kemo.outputs import Receipt
+from kemo.schema import CROP, has_box
+
+CROP_SHOWN = ["image_id", "status", "box", "face_box", "uri", "error", "label"]  # what the crop page reads of a shard
+LABEL_SHOWN = ["uri", "status", "error", "face", "face_box", "label_name", "confidence", "abstained"]
+BY_ID = [("image_id", "ascending")]
+
+
+# --------------------------------------------------------------------------------------------------- crops
+
+
+def _crop_table(small: list[pa.Table]) -> pa.Table:
+    """The shards' shown columns and ``iou`` as one table, each row with its shard and row number."""
+    columns = [*CROP_SHOWN, "iou"]
+    tables = [t.select(columns).append_column("shard", pa.array(np.full(t.num_rows, k, np.int32)))
+              .append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))) for k, t in enumerate(small)]
+    if tables:
+        return pa.concat_tables(tables)
+    empty = CROP.empty_table().select(CROP_SHOWN).append_column("iou", pa.array([], pa.float64()))
+    return empty.append_column("shard", pa.array([], pa.int32())).append_column("row", pa.array([], pa.int64()))
+
+
+def _crop_name(r: dict[str, Any]) -> str:
+    label = CLASS_NAMES[r["label"]] if r["label"] is not None and r["label"] >= 0 else "no label"
+    return f"{label} · {r['image_id'].rsplit('/', 1)[-1]}"
+
+
+def _crop_sections(table: pa.Table, statuses: list[str], cap: int, max_bytes: int, whole_photo: bool
+                   ) -> tuple[list[gallery.Section], dict[tuple[int, int], list[gallery.Tile]]]:
+    """The page's sections, and the tiles of each shown crop (by shard and row: a crop may be in two sections)."""
+    crops_of: dict[tuple[int, int], list[gallery.Tile]] = {}
+
+    def crop_tile(r: dict[str, Any], caption: str) -> gallery.Tile:
+        tile = gallery.Tile(caption=caption, title=r["image_id"])
+        crops_of.setdefault((r["shard"], r["row"]), []).append(tile)
+        return tile
+
+    sections = []
+    for status in sorted(statuses, key=lambda x: (x != "ok", x)):
+        order = [("shard", "ascending"), ("row", "ascending")] if status == "ok" else BY_ID
+        total, group = gallery.top(table, pc.equal(table.column("status"), status), cap, order)
+        if status == "ok":  # the first shards' first crops: their crops are read from a shard or two
+            sections.append(gallery.Section("ok", [crop_tile(r, _crop_name(r)) for r in group], total,
+                                            "the crops as training reads them"))
+        elif status == "no_face":
+            sections.append(gallery.no_face(group, total, _crop_name, "image_id", max_bytes))
+        else:
+            sections.append(gallery.Section(status, [
+                gallery.Tile(caption=r["image_id"], title=r["uri"] or r["image_id"], note=r["error"])
+                for r in group], total, "nothing to show: each with its error", pictures=False))
+    if not whole_photo:  # the whole photo is never the annotators' box
+        away = pc.and_(pc.and_(pc.equal(table.column("status"), "ok"), pc.less(table.column("iou"), 0.5)),
+                       pa.array(has_box(table.column("face_box"))))
+        total, group = gallery.top(table, away, cap, [("iou", "ascending"), *BY_ID])
+        tiles = [crop_tile(r, f"IoU {r['iou']:.2f} · {_crop_name(r)}") for r in group]
+        sections.append(gallery.Section("face away from the annotators' box", tiles, total,
+                                        "the crop's face box overlaps the annotators' consensus box by IoU < 0.5"))
+    return sections, crops_of
+
+
+def crop_gallery(output: str, shards: list[Receipt], small: list[pa.Table], heading: list[str], statuses: list[str],
+                 cap: int, max_bytes: int, whole_photo: bool) -> bytes:
+    """gallery.html of a crop output: the ok crops, the other statuses (a photo with no face shown whole, read
+    again; the others listed with their error), and the crops whose face lies away from the annotators' box (IoU <
+    0.5, the least overlap first), at most ``cap`` each. ``small`` is each shard's :data:`CROP_SHOWN` and ``iou``
+    as the commit read them; the crops column is read of only the shards that hold a shown crop."""
+    sections, crops_of = _crop_sections(_crop_table(small), statuses, cap, max_bytes, whole_photo)
+    for k in sorted({shard for shard, _ in crops_of}):
+        crops = storage.read_parquet_columns(storage.join(output, shards[k].path), ["crop"]).column("crop")
+        for (shard, row), tiles in crops_of.items():
+            if shard == k:
+                thumb = gallery.crop_thumbnail(crops[row].as_py())
+                for tile in tiles:
+                    tile.thumb, tile.note = thumb, None if thumb else "no picture: the crop does not decode"
+    gallery.thumbnails(sections)
+    return gallery.page(heading[0], heading[1:], sections)
+
+
+# --------------------------------------------------------------------------------------------------- labels
+
+
+def short(uri: str) -> str:
+    """The last two parts of a path or key, for a caption (the full one is on hover)."""
+    return "/".join(uri.rstrip("/").split("/")[-2:])
+
+
+def _face_caption(r: dict[str, Any]) -> str:
+    face = f" face {r['face']}" if r["face"] else ""
+    return f"{r['label_name']} {r['confidence']:.2f} · {short(r['uri'])}{face}"
+
+
+def label_gallery(rows: pa.Table, listed: pa.Table, classes: list[str], heading: list[str], cap: int,
+                  max_bytes: int, threshold: float | None) -> bytes:
+    """gallery.html of the current label rows (:data:`LABEL_SHOWN`): the faces by predicted emotion (most confident
+    first), the abstained apart (most confident first: the nearest to being kept), then the photos with no face and
+    those with another status, listed with their error; at most ``cap`` in each. Thumbnails are cut from the photos
+    again: a few hundred reads, whatever the size of the output, each of the very file this run ``listed`` (its
+    ``file_id``); a row of a photo no longer listed is shown without its picture."""
+    at = pc.index_in(rows.column("uri"), value_set=listed.column("uri"))
+    rows = rows.append_column("listed", pc.is_valid(at)).append_column("file_id", listed.column("file_id").take(at))
+    ok = pc.equal(rows.column("status"), "ok")
+    abstained = rows.column("abstained").fill_null(False)  # null where nothing was classified
+    by_confidence = [("confidence", "descending"), ("uri", "ascending"), ("face", "ascending")]
+    sections = []
+
+    def faces(title: str, mask: pa.Array, note: str = "") -> None:
+        total, shown = gallery.top(rows, mask, cap, by_confidence)
+        tiles = gallery.photo_tiles(shown, _face_caption, "uri", "face_box", max_bytes)
+        sections.append(gallery.Section(title, tiles, total, note))
+
+    for name in classes:
+        faces(name, pc.and_(pc.and_(ok, pc.invert(abstained)), pc.equal(rows.column("label_name"), name)))
+    faces("abstained", pc.and_(ok, abstained),
+          f"confidence below {threshold:.3f}; the arg-max label is still given" if threshold is not None
+          else "no abstention in this run (--abstain or --min-confidence)")
+    by_uri = [("uri", "ascending"), ("face", "ascending")]
+    total, shown = gallery.top(rows, pc.equal(rows.column("status"), "no_face"), cap, by_uri)
+    sections.append(gallery.no_face(shown, total, lambda r: short(r["uri"]), "uri", max_bytes))
+    others = pc.invert(pc.is_in(rows.column("status"), pa.array(["ok", "no_face"])))
+    total, shown = gallery.top(rows, others, cap, by_uri)
+    sections.append(gallery.Section("other statuses", [
+        gallery.Tile(caption=short(r["uri"]), title=r["uri"], note=f"{r['status']}: {r['error'] or ''}")
+        for r in shown], total, "nothing to show: each with its status and error", pictures=False))
+    gallery.thumbnails(sections)
+    return gallery.page("kemo labels", heading, sections)
+
+
+def labels_csv(table: pa.Table, classes: list[str]) -> bytes:
+    """labels.csv: the list columns spread into scalar ones (face_x1 … face_y2, p_<class>) for spreadsheets."""
+    import pyarrow.csv as pacsv
+
+    spread: dict[str, Callable[[pa.ChunkedArray], dict[str, Any]]] = {
+        "face_box": lambda c: {f"face_{a}": pc.list_element(c, k) for k, a in enumerate(("x1", "y1", "x2", "y2"))},
+        "probs": lambda c: {f"p_{name}": pc.list_element(c, k) for k, name in enumerate(classes)},
+    }
+    cols: dict[str, Any] = {}
+    for name in table.column_names:
+        cols.update(spread[name](table.column(name)) if name in spread else {name: table.column(name)})
+    buf = io.BytesIO()
+    pacsv.write_csv(pa.table(cols), buf)
+    return buf.getvalue()
