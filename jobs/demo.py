@@ -2,7 +2,7 @@
 
     python jobs/demo.py [--out out/demo] [--per-class 60] [--size 1600x1200]
 
-About 15 minutes on 2 cores (`make demo` with .venv built: 14 min 46 s on 2026-12-02; building .venv adds ~2–3
+About 10–15 minutes on 2 cores (`make demo` with .venv built: 10 min 5 s on 2026-12-06; building .venv adds ~2–3
 min). Generates a corpus, indexes it, trains a face detector, preprocesses with none/haar/yolo/annotations, trains
 K-EmotionNet and ResNet18 on the none, haar and yolo crops, labels held-out photos, and prints a Table-5-shaped
 summary. The data is generated: no figure printed here is the paper's.
@@ -21,7 +21,7 @@ import os
 # read when ray is imported, applied while its log deduplication is on, the default). Worker log files keep the line.
 UNAVAILABLE = r"Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable"
 # Each of the demo's six fits also prints the same start-up lines of Ray Train's controller and worker, and the
-# PreemptionWatcher's "constructor arguments in the object store" note (the README's troubleshooting explains it):
+# PreemptionWatcher's "constructor arguments in the object store" note (docs/troubleshooting.md explains it):
 # the demo's own epoch lines already say which run is training.
 FIT_STARTUP = (r"Requesting resources: |Attempting to start training worker group|Started training worker group"
                r"|world_rank=\d+, local_rank=|Setting up process group for|Moving model to device"

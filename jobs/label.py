@@ -6,6 +6,9 @@
     ray job submit --working-dir . -- python jobs/label.py --input s3://BUCKET/new-photos/ \\
         --output s3://BUCKET/kemo/labels --checkpoint s3://BUCKET/kemo/classify/best --weights s3://BUCKET/face.pt
 
+On this machine (2 cores, no GPU): 7–15 s to start its actors, then ~18 photos/s with `haar` and a 64² K-EmotionNet
+(~90 ms a photo with a 224² classifier); the demo's 40 photos in about 6 s.
+
 Output: parts/part-*.parquet (one row per photo, or per face with --all-faces, status for each; probabilities
 calibrated by the checkpoint's temperature; `abstained` below --min-confidence or, with --abstain, the checkpoint's
 threshold), labels.csv, gallery.html (faces by emotion, abstained, no face, errors: self-contained), summary.json

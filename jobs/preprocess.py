@@ -6,6 +6,9 @@
     ray job submit --working-dir . -- python jobs/preprocess.py --input s3://BUCKET/kemo/index \\
         --output s3://BUCKET/kemo/crops/yolo --detector yolo --weights s3://BUCKET/weights/face.pt
 
+On this machine (2 cores, no GPU): Ray's 3–5 s start-up, then ~150–200 photos/s with `annotations` or `none` and
+~19 photos/s with `haar` at 3 MP; the demo's four runs over 420 photos take 55 s.
+
 Output: shards/part-*.parquet (one row per photo, status for each, the annotators' votes carried), gallery.html
 (crops per status and those away from the annotators' box, self-contained), summary.json, _run.json, config.json and,
 last, _commit.json. Killed or failed runs resume when the same command is run again. Embedded Ray's workers inherit

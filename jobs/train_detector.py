@@ -5,6 +5,9 @@
     ray job submit --working-dir . -- python jobs/train_detector.py --input s3://BUCKET/kemo/index \\
         --output s3://BUCKET/kemo/detector --weights s3://BUCKET/weights/face.pt --gpus 1
 
+On this machine (2 cores, CPU): the demo's 210 photos, 18 epochs at 256 px in 154 s; a YOLO11n from its YAML on
+300 photos, 25 epochs at 320 px in about 10 minutes.
+
 Output: best.pt, best.pt.sha256, meta.json (source, data, config, metrics), table4.md, config.json and, last,
 _commit.json; use it with `jobs/preprocess.py --detector yolo --weights OUTPUT/best.pt --weights-sha256 SHA`.
 With --gpus N the whole job runs as one Ray task holding N GPUs of one node (ultralytics' DDP across them);

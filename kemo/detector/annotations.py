@@ -9,7 +9,7 @@ import numpy as np
 from kemo.crop import crop_region, valid_box
 from kemo.detector.base import NO_FACES, DecodeHint, Faces, WeightlessDetector
 from kemo.image import largest_reduction
-from kemo.settings import CropSettings, DetectorSettings
+from kemo.settings import CropSettings
 
 
 class AnnotationBoxes(WeightlessDetector):
@@ -17,10 +17,6 @@ class AnnotationBoxes(WeightlessDetector):
 
     name = "annotations"
     needs_annotations = True
-
-    @classmethod
-    def from_settings(cls, s: DetectorSettings, threads: int) -> AnnotationBoxes:
-        return cls()
 
     def decode_hint(self, row: dict[str, Any], crop: CropSettings) -> DecodeHint:
         # the face is known before decoding: reduce only as far as the crop keeps crop_size pixels

@@ -68,6 +68,10 @@ class WeightlessDetector:
     whole_photo: ClassVar[bool] = False
 
     @classmethod
+    def from_settings(cls, s: DetectorSettings, threads: int) -> Any:
+        return cls()  # nothing to load, nothing to set
+
+    @classmethod
     def check_weights(cls, path: str) -> None:
         raise TypeError(f"{cls.__name__} loads no weights")
 

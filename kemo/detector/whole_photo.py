@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kemo.detector.base import NO_FACES, DecodeHint, Faces, WeightlessDetector
-from kemo.settings import CropSettings, DetectorSettings
+from kemo.settings import CropSettings
 
 
 class WholePhoto(WeightlessDetector):
@@ -13,10 +13,6 @@ class WholePhoto(WeightlessDetector):
 
     name = "none"
     whole_photo = True
-
-    @classmethod
-    def from_settings(cls, s: DetectorSettings, threads: int) -> WholePhoto:
-        return cls()
 
     def decode_hint(self, row: dict[str, Any], crop: CropSettings) -> DecodeHint:
         return DecodeHint(crop.crop_size)  # decode just large enough for the crop
