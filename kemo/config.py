@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -92,6 +93,18 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
         return cls(**vars(ns))
     except ValueError as e:
         parser.error(str(e))
+
+
+def at_least(flag: str, value: float, low: float) -> None:
+    """Refuse a flag below ``low`` (or not a finite number) in one line, at parse time."""
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"{flag} {value}: give at least {low}")
+
+
+def within(flag: str, value: float, low: float, high: float) -> None:
+    """Refuse a flag outside [``low``, ``high``] (or not a finite number) in one line, at parse time."""
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"{flag} {value}: give a value in [{low}, {high}]")
 
 
 class Stopped(RuntimeError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -140,9 +141,19 @@ table{border-collapse:collapse;font-size:12px} td,th{border:1px solid #ccc;paddi
 """.replace("THUMB", str(THUMB))
 
 
+# Bidirectional controls (embeddings, overrides, isolates, marks): a file name holding one would show reversed text
+# (``photo\u202egpj.exe`` reads as ``photoexe.jpg``); the page shows them as their escapes instead.
+BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape(text: str) -> str:
+    """``text`` for the page: HTML-escaped, bidirectional controls shown as ``\\u202e``."""
+    return html.escape(BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+
+
 def page(title: str, lines: list[str], sections: list[Section]) -> bytes:
     """The HTML page (UTF-8): a title, a few summary lines, a table of contents, then the sections."""
-    e = html.escape
+    e = escape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
              f"<style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
     parts += [f'<p class="note">{e(line)}</p>' for line in lines]

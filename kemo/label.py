@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from kemo import label_store, listing, outputs, storage, views
 from kemo.actor_pool import map_photos, prepare
-from kemo.detector.registry import resolve_detector
+from kemo.detector.registry import detector_class, resolve_detector
 from kemo.label_photos import LISTED, PRECISIONS, LabelPhotos
 from kemo.settings import PhotoSettings, crop_fingerprint
 
@@ -64,6 +64,7 @@ class LabelConfig(PhotoSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        detector_class(self.detector, annotated=False)  # new photos have no annotators' boxes
         if not set(self.format) <= set(FORMATS):
             raise ValueError(f"--format {','.join(self.format)}: choose from {', '.join(FORMATS)}")
         if self.precision not in PRECISIONS:

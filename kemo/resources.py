@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from kemo import storage
+from kemo.config import at_least
 
 R = TypeVar("R", bound="ActorResources")
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the cluster config on the head node
@@ -28,6 +29,14 @@ class ActorResources:
         "help": "batches in flight per actor, so decoding overlaps the models; 0 = 2 with GPUs, else 1"})
     decode_pixels: int = field(default=64_000_000, metadata={
         "help": "pixels an actor's decoder threads decode at once (~10 bytes each): a larger photo decodes alone"})
+
+    def __post_init__(self) -> None:
+        getattr(super(), "__post_init__", lambda: None)()
+        for flag in ("batch_size", "actors", "decoders", "calls_per_actor"):
+            at_least(f"--{flag.replace('_', '-')}", getattr(self, flag), 0)  # 0: automatic
+        if self.gpus_per_actor != -1:
+            at_least("--gpus-per-actor", self.gpus_per_actor, 0)  # -1: automatic
+        at_least("--decode-pixels", self.decode_pixels, 1)
 
 
 @dataclass(frozen=True)

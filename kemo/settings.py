@@ -9,10 +9,12 @@ in one place, and a function that needs only one part is typed on that part
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from kemo.config import at_least, within
 from kemo.image import MAX_PIXELS
 from kemo.listing import LINKS
 from kemo.resources import ActorResources
@@ -29,6 +31,16 @@ class DetectorSettings:
     conf: float = field(default=0.25, metadata={"help": "yolo: minimum face confidence"})
     device: str = field(default="auto", metadata={"help": "model device: auto, cpu, cuda:0"})
 
+    def __post_init__(self) -> None:
+        getattr(super(), "__post_init__", lambda: None)()  # the other settings a job config inherits
+        from kemo.detector.registry import detector_class  # the registry imports these settings
+
+        detector_class(self.detector)
+        if self.weights_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.weights_sha256):
+            raise ValueError(f"--weights-sha256 {self.weights_sha256!r}: give the 64 hex digits of a SHA-256")
+        at_least("--imgsz", self.imgsz, 32)  # the detectors' coarsest stride
+        within("--conf", self.conf, 0, 1)
+
 
 @dataclass(kw_only=True)
 class CropSettings:
@@ -42,6 +54,14 @@ class CropSettings:
     decode_min_side: int = field(default=1000, metadata={
         "help": "decode photos reduced (JPEG by DCT scaling) while the short side stays >= this"})
     max_pixels: int = field(default=MAX_PIXELS, metadata={"help": "refuse larger photos as too_large"})
+
+    def __post_init__(self) -> None:
+        getattr(super(), "__post_init__", lambda: None)()
+        at_least("--crop-size", self.crop_size, 8)
+        within("--margin", self.margin, 0, 10)
+        within("--jpeg-quality", self.jpeg_quality, 0, 100)
+        at_least("--decode-min-side", self.decode_min_side, 1)
+        at_least("--max-pixels", self.max_pixels, 1)
 
 
 @dataclass(kw_only=True)
@@ -57,8 +77,7 @@ class InputSettings:
         getattr(super(), "__post_init__", lambda: None)()  # the other settings a job config inherits
         if self.links not in LINKS:
             raise ValueError(f"--links {self.links!r}: choose from {', '.join(LINKS)}")
-        if self.max_bytes < 1:
-            raise ValueError(f"--max-bytes {self.max_bytes}: give a positive number of bytes")
+        at_least("--max-bytes", self.max_bytes, 1)
 
 
 SMOKE_INPUTS = 16

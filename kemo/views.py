@@ -144,8 +144,18 @@ def label_gallery(rows: pa.Table, listed: pa.Table, classes: list[str], heading:
     return gallery.page("kemo labels", heading, sections)
 
 
+FORMULA = r"^[=+\-@\t\r]"  # a cell a spreadsheet would run as a formula (OWASP's CSV injection list)
+
+
+def as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A string column whose cells a spreadsheet shows as text: those that start like a formula get a ``'`` first."""
+    risky = pc.fill_null(pc.match_substring_regex(column, FORMULA), False)
+    return pc.if_else(risky, pc.binary_join_element_wise("'", column, ""), column)
+
+
 def labels_csv(table: pa.Table, classes: list[str]) -> bytes:
-    """labels.csv: the list columns spread into scalar ones (face_x1 … face_y2, p_<class>) for spreadsheets."""
+    """labels.csv: the list columns spread into scalar ones (face_x1 … face_y2, p_<class>) for spreadsheets; every
+    text cell (file names, class names, errors: none of them kemo's own) escaped by :func:`as_text`."""
     import pyarrow.csv as pacsv
 
     spread: dict[str, Callable[[pa.ChunkedArray], dict[str, Any]]] = {
@@ -154,7 +164,9 @@ def labels_csv(table: pa.Table, classes: list[str]) -> bytes:
     }
     cols: dict[str, Any] = {}
     for name in table.column_names:
-        cols.update(spread[name](table.column(name)) if name in spread else {name: table.column(name)})
+        column = table.column(name)
+        column = as_text(column) if pa.types.is_string(column.type) else column
+        cols.update(spread[name](column) if name in spread else {name: column})
     buf = io.BytesIO()
     pacsv.write_csv(pa.table(cols), buf)
     return buf.getvalue()

@@ -23,21 +23,23 @@ D = TypeVar("D", bound=DetectorSettings)
 DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (YoloDetector, HaarDetector, WholePhoto, AnnotationBoxes)}
 
 
-def detector_class(name: str) -> type[Detector]:
-    """The detector ``--detector name`` selects, with its traits; refused in one line when unknown."""
+def detector_class(name: str, annotated: bool = True) -> type[Detector]:
+    """The detector ``--detector name`` selects, with its traits; refused in one line when unknown, or when it needs
+    the annotators' boxes and the job's photos have none (not ``annotated``)."""
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
-    return DETECTORS[name]
+    cls = DETECTORS[name]
+    if cls.needs_annotations and not annotated:
+        usable = ", ".join(n for n, d in DETECTORS.items() if not d.needs_annotations)
+        raise ValueError(f"--detector {name} needs the annotators' boxes from an AI-Hub manifest, which new photos "
+                         f"do not have: use {usable}")
+    return cls
 
 
 def resolve_detector(settings: D, annotated: bool = True) -> D:
     """``settings`` checked for a job whose photos carry the annotators' boxes (``annotated``) or not, with the
     SHA-256 of the weights pinned: what the run fingerprints, and what every actor loads (and checks) exactly."""
-    cls = detector_class(settings.detector)
-    if cls.needs_annotations and not annotated:
-        usable = ", ".join(n for n, d in DETECTORS.items() if not d.needs_annotations)
-        raise ValueError(f"--detector {cls.name} needs the annotators' boxes from an AI-Hub manifest, which new "
-                         f"photos do not have: use {usable}")
+    cls = detector_class(settings.detector, annotated)
     if not cls.needs_weights:
         return dataclasses.replace(settings, weights=None, weights_sha256=None)
     if not settings.weights:
