@@ -18,20 +18,16 @@ before it touches the output again.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import io
 import json
 import logging
 import os
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -39,6 +35,8 @@ import pyarrow.parquet as pq
 
 from kemo import listing, storage
 from kemo.config import code_version
+from kemo.lease import Lease, OutputBusy, utc_now  # noqa: F401  (what Output.lease raises)
+from kemo.storage import json_bytes
 
 log = logging.getLogger(__name__)
 COMMIT = "_commit.json"
@@ -53,12 +51,6 @@ VOLATILE = (CONFIG, SUMMARY, GALLERY)
 # the kinds of output, one name each: a job refuses an output directory that holds another kind
 INDEX, CROPS, LABELS, DETECTOR, CLASSIFIER, BENCHMARK = (
     "index", "crops", "labels", "detector", "classifier-report", "benchmark")
-RENEW_S = float(os.environ.get("KEMO_LEASE_RENEW_S", 30))
-STALE_S = float(os.environ.get("KEMO_LEASE_STALE_S", 300))  # ten missed renewals: a holder that is gone
-
-
-class OutputBusy(RuntimeError):
-    """Another run holds the output's lease."""
 
 
 class OtherKind(ValueError):
@@ -66,7 +58,26 @@ class OtherKind(ValueError):
 
 
 class Damaged(ValueError):
-    """A file the commit names is missing or changed."""
+    """A file the commit names is missing or changed, or a control file does not parse."""
+
+
+CONTROL_SMALL = (SUMMARY, RUN)  # small files of a commit re-hashed whenever it is read: what a no-op rerun trusts
+
+
+def read_control(uri: str) -> dict[str, Any] | None:
+    """A control file (``_commit.json``, ``_run.json``, a receipt, ``summary.json``) as written; None when absent;
+    :class:`Damaged`, naming the file, when it does not parse as a JSON object (a truncated write, a disk error)."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return None
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
+        raise Damaged(f"{uri} is damaged ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise Damaged(f"{uri} is damaged (not a JSON object)")
+    return obj
 
 
 @dataclass(frozen=True)
@@ -91,10 +102,6 @@ def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
-
-
-def json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, indent=2, default=str).encode("utf-8")
 
 
 def plain(obj: Any) -> Any:
@@ -143,9 +150,18 @@ def _listed(out_dir: str, folder: str) -> tuple[dict[str, int], dict[str, Receip
     except FileNotFoundError:
         return listed, {}
     with ThreadPoolExecutor(16) as pool:  # small objects: on S3 the round trips, not the bytes, take the time
-        read = list(pool.map(lambda e: Receipt(**storage.read_json(e.uri)), receipts))
+        read = [r for r in pool.map(_receipt, receipts) if r is not None]
     whole = {r.path.rsplit("/", 1)[-1]: r for r in read}
     return listed, {name: r for name, r in whole.items() if r.bytes == listed[name]}
+
+
+def _receipt(entry: listing.FileEntry) -> Receipt | None:
+    """A part's receipt; None when it is damaged (its part then counts as not written, and is written again)."""
+    try:
+        return Receipt(**(read_control(entry.uri) or {}))
+    except (Damaged, TypeError) as e:
+        log.warning("receipt %s is damaged (%s): its part will be written again", entry.uri, e)
+        return None
 
 
 def parts(out_dir: str, folder: str) -> dict[str, Receipt]:
@@ -186,6 +202,12 @@ def read_files(uris: list[str], columns: list[str] | None, schema: pa.Schema | N
     return pa.concat_tables(tables)
 
 
+def _sha256(uri: str) -> str:
+    h = hashlib.sha256()
+    h.update(storage.read_bytes(uri))
+    return h.hexdigest()
+
+
 def table_sha256(table: pa.Table, sort_by: str | None = None) -> str:
     """A table's content hash (its Arrow IPC stream: the same rows and schema give the same bytes), in the order of
     ``sort_by`` when given, so that row order does not count."""
@@ -219,10 +241,10 @@ class Output:
     # ------------------------------------------------------------------------------------------- reading
 
     def manifest(self) -> dict[str, Any] | None:
-        """The commit manifest as written, or None when there is none; raises when it is of another kind."""
-        try:
-            manifest = storage.read_json(self.path(COMMIT))
-        except FileNotFoundError:
+        """The commit manifest as written, or None when there is none; raises when it is of another kind, or
+        :class:`Damaged` when it does not parse."""
+        manifest = read_control(self.path(COMMIT))
+        if manifest is None:
             return None
         if manifest.get("kind") != self.kind:
             raise OtherKind(f"{self.uri} holds a {manifest.get('kind')!r} output, not {self.kind!r}: "
@@ -230,8 +252,8 @@ class Output:
         return manifest
 
     def committed(self) -> dict[str, Any]:
-        """The commit manifest, checked against one listing: raises if missing, of another kind, or a file named in
-        it is gone or changed in size."""
+        """The commit manifest, checked against one listing: raises if missing, of another kind, damaged, or a file
+        named in it is gone or changed in size (or, for the small files a no-op rerun trusts, in content)."""
         manifest = self.manifest()
         if manifest is None:
             raise FileNotFoundError(f"{self.uri} holds no committed output ({COMMIT} missing)")
@@ -239,7 +261,28 @@ class Output:
         for entry in manifest["files"]:
             if listed.get(entry["path"]) != entry["bytes"]:
                 raise Damaged(f"{self.uri}: committed file {entry['path']} is missing or changed")
+            if entry["path"] in CONTROL_SMALL and _sha256(self.path(entry["path"])) != entry["sha256"]:
+                raise Damaged(f"{self.uri}: committed file {entry['path']} is changed")
         return manifest
+
+    def verify(self) -> list[str]:
+        """Every committed file re-hashed against the commit: one line per file missing or changed (none: intact).
+        Reads the whole output (on S3: downloads it)."""
+        manifest = self.manifest()
+        if manifest is None:
+            return [f"{self.path(COMMIT)} is missing: nothing is committed"]
+
+        def check(entry: dict[str, Any]) -> str | None:
+            try:
+                digest = _sha256(self.path(entry["path"]))
+            except FileNotFoundError:
+                return f"{entry['path']}: missing"
+            if digest != entry["sha256"]:
+                return f"{entry['path']}: SHA-256 {digest}, committed {entry['sha256']}"
+            return None
+
+        with ThreadPoolExecutor(8) as pool:
+            return [m for m in pool.map(check, manifest["files"]) if m]
 
     def current(self, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
         """The commit manifest when the output is committed, intact and made with ``fingerprint``; else None."""
@@ -259,20 +302,37 @@ class Output:
         """Every row of the committed parts under ``folder`` (``columns``, default all of ``schema``'s)."""
         return read_files(self.files(folder), columns, schema)
 
-    def read_json(self, rel: str) -> Any:
-        return storage.read_json(self.path(rel))
+    def read_json(self, rel: str) -> dict[str, Any]:
+        """A JSON file of the output (:class:`Damaged` when it does not parse)."""
+        data = read_control(self.path(rel))
+        if data is None:
+            raise FileNotFoundError(f"{self.path(rel)} is missing")
+        return data
 
     # ------------------------------------------------------------------------------------------- writing
 
     def check_claim(self, fingerprint: dict[str, Any]) -> bool:
-        """Whether a run of this setup has claimed the output (False: nobody has); raises for another setup or
-        another kind of output. Reads only."""
-        self.manifest()  # an output of another kind is refused before anything is written
+        """Whether a run of this setup has claimed the output (False: nobody has, or a damaged claim this run may
+        write anew); raises for another setup or another kind of output. Reads only.
+
+        A damaged commit is an uncommitted output to this run (it commits anew from the parts' receipts); a damaged
+        claim is rewritten only where an intact commit says this very setup made the output."""
         try:
-            previous = storage.read_json(self.path(RUN))
-        except FileNotFoundError:
-            return False
+            commit = self.manifest()  # an output of another kind is refused before anything is written
+        except Damaged as e:
+            log.warning("%s: this run treats the output as uncommitted and commits it anew", e)
+            commit = None
         fingerprint = plain(fingerprint)
+        try:
+            previous = read_control(self.path(RUN))
+        except Damaged as e:
+            if (commit or {}).get("fingerprint") != fingerprint:
+                raise Damaged(f"{e}, and no intact commit says which setup wrote this output: use a new --output "
+                              f"(or delete {RUN} if you know its parts are this setup's)") from None
+            log.warning("%s: written anew from the commit, whose setup is this run's", e)
+            return False
+        if previous is None:
+            return False
         if previous != fingerprint:
             changed = sorted(k for k in {*fingerprint, *previous} if previous.get(k) != fingerprint.get(k))
             raise ValueError(f"{self.uri} holds a {self.kind} output of another run, another setup (differs in "
@@ -284,6 +344,7 @@ class Output:
         claim is left as it is), before any part is written, so a killed run's parts are never taken for another
         setup's."""
         if not self.check_claim(fingerprint):
+            self._check()
             storage.write_bytes(self.path(RUN), json_bytes(plain(fingerprint)))
 
     def claim_receipt(self) -> Receipt:
@@ -320,7 +381,7 @@ class Output:
         entries = [{"path": r.path, "bytes": r.bytes, "sha256": r.sha256} for r in files]
         manifest = {"kind": self.kind, "code_version": version, "fingerprint": fingerprint,
                     "content_sha256": content_sha256(entries),
-                    "committed_at": _now(), "files": entries}
+                    "committed_at": utc_now(), "files": entries}
         self._check()
         storage.write_bytes(self.path(COMMIT), json_bytes(manifest))
         if GALLERY not in {r.path for r in files}:
@@ -329,7 +390,10 @@ class Output:
 
     @contextmanager
     def lease(self) -> Iterator[Lease]:
-        """Hold the output's lease for the ``with`` block: refused at once when another live run holds it."""
+        """Hold the output's lease for the ``with`` block: refused at once when another live run holds it, or on a
+        store that ignores conditional writes (where a lease would let two runs write at once)."""
+        if storage.is_s3(self.uri):
+            check_conditional_writes(self.uri)
         held = Lease(self.path(LEASE))
         held.acquire()
         self.held = held
@@ -340,116 +404,40 @@ class Output:
             held.release()
 
 
-# --------------------------------------------------------------------------------------------------- the lease
+@dataclass
+class VerifyConfig:
+    """Re-hash every committed file of an output against its commit and name each mismatch."""
+
+    output: str = field(metadata={"help": "an output directory of any kemo job (local or s3://)"})
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+def verify(cfg: VerifyConfig) -> list[str]:
+    """One line per committed file of ``cfg.output`` that is missing or changed (none: intact)."""
+    commit = read_control(storage.join(cfg.output, COMMIT))
+    if commit is None:
+        return [f"{storage.join(cfg.output, COMMIT)} is missing: nothing is committed"]
+    return Output(cfg.output, str(commit.get("kind"))).verify()
 
 
-def _pid_alive(pid: int) -> bool:
+_HONOURED: set[str] = set()  # buckets probed by this process
+
+
+def check_conditional_writes(uri: str) -> None:
+    """Refuse an S3 store that accepts but ignores ``If-None-Match``, where a lease would let two runs write one
+    output at once: a create-if-absent of one scratch key under ``uri``, twice (the second must fail), once per
+    bucket and process, before its first lease."""
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    if bucket in _HONOURED:
+        return
+    probe = storage.join(uri, f"_probe-{uuid.uuid4().hex}")
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class Lease:
-    """An exclusive, renewed claim on one output, held by one run (a uuid, this host and process)."""
-
-    def __init__(self, uri: str, renew_s: float = RENEW_S, stale_s: float = STALE_S):
-        self.uri, self.renew_s, self.stale_s = uri, renew_s, stale_s
-        now = time.time()
-        self.body = {"run": uuid.uuid4().hex[:12], "host": socket.gethostname(), "pid": os.getpid(),
-                     "started_at": _now(), "renewed_at": _now(), "renewed_unix": now}
-        self.version: str | None = None  # of our lease file (an S3 ETag): renewals and the release are conditional
-        self.renewed = now  # when a renewal last succeeded
-        self.lost: str | None = None
-        self._lock = threading.Lock()  # the renewal thread and check() both swap version
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def describe(self, body: dict[str, Any]) -> str:
-        age = time.time() - float(body.get("renewed_unix", 0))
-        return (f"run {body.get('run')} (pid {body.get('pid')} on {body.get('host')}, started {body.get('started_at')},"
-                f" renewed {age:.0f} s ago)")
-
-    def _stale(self, body: dict[str, Any]) -> str | None:
-        """Why the holder is gone, or None while it lives."""
-        if not body:
-            return "its lease file is unreadable"  # creates are atomic: never a live lease half-written
-        if body.get("host") == socket.gethostname() and not _pid_alive(int(body.get("pid", -1))):
-            return "its process is gone"
-        if time.time() - float(body.get("renewed_unix", 0)) > self.stale_s:
-            return f"no renewal for over {self.stale_s:.0f} s"
-        return None
-
-    def acquire(self) -> None:
-        for _ in range(5):  # the holder may release between our create and our read
-            created, self.version = storage.create_exclusive(self.uri, json_bytes(self.body))
-            if created:
-                break
-            try:
-                data, version = storage.read_with_version(self.uri)
-            except FileNotFoundError:
-                continue
-            try:
-                holder = json.loads(data)
-            except ValueError:
-                holder = {}
-            why = self._stale(holder)
-            if why is None:
-                raise OutputBusy(f"{os.path.dirname(self.uri)} is being written by {self.describe(holder)}: "
-                                 "wait for it to finish, or choose another output")
-            replaced, self.version = storage.replace_if_version(self.uri, json_bytes(self.body), version)
-            if replaced:
-                log.warning("took over the lease of %s: %s", self.describe(holder), why)
-                break
-        else:
-            raise OutputBusy(f"could not take the lease {self.uri}: other runs keep taking it")
-        self.renewed = time.time()
-        self._thread = threading.Thread(target=self._renew, name="kemo-lease", daemon=True)
-        self._thread.start()
-
-    def _renew_once(self) -> None:
-        """Rewrite the lease with a new renewal time, only if it is still the version we wrote last."""
-        with self._lock:
-            if self.lost:
-                return
-            body = {**self.body, "renewed_at": _now(), "renewed_unix": time.time()}
-            ok, version = storage.replace_if_version(self.uri, json_bytes(body), self.version)
-            if not ok:
-                self.lost = "another run took the lease over"
-                log.error("lost the lease %s: %s", self.uri, self.lost)
-                return
-            self.body, self.version, self.renewed = body, version, time.time()
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.renew_s):
-            try:
-                self._renew_once()
-            except Exception as e:  # a network blip: try again next time; staleness allows ten misses
-                log.warning("renewing the lease %s failed: %s", self.uri, e)
-            if self.lost:
-                return
-
-    def check(self) -> None:
-        """Raise unless this run still holds the lease, checked now (before uncommitting, writing a file of the
-        commit, or committing): another run may own the output since."""
-        if not self.lost and time.time() - self.renewed > self.stale_s:
-            self.lost = f"no renewal succeeded for over {self.stale_s:.0f} s: another run may have taken it over"
-        if not self.lost:
-            self._renew_once()
-        if self.lost:
-            raise OutputBusy(f"{os.path.dirname(self.uri)}: {self.lost}; this run stops without writing more")
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
-        with self._lock:
-            if not self.lost:  # only the version we wrote: never a lease another run took over meanwhile
-                storage.delete_if_version(self.uri, self.version)
+        storage.create_exclusive(probe, b"1")  # its answer may be lost and its retry refused: the content says
+        second, _ = storage.create_exclusive(probe, b"2")
+        kept = storage.read_bytes(probe)
+    finally:
+        storage.delete(probe, missing_ok=True)
+    if second or kept != b"1":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+        raise ValueError(f"the S3 store at {endpoint} ignores conditional writes (If-None-Match): two runs could write "
+                         f"{uri} at once; use a store that honours them (AWS S3 does)")
+    _HONOURED.add(bucket)

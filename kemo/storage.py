@@ -222,8 +222,13 @@ def write_bytes(uri: str, data: bytes) -> None:
     os.replace(_temporary(path, data), path)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the UTF-8 JSON every kemo file is written in."""
+    return json.dumps(obj, ensure_ascii=False, indent=2, default=str).encode("utf-8")
+
+
 def write_json(uri: str, obj: Any) -> None:
-    write_bytes(uri, json.dumps(obj, ensure_ascii=False, indent=2, default=str).encode("utf-8"))
+    write_bytes(uri, json_bytes(obj))
 
 
 def read_json(uri: str) -> Any:

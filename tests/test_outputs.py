@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 
 from kemo import outputs, storage
+from kemo.lease import STALE_S, Lease
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,7 +158,7 @@ def test_a_killed_runs_lease_is_taken_over_and_logged(where, tmp_path, request, 
 def test_a_lease_not_renewed_for_too_long_is_stale_even_on_another_host(tmp_path):
     root = str(tmp_path / "out")
     stale = {"run": "elsewhere", "host": "another-host", "pid": 1, "started_at": "-", "renewed_at": "-",
-             "renewed_unix": time.time() - outputs.STALE_S - 5}
+             "renewed_unix": time.time() - STALE_S - 5}
     storage.write_bytes(storage.join(root, outputs.LEASE), json.dumps(stale).encode())
     with outputs.Output(root, "test").lease() as taken:
         assert taken.body["run"] != "elsewhere"
@@ -170,7 +171,7 @@ def test_a_lease_not_renewed_for_too_long_is_stale_even_on_another_host(tmp_path
 
 def test_renewal_keeps_the_lease_and_notices_a_takeover(tmp_path):
     uri = str(tmp_path / "out" / outputs.LEASE)
-    lease = outputs.Lease(uri, renew_s=0.05)
+    lease = Lease(uri, renew_s=0.05)
     lease.acquire()
     try:
         first = json.loads(storage.read_bytes(uri))["renewed_unix"]
@@ -189,7 +190,7 @@ def test_renewal_keeps_the_lease_and_notices_a_takeover(tmp_path):
 def test_a_renewing_lease_is_never_absent_for_a_newcomer(tmp_path):
     """Renewal swaps the file in place: an exclusive create racing it never finds the name free."""
     uri = str(tmp_path / "out" / outputs.LEASE)
-    lease = outputs.Lease(uri, renew_s=0.001)
+    lease = Lease(uri, renew_s=0.001)
     lease.acquire()
     try:
         deadline, attempts = time.time() + 1.5, 0
@@ -205,9 +206,140 @@ def test_a_renewing_lease_is_never_absent_for_a_newcomer(tmp_path):
 
 def test_release_never_deletes_a_lease_another_run_took_over(tmp_path):
     uri = str(tmp_path / "out" / outputs.LEASE)
-    lease = outputs.Lease(uri, renew_s=3600)
+    lease = Lease(uri, renew_s=3600)
     lease.acquire()
     data, version = storage.read_with_version(uri)
     assert storage.replace_if_version(uri, json.dumps({"run": "taker"}).encode(), version)[0]
     lease.release()  # it had not noticed: it must still leave the taker's lease alone
     assert json.loads(storage.read_bytes(uri))["run"] == "taker"
+
+
+@pytest.fixture
+def proxied(s3_bucket, moto_endpoint, monkeypatch):
+    """The test's bucket reached through a :class:`FaultProxy`."""
+    from tests.faultproxy import FaultProxy
+
+    proxy = FaultProxy(moto_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    try:
+        yield proxy, f"s3://{s3_bucket}/out"
+    finally:
+        proxy.close()
+
+
+def test_a_lease_whose_create_or_renewal_answer_was_lost_knows_its_own_write(proxied):
+    """On S3 a conditional PUT whose answer is lost is retried, and the retry gets 412: the lease reads the file and
+    finds its own token there, at creation and at renewal alike (not "being written by" itself, not lost)."""
+    proxy, root = proxied
+    held = Lease(storage.join(root, outputs.LEASE), renew_s=3600)
+    proxy.lose("If-None-Match")
+    held.acquire()
+    try:
+        assert proxy.lost and proxy.lost[0].startswith("PUT") and held.version
+        proxy.lose("If-Match")
+        held.check()  # a renewal, whose answer is lost: still ours
+        assert len(proxy.lost) == 2 and held.lost is None
+        assert json.loads(storage.read_bytes(storage.join(root, outputs.LEASE))) == held.body
+    finally:
+        held.release()
+    assert not storage.exists(storage.join(root, outputs.LEASE))
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_before_any_lease(proxied):
+    proxy, root = proxied
+    proxy.strip = True
+    outputs._HONOURED.clear()
+    with pytest.raises(ValueError, match=f"S3 store at {proxy.endpoint} ignores conditional writes"):
+        with outputs.Output(root, "test").lease():
+            pass
+    assert listing_of(root) == []  # the probe left nothing, and no lease was taken
+    proxy.strip = False
+    with outputs.Output(root, "test").lease():  # an honest store: the same output is fine
+        pass
+
+
+def listing_of(root: str) -> list[str]:
+    from kemo import listing
+
+    try:
+        return [e.rel for e in listing.list_files(root)]
+    except FileNotFoundError:
+        return []
+
+
+def test_a_lease_deleted_under_a_run_is_reported_as_such(tmp_path):
+    uri = str(tmp_path / "out" / outputs.LEASE)
+    held = Lease(uri, renew_s=3600)
+    held.acquire()
+    os.remove(uri)
+    with pytest.raises(outputs.OutputBusy, match="lease file was deleted while it ran"):
+        held.check()
+    held.release()
+
+
+def test_damaged_control_files_are_named_and_a_rerun_repairs_them(tmp_path):
+    root = str(tmp_path / "out")
+    out = outputs.Output(root, "test")
+
+    def commit() -> None:
+        out.claim({"a": 1})
+        with out.lease():
+            part = outputs.write_part(root, "parts", pa.table({"k": ["a"]}), ["a"])
+            out.commit([part, out.write_json("summary.json", {"n": 1}), out.claim_receipt()], {}, {"a": 1})
+
+    commit()
+    assert out.verify() == []
+    commit_json = os.path.join(root, outputs.COMMIT)
+    open(commit_json, "w").write('{"kind": "test", "files": [')  # a truncated write
+    with pytest.raises(outputs.Damaged, match=f"{commit_json} is damaged .JSONDecodeError"):
+        out.read_table("parts", None, pa.schema([("k", pa.string())]))
+    assert out.current({"a": 1}) is None and out.check_claim({"a": 1})  # to a writer: uncommitted
+    commit()  # the same command again: committed anew
+    assert out.read_table("parts", None, pa.schema([("k", pa.string())])).column("k").to_pylist() == ["a"]
+    # a damaged claim: written anew where the intact commit says this setup made the output, else refused
+    run_json = os.path.join(root, outputs.RUN)
+    open(run_json, "w").write("{")
+    assert out.check_claim({"a": 1}) is False
+    out.claim({"a": 1})
+    assert storage.read_json(run_json) == {"a": 1}
+    open(run_json, "w").write("{")
+    with pytest.raises(outputs.Damaged, match=f"{run_json} is damaged.*use a new --output"):
+        out.check_claim({"a": 2})
+    # a summary changed at the same size: the commit is not current; verify names every changed file
+    storage.write_json(run_json, {"a": 1})
+    summary = os.path.join(root, "summary.json")
+    open(summary, "w").write(open(summary).read().replace("1", "2"))
+    part = next(e for e in os.listdir(os.path.join(root, "parts")))
+    data = open(os.path.join(root, "parts", part), "rb").read()
+    open(os.path.join(root, "parts", part), "wb").write(data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])
+    assert out.current({"a": 1}) is None
+    assert sorted(m.split(":")[0] for m in out.verify()) == sorted(["summary.json", f"parts/{part}"])
+
+
+def test_a_damaged_receipt_makes_its_part_count_as_unwritten(tmp_path):
+    root = str(tmp_path / "out")
+    part = outputs.write_part(root, "parts", pa.table({"k": ["a"]}), ["a"])
+    name = part.path.rsplit("/", 1)[-1]
+    open(os.path.join(root, "_receipts", "parts", f"{name}.json"), "w").write("{")
+    assert outputs.parts(root, "parts") == {}
+    assert outputs.sweep(root, "parts") == {} and os.listdir(os.path.join(root, "parts")) == []
+
+
+def test_jobs_verify_names_a_file_changed_at_the_same_size(tmp_path):
+    root = str(tmp_path / "out")
+    out = outputs.Output(root, "test")
+    out.claim({"a": 1})
+    with out.lease():
+        part = outputs.write_part(root, "parts", pa.table({"k": ["a"]}), ["a"])
+        out.commit([part, out.claim_receipt()], {}, {"a": 1})
+    verify = [sys.executable, "jobs/verify.py", "--output", root]
+    intact = subprocess.run(verify, capture_output=True, text=True, timeout=120)
+    assert (intact.returncode, intact.stdout) == (0, "intact\n")
+    path = os.path.join(root, part.path)
+    data = bytearray(open(path, "rb").read())
+    data[10] ^= 1
+    open(path, "wb").write(bytes(data))
+    changed = subprocess.run(verify, capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 1 and changed.stdout.splitlines() == [
+        f"{root}: {part.path}: SHA-256 {outputs.Receipt.of('', bytes(data)).sha256}, committed {part.sha256}",
+        "1 files missing or changed"]
