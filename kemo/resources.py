@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from kemo import storage
-from kemo.config import at_least
+from kemo.config import Stopped, at_least
 
+log = logging.getLogger(__name__)
 R = TypeVar("R", bound="ActorResources")
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the cluster config on the head node
 
@@ -105,9 +107,28 @@ def connect() -> list[Node]:
     Returns the nodes that can run actors (:func:`cluster_nodes`)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    for attempt in range(1, START_ATTEMPTS + 1):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init()
+        except Exception as e:  # an embedded node on a loaded machine may miss Ray's start-up deadline
+            ray.shutdown()  # what a failed start left behind, before the next try
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            if attempt == START_ATTEMPTS or not _transient_start_failure(e):
+                raise Stopped(f"Ray did not start ({attempt} tries): {first}; run the same command again (a killed "
+                              "run resumes)") from None
+            log.warning("Ray did not start (%s); trying again (%d of %d)", first, attempt + 1, START_ATTEMPTS)
     return cluster_nodes()
+
+
+START_ATTEMPTS = 3
+
+
+def _transient_start_failure(e: Exception) -> bool:
+    """A start-up that may succeed when tried again: a timeout of the node's start, not a configuration error."""
+    text = str(e).lower()
+    return "timed out" in text or "timeout" in text or isinstance(e, (TimeoutError, ConnectionError))
 
 
 def resolve_resources(cfg: R, nodes: list[Node]) -> R:

@@ -109,3 +109,38 @@ def test_local_paths_are_refused_where_work_on_other_nodes_would_need_them():
     with pytest.raises(ValueError, match=r"--input /data/in is a local path but the cluster has 2 nodes .*: actors on "
                                          r"other nodes cannot read it; give an s3:// URI"):
         check_shared({"--output": "s3://b/out", "--input": "/data/in"}, 2, "actors on other nodes cannot read it")
+
+
+def test_an_embedded_ray_that_misses_its_start_deadline_is_tried_again_then_refused_in_one_line(monkeypatch):
+    """On a loaded machine an embedded node may time out during start-up: tried again, and after the last try a
+    one-line Stopped (what jobs print), not Ray's traceback; a configuration error is not retried."""
+    import ray
+
+    from kemo import resources
+    from kemo.config import Stopped
+
+    tries, started = [], []
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(started))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(resources, "cluster_nodes", lambda: ["node"])
+
+    def init(failures: int, error: Exception):
+        def fake() -> None:
+            tries.append(1)
+            if len(tries) <= failures:
+                raise error
+            started.append(1)
+        return fake
+
+    monkeypatch.setattr(ray, "init", init(2, RuntimeError("The current node timed out during startup.")))
+    assert resources.connect() == ["node"] and len(tries) == 3
+    tries.clear()
+    started.clear()
+    monkeypatch.setattr(ray, "init", init(5, RuntimeError("The current node timed out during startup.\nmore")))
+    with pytest.raises(Stopped, match=r"^Ray did not start \(3 tries\): The current node timed out during startup.; "):
+        resources.connect()
+    tries.clear()
+    monkeypatch.setattr(ray, "init", init(5, ValueError("bad address")))
+    with pytest.raises(Stopped, match=r"\(1 tries\): bad address"):
+        resources.connect()
+    assert len(tries) == 1
