@@ -115,12 +115,15 @@ class Stopped(RuntimeError):
 @contextlib.contextmanager
 def refusals() -> Iterator[None]:
     """A job's door around ``run(cfg)``: what the job refuses (a flag, an input, an output, a checkpoint: kemo raises
-    ValueError or OSError for these, with the message a user needs) ends it with that one line on stderr and exit
-    status 2, not a traceback; a job that stopped (:class:`Stopped`) the same, with status 1. ``KEMO_TRACEBACK=1`` shows
-    the traceback as well."""
+    ValueError or OSError for these, with the message a user needs; S3 its own errors, such as a missing bucket)
+    ends it with that one line on stderr and exit status 2, not a traceback; a job that stopped (:class:`Stopped`) the
+    same, with status 1. ``KEMO_TRACEBACK=1`` shows the traceback as well."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         yield
-    except (ValueError, OSError, Stopped) as e:
+    except (ValueError, OSError, Stopped, ClientError, BotoCoreError) as e:
+        # S3 says what is wrong in one line too ("An error occurred (NoSuchBucket) when calling ...")
         if os.environ.get("KEMO_TRACEBACK") == "1":
             raise
         logging.getLogger("kemo").debug("refused", exc_info=True)

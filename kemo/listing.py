@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-from kemo.storage import file_identity, file_kind, is_s3, local_uri, resolve, s3_client
+from kemo.storage import check_bucket, file_identity, file_kind, is_s3, local_uri, resolve, s3_client
 
 LINKS = ("inside", "anywhere")  # symlink policies of a job's input (docs/design.md, «Safety»)
 
@@ -148,6 +148,7 @@ def _list_s3(root: str, etags: bool) -> list[FileEntry]:
     """The objects under an S3 prefix; "folder" marker keys are not files. ``etags=True`` lists with boto3, whose
     ListObjectsV2 answer carries each object's ETag (pyarrow drops it)."""
     out = []
+    check_bucket(root)
     if etags:
         bucket, _, prefix = root[len("s3://"):].rstrip("/").partition("/")
         base = f"{bucket}/{prefix}" if prefix else bucket

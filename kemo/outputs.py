@@ -232,6 +232,8 @@ class Output:
         if not storage.is_s3(uri) and os.path.isfile(uri):
             raise NotADirectoryError(f"output {uri} is a file, not a directory: give a directory (new or an output "
                                      f"of this kind, {kind})")
+        if storage.is_s3(uri):
+            storage.check_bucket(uri)
         self.uri, self.kind = uri, kind
         self.held: Lease | None = None  # while a run holds the lease, every write of the commit checks it first
 

@@ -75,6 +75,20 @@ def s3_client(bucket: str) -> Any:
     return _boto3_s3(*_s3_settings(bucket))
 
 
+def check_bucket(uri: str) -> None:
+    """Refuse an ``s3://`` URI whose bucket does not exist, in one line (a missing bucket would otherwise surface as
+    a traceback from whichever call met it first, after Ray had started)."""
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    client = s3_client(bucket)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except client.exceptions.ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+            raise FileNotFoundError(f"no such bucket: s3://{bucket} (at {_s3_settings(bucket)[0] or 'AWS S3'})") \
+                from None
+        # 403 and the like: a role may read a prefix without the right to HEAD its bucket; later calls will tell
+
+
 def _pyarrow_addressable(key: str) -> bool:
     """pyarrow's S3 client refuses empty path components and drops "." / ".." ones: such keys are legal S3 objects
     (``a/../x.jpg``, ``a//x.jpg``) that only a client sending the key verbatim, boto3, can read."""

@@ -587,6 +587,14 @@ def test_a_bad_checkpoint_is_refused_in_seconds_before_any_file_and_the_right_on
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last and "Traceback" not in proc.stderr, proc.stderr
         assert not os.path.exists(out)  # not even the lease
+    # a missing bucket, of the input or of the output: one line, before Ray starts
+    for flag, missing in (("--input", "s3://kemo-no-such-bucket/photos"), ("--output", "s3://kemo-no-such-bucket/o")):
+        args = base + ["--checkpoint", checkpoint]
+        args[args.index(flag) + 1] = missing
+        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+            "error: no such bucket: s3://kemo-no-such-bucket (at " + os.environ["AWS_ENDPOINT_URL"] + ")"), proc.stderr
+        assert "Traceback" not in proc.stderr and "Started a local Ray" not in proc.stderr
     # the same command with the right checkpoint (here, in this test's Ray): nothing of the refused runs is in the way
     assert run(LabelConfig(input=root, output=out, checkpoint=checkpoint, detector="none", crop_size=48,
                            smoke_test=True)).processed == 16
