@@ -400,6 +400,9 @@ class Output:
         held.acquire()
         self.held = held
         try:
+            swept = storage.sweep_temporaries(self.uri, LEASE)  # a killed writer's: only the lease holder sweeps
+            if swept:
+                log.info("removed %d temporary files a killed run left in %s", swept, self.uri)
             yield held
         finally:
             self.held = None

@@ -313,12 +313,35 @@ def _directory_lock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
+TEMPORARY = ".tmp-"  # a whole file being written, beside the name it will take
+
+
 def _temporary(path: str, data: bytes) -> str:
     """``data`` written whole beside ``path`` under a unique name, to be renamed or linked into place."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
+    tmp = f"{path}{TEMPORARY}{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:  # a full disk, a signal: no half-written temporary is left behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return tmp
+
+
+def sweep_temporaries(root: str, spare: str) -> int:
+    """Delete the temporaries a killed local writer left under ``root`` (S3 writes leave none), except those of the
+    files named ``spare`` (a live writer's: the lease renewing itself); returns how many."""
+    if is_s3(root):
+        return 0
+    found = 0
+    for folder, _, names in os.walk(local_path(root)):
+        for name in names:
+            if TEMPORARY in name and not name.startswith(f"{spare}{TEMPORARY}"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+                    found += 1
+    return found
 
 
 def create_exclusive(uri: str, data: bytes) -> tuple[bool, str | None]:

@@ -343,3 +343,28 @@ def test_jobs_verify_names_a_file_changed_at_the_same_size(tmp_path):
     assert changed.returncode == 1 and changed.stdout.splitlines() == [
         f"{root}: {part.path}: SHA-256 {outputs.Receipt.of('', bytes(data)).sha256}, committed {part.sha256}",
         "1 files missing or changed"]
+
+
+def test_a_failed_write_leaves_no_temporary_and_the_next_run_sweeps_a_killed_writers(tmp_path, monkeypatch):
+    import builtins
+
+    root = tmp_path / "out"
+    real_open = builtins.open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if ".tmp-" in str(path) and "w" in mode:
+            f.close()
+            raise OSError(28, "No space left on device")
+        return f
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        storage.write_bytes(str(root / "summary.json"), b"{}")
+    monkeypatch.undo()
+    assert os.listdir(root) == []
+    (root / "parts").mkdir()
+    (root / "parts" / "part-1.parquet.tmp-0123abcd").write_bytes(b"half")  # what a killed writer leaves
+    (root / "summary.json.tmp-89abcdef").write_bytes(b"{")
+    with outputs.Output(str(root), "test").lease():
+        assert sorted(os.listdir(root)) == ["_lease.json", "parts"] and os.listdir(root / "parts") == []
