@@ -23,7 +23,7 @@ from kemo.crop import clip_box, crop_region, crop_square, ranked_faces, resize_w
 from kemo.detector.base import Faces
 from kemo.detector.registry import create_detector
 from kemo.image import Decoded, DecodeError, PixelBudget, decode, read_photo
-from kemo.schema import STATUSES
+from kemo.schema import STATUSES, read_status
 from kemo.settings import CropSettings, DetectorSettings
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class FrontEnd:
         except DecodeError as e:  # too large, a FIFO, or no image from its first bytes: the rest is never read
             return Prepared(e.status, str(e))
         except Exception as e:  # missing object, permissions, network: the photo still gets its row
-            return Prepared("read_error", f"{type(e).__name__}: {e}")
+            return Prepared(read_status(e), f"{type(e).__name__}: {e}")
         hint = self.detector.decode_hint(row, self.crop_settings)
         try:
             dec = decode(data, min_side=hint.min_side, max_pixels=self.crop_settings.max_pixels,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from kemo.schema import read_status
 from kemo.storage import check_bucket, file_identity, file_kind, is_s3, local_uri, resolve, s3_client
 
 LINKS = ("inside", "anywhere")  # symlink policies of a job's input (docs/design.md, «Safety»)
@@ -94,13 +95,13 @@ class _LocalWalk:
                 with os.scandir(directory) as it:
                     items = sorted(it, key=lambda d: d.name)
             except OSError as e:  # permissions, I/O: the folder's entries cannot be known; it gets the row
-                self.entry(directory, None, "read_error", f"cannot list this folder: {e.strerror or e}")
+                self.entry(directory, None, read_status(e), f"cannot list this folder: {e.strerror or e}")
                 continue
             for item in items:
                 try:
                     folder = self.visit(item.path)
                 except OSError as e:  # vanished or unreadable between the listing and its stat
-                    self.entry(item.path, None, "read_error", f"{type(e).__name__}: {e.strerror or e}")
+                    self.entry(item.path, None, read_status(e), f"{type(e).__name__}: {e.strerror or e}")
                     continue
                 if folder is not None:
                     queue.append(folder)

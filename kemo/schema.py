@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -53,10 +55,18 @@ CROP = pa.schema([
     ("face_score", pa.float32()),
     ("crop", pa.binary()),
 ])
-STATUSES = ("ok", "no_face", "read_error", "decode_error", "too_large", "unsupported_format", "special_file",
-            "broken_link", "outside_link", "folder_link", "error")
-# transient (throttling, a network blip, a GPU out of memory): every job does these photos again on a rerun
+STATUSES = ("ok", "no_face", "read_error", "unreadable", "decode_error", "too_large", "unsupported_format",
+            "special_file", "broken_link", "outside_link", "folder_link", "error")
+# transient (throttling, a network blip, a disk error, a GPU out of memory): every job does these photos again on a
+# rerun. `unreadable` is not: a path longer than the system allows or a permission refused fails the same way every
+# time, and retrying it would keep a rerun from ever having nothing to do (a changed file, a new version, is read).
 TRANSIENT = ("read_error", "error")
+PERMANENT_ERRNOS = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ELOOP)
+
+
+def read_status(e: BaseException) -> str:
+    """The status of an input that could not be read: ``unreadable`` when retrying cannot help, else ``read_error``."""
+    return "unreadable" if isinstance(e, OSError) and e.errno in PERMANENT_ERRNOS else "read_error"
 
 # One row per photo of a labelling run (one per face with --all-faces), whatever happened to it
 # (docs/design.md, «Data contracts»).

@@ -115,3 +115,24 @@ def anywhere(expected: dict[str, str | None]) -> dict[str, str | None]:
     out.update({"zero.jpg": "special_file", "secret.jpg": "special_file", "outdir/away.jpg": None, "away.jpg": None,
                 "outdir2": "folder_link"})
     return out
+
+
+def beyond_path_max(root: Path) -> str:
+    """A folder under ``root`` whose path is longer than the system allows (PATH_MAX, 4096 on Linux), made one level
+    at a time through directory descriptors; returns the root-relative name of the first folder that cannot be listed
+    by its path (where the listing gives its row)."""
+    name, fd, rel = "d" * 250, os.open(root, os.O_RDONLY), []
+    try:
+        while len(str(root)) + sum(len(p) + 1 for p in rel) < 4200:
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+            rel.append(name)
+        with open(os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "wb") as f:
+            f.write(photo(6))
+    finally:
+        os.close(fd)
+    limit = os.pathconf(root, "PC_PATH_MAX")
+    depth = next(k for k in range(1, len(rel) + 1) if len(os.path.join(root, *rel[:k])) >= limit)
+    return os.path.join(*rel[:depth])

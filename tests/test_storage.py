@@ -184,19 +184,29 @@ def test_conditional_writes_create_once_and_replace_only_an_unchanged_file(where
     assert storage.read_bytes(uri) == b"third"
 
 
-def test_a_folder_that_cannot_be_listed_gets_a_read_error_entry(tmp_path, monkeypatch):
-    """As root (these tests' user) every folder is listable, so the refusal comes from a patched scandir."""
+def test_a_folder_that_cannot_be_listed_gets_an_entry_transient_or_not(tmp_path, monkeypatch):
+    """As root (these tests' user) every folder is listable, so the refusal comes from a patched scandir. A permission
+    refused or a path beyond the system's limit is ``unreadable`` (never retried); an I/O error ``read_error``."""
     (tmp_path / "in" / "locked").mkdir(parents=True)
     (tmp_path / "in" / "locked" / "x.jpg").write_bytes(b"x")
     (tmp_path / "in" / "open.jpg").write_bytes(b"y")
     real = os.scandir
 
+    (tmp_path / "in" / "deep").mkdir()
+    (tmp_path / "in" / "flaky").mkdir()
+
     def scandir(path):
         if str(path).endswith("locked"):
             raise PermissionError(13, "Permission denied", str(path))
+        if str(path).endswith("deep"):
+            raise OSError(36, "File name too long", str(path))
+        if str(path).endswith("flaky"):
+            raise OSError(5, "Input/output error", str(path))
         return real(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
     entries = {e.rel: (e.status, e.error) for e in listing.list_input(str(tmp_path / "in"))}
     assert entries == {"open.jpg": (None, None),
-                       "locked": ("read_error", "cannot list this folder: Permission denied")}
+                       "locked": ("unreadable", "cannot list this folder: Permission denied"),
+                       "deep": ("unreadable", "cannot list this folder: File name too long"),
+                       "flaky": ("read_error", "cannot list this folder: Input/output error")}
