@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -112,14 +113,31 @@ class Stopped(RuntimeError):
     ends it with that one line and exit status 1."""
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT reached a job: raised in its main thread, so every ``with`` block (the output's lease) ends
+    as it would on an error, and the job exits 128 + the signal's number (143, 130), as shells and schedulers expect.
+    A BaseException: library code that catches Exception does not swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
 @contextlib.contextmanager
 def refusals() -> Iterator[None]:
     """A job's door around ``run(cfg)``: what the job refuses (a flag, an input, an output, a checkpoint: kemo raises
     ValueError or OSError for these, with the message a user needs; S3 its own errors, such as a missing bucket)
     ends it with that one line on stderr and exit status 2, not a traceback; a job that stopped (:class:`Stopped`) the
-    same, with status 1. ``KEMO_TRACEBACK=1`` shows the traceback as well."""
+    same, with status 1; SIGTERM and SIGINT stop it cleanly (:class:`Interrupted`). ``KEMO_TRACEBACK=1`` shows the
+    traceback as well."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _interrupt)
     try:
         yield
     except (ValueError, OSError, Stopped, ClientError, BotoCoreError) as e:
@@ -129,6 +147,27 @@ def refusals() -> Iterator[None]:
         logging.getLogger("kemo").debug("refused", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, Stopped) else 2) from None
+    except (Interrupted, KeyboardInterrupt, SystemExit) as e:
+        # Ray's driver turns SIGTERM into sys.exit(15) once it runs: the same stop, said the same way
+        signum = e.signum if isinstance(e, Interrupted) else (
+            signal.SIGINT if isinstance(e, KeyboardInterrupt) else e.code if e.code == signal.SIGTERM else None)
+        if signum is None:
+            raise
+        print(f"stopped by {signal.Signals(signum).name}: what was written is kept; run the same command again to "
+              "go on", file=sys.stderr)
+        _exit_now(128 + signum)
+
+
+def _exit_now(status: int) -> None:
+    """Exit with ``status`` once the job's own clean-up is done (the lease released by its ``with`` block): Ray
+    stopped here, then no interpreter teardown, where Ray's core worker, stopped by a signal, aborted the process
+    (SIGABRT, a status that says the work failed)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def code_version() -> str:

@@ -369,7 +369,7 @@ def test_killed_run_resumes_to_exactly_one_row_per_input(ray_local, tmp_path):
     # default actor pool (both CPUs): shards must still be written mid-run, since the writer needs no CPU
     args = [sys.executable, "jobs/preprocess.py", "--input", manifest, "--output", str(out), "--detector", "none",
             "--crop-size", "32", "--rows-per-shard", "4", "--batch-size", "2"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -379,8 +379,13 @@ def test_killed_run_resumes_to_exactly_one_row_per_input(ray_local, tmp_path):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the job finished before it could be killed"
+        proc.send_signal(signal.SIGTERM)  # what `ray job stop` and schedulers send: a clean stop, lease released
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM: what was written is kept")
+        assert not (out / outputs.LEASE).exists()
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the job and the Ray processes it started, nothing else
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of the job and the Ray processes it started is left
         proc.wait()
     assert not (out / "_commit.json").exists()
     done = len(list((out / "shards").glob("*.parquet")))
