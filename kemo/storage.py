@@ -266,16 +266,12 @@ def read_parquet(uri: str) -> pa.Table:
         return pq.ParquetFile(f).read()
 
 
-def read_parquet_columns(uri: str, columns: list[str] | None = None, optional: tuple[str, ...] = ()) -> pa.Table:
-    """Only the named columns: a random-access read of the footer and those column chunks, local or S3; the
-    ``optional`` ones too where the file has them (columns a later kemo added)."""
+def read_parquet_columns(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Only the named columns: a random-access read of the footer and those column chunks, local or S3 (a column the
+    file lacks is left out: :func:`kemo.outputs.read_files` refuses such a file)."""
     fs, path = resolve(uri)
     with fs.open_input_file(path) as f:
-        file = pq.ParquetFile(f)
-        if optional and columns is not None:
-            names = set(file.schema_arrow.names)
-            columns = [*columns, *(c for c in optional if c in names and c not in columns)]
-        return file.read(columns=columns)
+        return pq.ParquetFile(f).read(columns=columns)
 
 
 def exists(uri: str) -> bool:

@@ -5,6 +5,7 @@ probabilities, abstained rows exactly below the threshold, a gallery; reruns tha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,8 +23,9 @@ from kemo.classifier.data import decode_crop, usable
 from kemo.classifier.experiment import TrainConfig, run
 from kemo.classifier.metrics import annotator_agreement
 from kemo.crop import encode_jpeg, resize_whole
-from kemo.label import LabelConfig, read_labels
+from kemo.label import LabelConfig
 from kemo.label import run as label
+from kemo.label_store import read_labels
 from kemo.preprocess import read_crops
 from tests.galleries import decoded_thumb, parse_gallery
 from tests.tree import snapshot
@@ -42,39 +44,39 @@ def trained(annotation_crops, tmp_path_factory):
 @pytest.mark.slow
 def test_the_report_holds_calibration_coverage_agreement_and_majority_against_votes(annotation_crops, trained):
     cfg, report = trained
-    assert [(r["model"], r["target"]) for r in report["rows"]] == [("resnet18", "majority"), ("resnet18", "votes")]
+    assert [(r.model, r.target) for r in report.rows] == [("resnet18", "majority"), ("resnet18", "votes")]
     # the annotators' agreement on the very test photos the models were scored on
     crops = read_crops(annotation_crops, ["split", "label", "agree_n", "status", "votes", "image_id"])
     ok, _ = usable(crops, cfg.min_agree)
     test = [v for v, good, s in zip(crops.column("votes").to_pylist(), ok, crops.column("split").to_pylist())
             if good and s == "test"]
     agreement = annotator_agreement(test)
-    assert report["data"]["annotations"]["annotators"]["agreement"] == agreement["agreement"]
-    assert 0.5 < agreement["agreement"] < 1 and agreement["photos"] == len(test)
-    (both,) = report["targets"]
-    for target, row in zip(("majority", "votes"), report["rows"]):
-        assert both[target]["accuracy"] == row["accuracy"]["mean"]
-        assert both[target]["ece"] == row["ece"]["after"]["mean"]
-        assert row["annotators"] == agreement["agreement"]
-        assert [c["coverage"] for c in row["coverage"]] == [0.5, 0.8, 0.9, 1.0]
-        assert row["coverage"][-1]["accuracy"] == pytest.approx(row["accuracy"]["mean"])
-        assert row["coverage"][-1]["photos"] == len(test)
+    assert report.data["annotations"].annotators.agreement == agreement.agreement
+    assert 0.5 < agreement.agreement < 1 and agreement.photos == len(test)
+    (both,) = report.targets
+    for target, row in zip(("majority", "votes"), report.rows):
+        assert getattr(both, target).accuracy == row.accuracy.mean
+        assert getattr(both, target).ece == row.ece.after.mean
+        assert row.annotators == agreement.agreement
+        assert [c.coverage for c in row.coverage] == [0.5, 0.8, 0.9, 1.0]
+        assert row.coverage[-1].accuracy == pytest.approx(row.accuracy.mean)
+        assert row.coverage[-1].photos == len(test)
     table = open(os.path.join(cfg.output, "table5.md")).read()
     assert "| annotations | resnet18 | " in table and "| votes |" in table and "Majority against votes" in table
-    assert f"{100 * agreement['agreement']:.2f}" in table
+    assert f"{100 * agreement.agreement:.2f}" in table
     for png in ("reliability.png", "coverage.png"):
         assert open(os.path.join(cfg.output, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    for r in report["runs"]:
-        meta = read_meta(r["checkpoint"])
+    for r in report.runs:
+        meta = read_meta(r.checkpoint)
         # the temperature minimises the validation NLL: recompute the validation logits and check both sides
-        assert meta["temperature"] == r["calibration"]["temperature"] > 0
+        assert meta["temperature"] == r.calibration.temperature > 0
         assert meta["abstention"]["target_accuracy"] == TARGET_ACCURACY
-        assert meta["abstention"]["threshold"] == r["abstention"]["threshold"]
+        assert meta["abstention"]["threshold"] == r.abstention.threshold
         if meta["abstention"]["threshold"] is not None:
             assert meta["abstention"]["accuracy"] >= TARGET_ACCURACY
-        before, after = r["calibration"]["before"], r["calibration"]["after"]
-        assert before["accuracy"] == after["accuracy"] == r["test"]["accuracy"]  # T changes no arg-max
-        assert 0 <= after["ece"] <= 1 and 0 <= before["ece"] <= 1
+        before, after = r.calibration.before, r.calibration.after
+        assert before.accuracy == after.accuracy == r.test.accuracy  # T changes no arg-max
+        assert 0 <= after.ece <= 1 and 0 <= before.ece <= 1
 
 
 @pytest.mark.slow
@@ -85,8 +87,8 @@ def test_temperature_minimises_the_validation_nll(annotation_crops, trained):
     crops = read_crops(annotation_crops, ["split", "label", "agree_n", "status", "crop"])
     ok, _ = usable(crops, cfg.min_agree)
     rows = [r for r, good in zip(crops.to_pylist(), ok) if good and r["split"] == "val"]
-    run_ = report["runs"][0]
-    model, meta = load_checkpoint(run_["checkpoint"])
+    run_ = report.runs[0]
+    model, meta = load_checkpoint(run_.checkpoint)
     with torch.no_grad():
         logits = model(input_batch([decode(r["crop"], 32) for r in rows], meta)).numpy()
     labels = np.array([r["label"] for r in rows])
@@ -97,33 +99,34 @@ def test_temperature_minimises_the_validation_nll(annotation_crops, trained):
     assert at <= min(calibration.nll(calibration.softmax(logits, min(hi, max(lo, t * f))), labels)
                      for f in (0.8, 1.25)) + 1e-9
     assert lo < t < hi  # a model that learned something: not a temperature at the edge of the search
-    assert run_["calibration"]["fitted_on"]["photos"] == len(rows)
+    assert run_.calibration.fitted_on["photos"] == len(rows)
 
 
 @pytest.mark.slow
-def test_finished_runs_of_an_older_kemo_are_calibrated_on_a_rerun_without_training(trained):
+def test_another_target_accuracy_calibrates_finished_runs_again_without_training(trained):
     cfg, report = trained
-    name = report["runs"][0]["name"]
+    name = report.runs[0].name
     path = os.path.join(cfg.output, "results", f"{name}.json")
     result = json.load(open(path))
     meta_path = os.path.join(result["checkpoint"], "meta.json")
     meta = json.load(open(meta_path))
-    # as an older kemo left it: a result without calibration, target or the annotators' agreement in its data, a
-    # checkpoint without temperature, a committed report whose fingerprint has no target accuracy
-    old = {k: v for k, v in result.items() if k not in ("calibration", "abstention", "coverage", "target")}
-    old["data"] = {k: v for k, v in old["data"].items() if k != "annotators"}
-    json.dump(old, open(path, "w"))
-    json.dump({k: v for k, v in meta.items() if k not in ("temperature", "abstention")}, open(meta_path, "w"))
-    commit = json.load(open(os.path.join(cfg.output, outputs.COMMIT)))
-    del commit["fingerprint"]["target_accuracy"]
-    json.dump(commit, open(os.path.join(cfg.output, outputs.COMMIT), "w"))
-    again = run(cfg)
+    other = dataclasses.replace(cfg, target_accuracy=0.3)
+    # a result that another kemo version wrote (here: without calibration) is refused in one line
+    original = open(path, "rb").read()
+    json.dump({k: v for k, v in result.items() if k != "calibration"}, open(path, "w"))
+    with pytest.raises(ValueError, match=r"results/.*\.json: not a RunResult this kemo writes .*written by another "
+                                         "kemo version: write a new output"):
+        run(other)
+    open(path, "wb").write(original)
+    again = run(other)
     fresh = json.load(open(path))
     assert fresh["history"] == result["history"]  # not trained again
-    assert fresh["target"] == "majority" and fresh["data"]["annotators"] == result["data"]["annotators"]
-    assert fresh["calibration"]["temperature"] == pytest.approx(result["calibration"]["temperature"])
-    assert json.load(open(meta_path))["temperature"] == pytest.approx(meta["temperature"])
-    assert again["rows"][0]["ece"] == report["rows"][0]["ece"]
+    assert fresh["calibration"]["temperature"] == result["calibration"]["temperature"]  # the temperature kept
+    assert json.load(open(meta_path))["temperature"] == meta["temperature"]
+    assert fresh["abstention"]["target_accuracy"] == 0.3 == json.load(open(meta_path))["abstention"]["target_accuracy"]
+    assert again.rows[0].ece == report.rows[0].ece
+    run(cfg)  # back to the module's target accuracy, for the tests after this one
+    assert json.load(open(meta_path))["abstention"] == meta["abstention"]
     before = snapshot(cfg.output)
     run(cfg)  # the same report, committed: nothing written
     assert snapshot(cfg.output) == before
@@ -150,17 +153,16 @@ def test_labels_are_calibrated_abstain_exactly_below_the_threshold_and_keep_thei
                                                                                           tmp_path):
     cfg, report = trained
     folder, truth = held_out
-    best = max((r for r in report["runs"] if r["abstention"]["threshold"] is not None),
-               key=lambda r: r["best_val"]["val_accuracy"])
-    meta = read_meta(best["checkpoint"])
+    best = max((r for r in report.runs if r.abstention.threshold is not None), key=lambda r: r.best_val.val_accuracy)
+    meta = read_meta(best.checkpoint)
     out = str(tmp_path / "labels")
-    lcfg = LabelConfig(input=folder, output=out, checkpoint=best["checkpoint"], detector="none", crop_size=64,
+    lcfg = LabelConfig(input=folder, output=out, checkpoint=best.checkpoint, detector="none", crop_size=64,
                        abstain=True, gallery=5)
     summary = label(lcfg)
     rows = read_labels(out).to_pylist()
     assert len(rows) == len(truth) and all(r["status"] == "ok" for r in rows)
     # calibrated: softmax(logits / T) of the labelling path's pixels, within 1e-5
-    model, _ = load_checkpoint(best["checkpoint"])
+    model, _ = load_checkpoint(best.checkpoint)
     pixels = [decode_crop(encode_jpeg(resize_whole(cv2.cvtColor(cv2.imread(r["uri"]), cv2.COLOR_BGR2RGB), 64), 95), 32)
               for r in rows]
     with torch.no_grad():
@@ -170,9 +172,9 @@ def test_labels_are_calibrated_abstain_exactly_below_the_threshold_and_keep_thei
     assert meta["temperature"] != 1.0
     # abstained exactly where the stored confidence is below the checkpoint's threshold
     threshold = meta["abstention"]["threshold"]
-    assert summary["min_confidence"] == threshold
+    assert summary.min_confidence == threshold
     assert [r["abstained"] for r in rows] == [r["confidence"] < threshold for r in rows]
-    assert summary["abstained"] == sum(r["abstained"] for r in rows)
+    assert summary.abstained == sum(r["abstained"] for r in rows)
     assert all(r["label"] == int(np.argmax(r["probs"])) for r in rows)  # the arg-max is still given
     kept = [r["label"] == truth[r["uri"]] for r in rows if not r["abstained"]]
     # the held-out test photos kept at the validation threshold: at least the validation figure, less three
@@ -183,11 +185,11 @@ def test_labels_are_calibrated_abstain_exactly_below_the_threshold_and_keep_thei
     assert kept and np.mean(kept) >= val - tolerance
     # and a threshold that splits the photos: exactly those below it abstain, on both sides of it
     median = float(np.median([r["confidence"] for r in rows]))
-    split = label(LabelConfig(input=folder, output=str(tmp_path / "median"), checkpoint=best["checkpoint"],
+    split = label(LabelConfig(input=folder, output=str(tmp_path / "median"), checkpoint=best.checkpoint,
                               detector="none", crop_size=64, min_confidence=median, gallery=0))
     halves = read_labels(str(tmp_path / "median")).to_pylist()
     assert [r["abstained"] for r in halves] == [r["confidence"] < median for r in halves]
-    assert 0 < split["abstained"] == sum(r["abstained"] for r in halves) < len(halves)
+    assert 0 < split.abstained == sum(r["abstained"] for r in halves) < len(halves)
     assert not os.path.exists(tmp_path / "median" / "gallery.html")
 
     # the gallery: every shown face has one thumbnail; groups capped at 5, most confident first
@@ -198,15 +200,15 @@ def test_labels_are_calibrated_abstain_exactly_below_the_threshold_and_keep_thei
         assert len(figures) == min(5, len(group)) and all(len(f) == 1 for f in figures)
         for f in figures:
             decoded_thumb(f[0])
-    assert len(sections["abstained"]["figures"]) == min(5, summary["abstained"])
+    assert len(sections["abstained"]["figures"]) == min(5, summary.abstained)
 
     # a rerun with nothing new rewrites none of it
     before = snapshot(out)
     again = label(lcfg)
-    assert again["processed"] == 0 and snapshot(out) == before
+    assert again.processed == 0 and snapshot(out) == before
     # another threshold is another setup: refused, the output untouched
     with pytest.raises(ValueError, match="min_confidence"):
-        label(LabelConfig(input=folder, output=out, checkpoint=best["checkpoint"], detector="none", crop_size=64,
+        label(LabelConfig(input=folder, output=out, checkpoint=best.checkpoint, detector="none", crop_size=64,
                           min_confidence=0.99))
     assert snapshot(out) == before
 
@@ -217,7 +219,7 @@ def test_the_gallery_renders_in_a_real_browser(trained, held_out, tmp_path):
     cfg, report = trained
     folder, _ = held_out
     out = str(tmp_path / "labels")
-    label(LabelConfig(input=folder, output=out, checkpoint=report["runs"][0]["checkpoint"], detector="none",
+    label(LabelConfig(input=folder, output=out, checkpoint=report.runs[0].checkpoint, detector="none",
                       crop_size=64, gallery=8))
     shot = str(tmp_path / "shot.png")
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",

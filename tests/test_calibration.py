@@ -35,8 +35,8 @@ def test_temperature_scaling_lowers_the_ece_of_an_overconfident_model_and_keeps_
     before, after = cal.softmax(held_logits), cal.softmax(held_logits, t)
     assert (before.argmax(1) == after.argmax(1)).all()
     b, a = cal.scores(before, held_labels), cal.scores(after, held_labels)
-    assert a["ece"] < 0.02 < 0.1 < b["ece"] and a["nll"] < b["nll"] and a["brier"] < b["brier"]
-    assert a["accuracy"] == b["accuracy"]
+    assert a.ece < 0.02 < 0.1 < b.ece and a.nll < b.nll and a.brier < b.brier
+    assert a.accuracy == b.accuracy
 
 
 def test_ece_nll_brier_and_reliability_by_hand():
@@ -44,31 +44,31 @@ def test_ece_nll_brier_and_reliability_by_hand():
     labels = np.array([0, 1, 1, 1])
     # top confidences 0.9 (right), 0.6 (wrong), 0.7 (right), 0.8 (right); 15 bins of width 1/15
     bins = cal.reliability(probs, labels)
-    assert len(bins) == 15 and sum(b["n"] for b in bins) == 4
-    filled = [(b["n"], b["confidence"], b["accuracy"]) for b in bins if b["n"]]
+    assert len(bins) == 15 and sum(b.n for b in bins) == 4
+    filled = [(b.n, b.confidence, b.accuracy) for b in bins if b.n]
     assert filled == [(1, 0.6, 0.0), (1, 0.7, 1.0), (1, 0.8, 1.0), (1, 0.9, 1.0)]
     assert cal.ece(probs, labels) == pytest.approx((0.6 + 0.3 + 0.2 + 0.1) / 4)
     assert cal.nll(probs, labels) == pytest.approx(-np.log([0.9, 0.4, 0.7, 0.8]).mean())
     assert cal.brier(probs, labels) == pytest.approx((0.02 + 0.72 + 0.18 + 0.08) / 4)
     # a confidence of exactly 1 falls in the last bin; 0.5 in (7/15, 8/15]
     edge = cal.reliability(np.array([[1.0, 0.0], [0.5, 0.5]]), np.array([0, 1]))
-    assert (edge[-1]["n"], edge[-1]["accuracy"], edge[7]["n"], edge[7]["accuracy"]) == (1, 1.0, 1, 0.0)
+    assert (edge[-1].n, edge[-1].accuracy, edge[7].n, edge[7].accuracy) == (1, 1.0, 1, 0.0)
 
 
 def test_coverage_table_and_the_threshold_for_a_target_accuracy():
     confidence = np.array([0.95, 0.9, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
     correct = np.array([1, 1, 0, 1, 1, 0, 1, 0, 0, 0], bool)
-    table = {r["coverage"]: r for r in cal.coverage_table(confidence, correct)}
-    assert table[0.5]["photos"] == 5 and table[0.5]["accuracy"] == pytest.approx(0.8)
-    assert table[0.8]["accuracy"] == pytest.approx(5 / 8) and table[1.0]["accuracy"] == pytest.approx(0.5)
-    assert table[0.5]["min_confidence"] == 0.7
+    table = {r.coverage: r for r in cal.coverage_table(confidence, correct)}
+    assert table[0.5].photos == 5 and table[0.5].accuracy == pytest.approx(0.8)
+    assert table[0.8].accuracy == pytest.approx(5 / 8) and table[1.0].accuracy == pytest.approx(0.5)
+    assert table[0.5].min_confidence == 0.7
     # at >= 0.9 the two tied photos come together: 2 of 3 right; >= 0.7: 4 of 5 = 0.8
     t = cal.threshold_for(confidence, correct, 0.8)
-    assert (t["threshold"], t["photos"], t["accuracy"], t["coverage"]) == (0.7, 5, pytest.approx(0.8), 0.5)
-    assert cal.threshold_for(confidence, correct, 1.0)["threshold"] == 0.95
-    assert cal.threshold_for(confidence, ~correct, 1.0)["threshold"] is None  # the top photo is wrong: unreachable
+    assert (t.threshold, t.photos, t.accuracy, t.coverage) == (0.7, 5, pytest.approx(0.8), 0.5)
+    assert cal.threshold_for(confidence, correct, 1.0).threshold == 0.95
+    assert cal.threshold_for(confidence, ~correct, 1.0).threshold is None  # the top photo is wrong: unreachable
     kept = cal.kept_at(confidence, correct, 0.7)
-    assert (kept["photos"], kept["accuracy"]) == (5, pytest.approx(0.8))
+    assert (kept.photos, kept.accuracy) == (5, pytest.approx(0.8))
     with pytest.raises(ValueError, match="target-accuracy"):
         cal.threshold_for(confidence, correct, 1.5)
 
@@ -80,8 +80,8 @@ def test_annotator_agreement_counts_one_annotator_against_the_other_two():
              [4, 4, -1],  # C gave no vote: A against (4, -1) and B the same have no majority; C is no vote
              None]
     a = annotator_agreement(votes)
-    assert (a["pairs"], a["agreement"], a["photos"]) == (4, 0.75, 4)
-    assert annotator_agreement([])["agreement"] is None
+    assert (a.pairs, a.agreement, a.photos) == (4, 0.75, 4)
+    assert annotator_agreement([]).agreement is None
 
 
 def test_vote_distribution_is_the_share_of_known_votes():

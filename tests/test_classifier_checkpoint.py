@@ -36,7 +36,7 @@ def test_a_checkpoint_reloads_to_identical_logits_and_class_order(where, tmp_pat
     assert not any(k.startswith("module.") for k in state)
     with pytest.raises(ValueError, match="uint8"):
         input_batch(images.astype(np.float32), meta)
-    from kemo.classifier.data import resize_square
+    from kemo.classifier.transform import resize_square
 
     same = resize_square(images[0], 64).astype(np.float32) / 255  # the training data's resize, exactly
     mean, std = np.array(meta["normalize"]["mean"]), np.array(meta["normalize"]["std"])

@@ -10,7 +10,8 @@ import torch
 
 from kemo import outputs, preprocess
 from kemo.classifier.checkpoint import input_batch, load_checkpoint, save_checkpoint
-from kemo.classifier.experiment import KIND, TrainConfig, evaluate_checkpoint, run
+from kemo.classifier.evaluation import evaluate_checkpoint
+from kemo.classifier.experiment import KIND, TrainConfig, run
 from kemo.classifier.metrics import classification_report, confusion_matrix
 from kemo.classifier.registry import create_model
 from tests.tree import snapshot
@@ -24,18 +25,18 @@ def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops
                       batch_size=32)
     report = run(cfg)
     outputs.Output(out, KIND).committed()
-    (row,) = report["rows"]
-    assert row["preprocessing"] == "annotations" and row["model"] == "resnet18" and row["accuracy"]["n"] == 2
-    accuracies = [r["test"]["accuracy"] for r in report["runs"]]
-    assert row["accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
-    test_photos = report["data"]["annotations"]["splits"]["test"]["photos"]
-    assert all(sum(map(sum, r["test"]["confusion_matrix"])) == test_photos for r in report["runs"])
+    (row,) = report.rows
+    assert row.preprocessing == "annotations" and row.model == "resnet18" and row.accuracy.n == 2
+    accuracies = [r.test.accuracy for r in report.runs]
+    assert row.accuracy.mean == pytest.approx(sum(accuracies) / 2)
+    test_photos = report.data["annotations"].splits["test"].photos
+    assert all(sum(map(sum, r.test.confusion_matrix)) == test_photos for r in report.runs)
     table = open(os.path.join(out, "table5.md")).read().splitlines()
     assert table[0].startswith("| Preprocessing | Model | Test accuracy (%)") and table[2].startswith(
         "| annotations | resnet18 | ")
     for png in ("confusion.png", "curves.png"):
         assert open(os.path.join(out, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    name = report["runs"][0]["name"]
+    name = report.runs[0].name
     assert name.startswith("annotations-resnet18-seed0-")
     finished = json.load(open(os.path.join(out, "results", f"{name}.json")))
     # preprocess again (the crops are committed: a no-op) and train again: nothing is trained, nothing written
@@ -43,10 +44,10 @@ def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops
     preprocess.run(preprocess.PreprocessConfig(**outputs.Output(shards, preprocess.KIND).read_json("config.json")
                                                ["config"]))
     again = run(cfg)
-    assert again["runs"] == report["runs"] and finished["checkpoint"] == report["runs"][0]["checkpoint"]
+    assert again.runs == report.runs and finished["checkpoint"] == report.runs[0].checkpoint
     assert snapshot(out) | snapshot(shards) == before  # every file byte-identical, every mtime unchanged
     other = run(dataclasses.replace(cfg, seeds=1, lr=5e-4))  # other settings: a new run, never the old one resumed
-    fresh = json.load(open(os.path.join(out, "results", f"{other['runs'][0]['name']}.json")))
+    fresh = json.load(open(os.path.join(out, "results", f"{other.runs[0].name}.json")))
     assert fresh["name"] != name and [h["epoch"] for h in fresh["history"]] == [1] and fresh["spec"]["lr"] == 5e-4
     with pytest.raises(ValueError, match="unknown models"):
         run(TrainConfig(shards=(shards,), output=out, models=("resnet50",)))
@@ -88,9 +89,9 @@ def test_kemotionnet_layout_from_the_command_line_reaches_the_checkpoint(annotat
 
     cfg = TrainConfig(shards=(annotation_crops,), output=str(tmp_path / "k"), models=("kemotionnet",),
                       blocks=(1, 1, 1, 1), seeds=1, epochs=1, image_size=32, batch_size=32)
-    (entry,) = run(cfg)["runs"]
-    assert entry["spec"]["arguments"] == {"blocks": [1, 1, 1, 1]}
-    model, meta = load_checkpoint(entry["checkpoint"])
+    (entry,) = run(cfg).runs
+    assert entry.spec.arguments == {"blocks": [1, 1, 1, 1]}
+    model, meta = load_checkpoint(entry.checkpoint)
     assert meta["arguments"] == {"blocks": [1, 1, 1, 1]} and weighted_layers(model) == 10
     with pytest.raises(ValueError, match="four stages"):
         run(dataclasses.replace(cfg, blocks=(3, 4, 16)))

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from kemo.classifier import train
 from kemo.classifier.checkpoint import IMAGENET, input_batch, load_checkpoint
 from kemo.classifier.data import arrays_dataset, plan, split_dataset
+from kemo.classifier.evaluation import evaluate
 from kemo.classifier.train import (
     TRAIN_STATE,
     CapacityLost,
@@ -20,13 +22,14 @@ from kemo.classifier.train import (
     capacity_attempts,
     class_weights,
     cross_entropy,
-    evaluate,
     fit,
     keeps_checkpoint,
     learning_rate,
     random_erasing,
     train_one_epoch,
 )
+from kemo.classifier.transform import InputTransform
+from tests import seams
 
 SPEC = RunSpec(model="resnet18", epochs=3, batch_size=32, image_size=32)
 
@@ -60,8 +63,10 @@ def traces(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(splits, tmp_path_factory, traces):
-    train, val = splits
-    return fit(train, val, SPEC, str(tmp_path_factory.mktemp("runs")), "r18", workers=2, _trace=traces)
+    train_split, val = splits
+    with pytest.MonkeyPatch.context() as patch:  # each worker writes the photos it trained on, per epoch
+        patch.setattr(train, "train_loop", seams.traced(traces))
+        return fit(train_split, val, SPEC, str(tmp_path_factory.mktemp("runs")), "r18", workers=2)
 
 
 @pytest.mark.slow
@@ -94,11 +99,11 @@ def test_each_worker_trains_on_a_disjoint_equal_share_each_epoch_reshuffled(unin
 
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_where_an_uninterrupted_run_does(
-        uninterrupted, splits, tmp_path):
-    train, val = splits
+        uninterrupted, splits, tmp_path, monkeypatch):
+    train_split, val = splits
     marker = str(tmp_path / "killed")
-    result = fit(train, val, SPEC, str(tmp_path / "runs"), "r18", workers=2, max_failures=1,
-                 _fail_once={"epoch": 1, "rank": 1, "marker": marker})
+    monkeypatch.setattr(train, "train_loop", seams.failing_once(epoch=1, rank=1, marker=marker))
+    result = fit(train_split, val, SPEC, str(tmp_path / "runs"), "r18", workers=2, max_failures=1)
     assert os.path.exists(marker) and result.error is None  # rank 1 died at epoch 2; the group restarted
     with result.checkpoint.as_directory() as d:
         history = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)["history"]
@@ -113,17 +118,19 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_where_an_unin
 
 
 @pytest.mark.slow
-def test_on_crop_shards_decoded_every_epoch_a_killed_worker_still_resumes_to_the_same_run(annotation_crops, tmp_path):
+def test_on_crop_shards_decoded_every_epoch_a_killed_worker_still_resumes_to_the_same_run(annotation_crops, tmp_path,
+                                                                                          monkeypatch):
     """The real input path, uncached (read, sort, repartition and decode again every epoch and after the restart, in
     blocks of 16 so that order could go astray): the resumed run ends where the uninterrupted one does."""
     data = plan(annotation_crops, 32)
-    train, val = (split_dataset(data, s, block_rows=16) for s in ("train", "val"))
+    train_split, val = (split_dataset(data, s, block_rows=16) for s in ("train", "val"))
     spec = RunSpec(model="resnet18", epochs=3, batch_size=16, image_size=32)
     # half a CPU each: the other CPU decodes (kemo.classifier.experiment.cpus_per_worker leaves one to Ray Data)
-    whole = fit(train, val, spec, str(tmp_path / "whole"), "r18", workers=2, cpus_per_worker=0.5)
+    whole = fit(train_split, val, spec, str(tmp_path / "whole"), "r18", workers=2, cpus_per_worker=0.5)
     marker = str(tmp_path / "killed")
-    resumed = fit(train, val, spec, str(tmp_path / "resumed"), "r18", workers=2, max_failures=1, cpus_per_worker=0.5,
-                  _fail_once={"epoch": 1, "rank": 0, "marker": marker})
+    monkeypatch.setattr(train, "train_loop", seams.failing_once(epoch=1, rank=0, marker=marker))
+    resumed = fit(train_split, val, spec, str(tmp_path / "resumed"), "r18", workers=2, max_failures=1,
+                  cpus_per_worker=0.5)
     assert os.path.exists(marker) and resumed.error is None and whole.error is None
     timing = {"train_images_per_s", "epoch_seconds"}
     assert {k: v for k, v in resumed.metrics.items() if k not in timing} == \
@@ -134,10 +141,10 @@ def test_on_crop_shards_decoded_every_epoch_a_killed_worker_still_resumes_to_the
 def test_workers_no_node_can_hold_end_the_run_once_the_capacity_timeout_is_spent(splits, tmp_path):
     """Ray Train retries a worker group that cannot start without end; with a capacity timeout the run stops with
     a message that says what to do (on a cluster the rerun resumes: tests/test_job_submit.py)."""
-    train, val = splits
+    train_split, val = splits
     t0 = time.monotonic()
     with pytest.raises(CapacityLost, match=r"no node could hold 1 training worker\(s\) \(64 CPU each\) for 5 s"):
-        fit(train, val, SPEC, str(tmp_path / "runs"), "big", workers=1, cpus_per_worker=64, capacity_timeout=5)
+        fit(train_split, val, SPEC, str(tmp_path / "runs"), "big", workers=1, cpus_per_worker=64, capacity_timeout=5)
     waited = time.monotonic() - t0
     print(f"capacity timeout 5 s: the run ended after {waited:.1f} s")
     assert 5 <= waited < 30
@@ -160,10 +167,9 @@ def test_evaluate_counts_every_photo_once_and_sums_the_cross_entropy():
     codes, labels = [0, 1, 2, 0, 1], np.array([0, 1, 1, 2, 1])  # predicted class = code: 3 of 5 right
     images = np.zeros((5, 4, 4, 3), np.uint8)
     images[:, 0, 0, 0] = codes
-    identity = {"mean": [0.0] * 3, "std": [1.0] * 3}
+    identity = InputTransform(4, mean=(0.0,) * 3, std=(1.0,) * 3)
     model = Lookup().train()
-    confusion, loss = evaluate(model, array_batches(images, labels, np.arange(5), 2), normalize=identity,
-                               num_classes=3)
+    confusion, loss = evaluate(model, array_batches(images, labels, np.arange(5), 2), identity, num_classes=3)
     assert not model.training and not loss.requires_grad
     assert confusion.tolist() == [[1, 0, 0], [0, 2, 1], [1, 0, 0]]  # cm[true, predicted]
     assert float(confusion.trace()) / float(confusion.sum()) == 0.6
@@ -176,7 +182,7 @@ def test_evaluate_counts_every_photo_once_and_sums_the_cross_entropy():
     assert shares[1][0].tolist() == [[0, 0, 0], [0, 0, 1], [1, 0, 0]]
     assert float(shares[0][1]) == pytest.approx(3 * np.log(2)) and float(shares[1][1]) == pytest.approx(4 * np.log(2))
     assert torch.equal(shares[0][0] + shares[1][0], confusion)
-    empty, nothing = evaluate(model, array_batches(images, labels, np.arange(0), 2), num_classes=3)
+    empty, nothing = evaluate(model, array_batches(images, labels, np.arange(0), 2), InputTransform(4), num_classes=3)
     assert empty.tolist() == [[0] * 3] * 3 and float(nothing) == 0.0
 
 

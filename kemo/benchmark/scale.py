@@ -157,7 +157,7 @@ def train_input_probe(shards: str, image_size: int, batch_size: int) -> dict[str
     cached, decision = datasets(data, "memory")
     again = ray.get(consume.remote(cached["train"], batch_size, 2))[1]
     return {"train_photos": data.photos("train"), "decode_images_per_s": decode, "cached_images_per_s": again,
-            "decoded_train_val_gb": decision["decoded_train_val_gb"]}
+            "decoded_train_val_gb": decision.decoded_train_val_gb}
 
 
 if __name__ == "__main__":

@@ -10,13 +10,65 @@ photos reach a target accuracy, which labelling uses to abstain (``jobs/label.py
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 BINS = 15
 COVERAGES = (0.5, 0.8, 0.9, 1.0)
 T_RANGE = (0.05, 20.0)  # a temperature outside it says the logits are degenerate, not that they need it
+
+
+@dataclass
+class Bin:
+    """One equal-width bin of the top confidence, (lo, hi]: its photos, mean confidence and accuracy (None if empty)."""
+
+    lo: float
+    hi: float
+    n: int
+    confidence: float | None
+    accuracy: float | None
+
+
+@dataclass
+class Scores:
+    """Accuracy, ECE, NLL and Brier score of probabilities against labels."""
+
+    accuracy: float
+    ece: float
+    nll: float
+    brier: float
+
+
+@dataclass
+class CoveragePoint:
+    """The most confident ``coverage`` share of photos: how many, their accuracy, the last one's confidence."""
+
+    coverage: float
+    photos: int
+    accuracy: float | None
+    min_confidence: float | None
+
+
+@dataclass
+class Threshold:
+    """The lowest confidence whose kept photos reach ``target_accuracy`` (None: none does), and what it keeps."""
+
+    target_accuracy: float
+    threshold: float | None
+    coverage: float
+    accuracy: float | None
+    photos: int
+
+
+@dataclass
+class Kept:
+    """The photos at or above a confidence threshold: how many, their share and accuracy."""
+
+    threshold: float | None
+    photos: int
+    coverage: float
+    accuracy: float | None
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -73,7 +125,7 @@ def brier(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(((p - onehot) ** 2).sum(1).mean())
 
 
-def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> list[dict[str, Any]]:
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> list[Bin]:
     """Per equal-width bin of the top confidence: its edges, photos, mean confidence and accuracy (the
     reliability diagram's bars; empty bins have n 0 and no means)."""
     p = np.asarray(probs, np.float64)
@@ -84,24 +136,23 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> list
     for k in range(bins):
         m = which == k
         n = int(m.sum())
-        out.append({"lo": k / bins, "hi": (k + 1) / bins, "n": n,
-                    "confidence": float(confidence[m].mean()) if n else None,
-                    "accuracy": float(correct[m].mean()) if n else None})
+        out.append(Bin(k / bins, (k + 1) / bins, n, float(confidence[m].mean()) if n else None,
+                       float(correct[m].mean()) if n else None))
     return out
 
 
 def ece(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
     """Expected calibration error: the photo-weighted mean |accuracy − confidence| over equal-width bins."""
     total = len(labels)
-    return float(sum(b["n"] / total * abs(b["accuracy"] - b["confidence"])
-                     for b in reliability(probs, labels, bins) if b["n"])) if total else 0.0
+    return float(sum(b.n / total * abs(b.accuracy - b.confidence)
+                     for b in reliability(probs, labels, bins) if b.n)) if total else 0.0
 
 
-def scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def scores(probs: np.ndarray, labels: np.ndarray) -> Scores:
     """Accuracy, ECE, NLL and Brier score of probabilities against labels."""
     p = np.asarray(probs, np.float64)
     accuracy = float((p.argmax(1) == np.asarray(labels)).mean()) if len(p) else 0.0
-    return {"accuracy": accuracy, "ece": ece(p, labels), "nll": nll(p, labels), "brier": brier(p, labels)}
+    return Scores(accuracy, ece(p, labels), nll(p, labels), brier(p, labels))
 
 
 def _ranked(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -116,7 +167,7 @@ def _ranked(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np
 
 
 def coverage_table(confidence: np.ndarray, correct: np.ndarray, coverages: tuple[float, ...] = COVERAGES
-                   ) -> list[dict[str, Any]]:
+                   ) -> list[CoveragePoint]:
     """Accuracy of the most confident ``coverage`` share of photos (ties broken by order, so exactly
     round(coverage · N) photos), with the confidence of the last photo kept."""
     order = np.argsort(-np.asarray(confidence, np.float64), kind="stable")
@@ -124,12 +175,11 @@ def coverage_table(confidence: np.ndarray, correct: np.ndarray, coverages: tuple
     rows = []
     for c in coverages:
         k = max(1, int(round(c * len(conf)))) if len(conf) else 0
-        rows.append({"coverage": c, "photos": k, "accuracy": float(hits[:k].mean()) if k else None,
-                     "min_confidence": float(conf[k - 1]) if k else None})
+        rows.append(CoveragePoint(c, k, float(hits[:k].mean()) if k else None, float(conf[k - 1]) if k else None))
     return rows
 
 
-def threshold_for(confidence: np.ndarray, correct: np.ndarray, target: float) -> dict[str, Any]:
+def threshold_for(confidence: np.ndarray, correct: np.ndarray, target: float) -> Threshold:
     """The lowest confidence threshold at which the photos at or above it reach ``target`` accuracy (the most
     photos kept), with the coverage and accuracy there; ``threshold`` None when no threshold reaches it."""
     if not 0 < target <= 1:
@@ -137,16 +187,15 @@ def threshold_for(confidence: np.ndarray, correct: np.ndarray, target: float) ->
     conf, kept, accuracy = _ranked(confidence, correct) if len(confidence) else (np.zeros(0),) * 3
     ok = np.flatnonzero(accuracy >= target - 1e-12)
     if not len(ok):
-        return {"target_accuracy": target, "threshold": None, "coverage": 0.0, "accuracy": None, "photos": 0}
+        return Threshold(target, None, 0.0, None, 0)
     i = ok[-1]
-    return {"target_accuracy": target, "threshold": float(conf[i]), "coverage": float(kept[i] / len(confidence)),
-            "accuracy": float(accuracy[i]), "photos": int(kept[i])}
+    return Threshold(target, float(conf[i]), float(kept[i] / len(confidence)), float(accuracy[i]), int(kept[i]))
 
 
-def kept_at(confidence: np.ndarray, correct: np.ndarray, threshold: float | None) -> dict[str, Any]:
+def kept_at(confidence: np.ndarray, correct: np.ndarray, threshold: float | None) -> Kept:
     """Coverage and accuracy of the photos at or above ``threshold`` (None: none kept)."""
     confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, bool)
     keep = confidence >= threshold if threshold is not None else np.zeros(len(confidence), bool)
     n = int(keep.sum())
-    return {"threshold": threshold, "photos": n, "coverage": n / len(confidence) if len(confidence) else 0.0,
-            "accuracy": float(correct[keep].mean()) if n else None}
+    return Kept(threshold, n, n / len(confidence) if len(confidence) else 0.0,
+                float(correct[keep].mean()) if n else None)

@@ -3,9 +3,10 @@
 Training writes it and labelling reads it, so it is the one contract between them. ``model.pt`` is a plain state
 dict (loaded with ``weights_only=True``: no pickled code runs); ``meta.json`` names the architecture and its arguments,
 the class names in index order, the input size and normalisation, and whatever training config, metrics and code
-version the trainer adds; after training, the ``temperature`` that calibrates its softmax and the ``abstention``
-threshold fitted on validation (both absent from checkpoints of older kemo: temperature 1, no threshold).
-:func:`load_checkpoint` rebuilds the model, and :func:`input_batch` its input, from these alone.
+version the trainer adds; once calibrated (jobs/train.py calibrates each run's best checkpoint), the
+``temperature`` that calibrates its softmax and the ``abstention`` threshold fitted on validation (an uncalibrated
+checkpoint has neither: temperature 1, no threshold). :func:`load_checkpoint` rebuilds the model, and
+:func:`input_batch` its input (:class:`kemo.classifier.transform.InputTransform`), from these alone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from kemo import storage
 from kemo.classes import CLASS_NAMES
+from kemo.classifier.transform import IMAGENET, InputTransform
 from kemo.config import code_version
 
 if TYPE_CHECKING:  # torch is imported where a model is built: reading meta.json (a rerun's check) needs none
@@ -27,7 +29,6 @@ if TYPE_CHECKING:  # torch is imported where a model is built: reading meta.json
 
 MODEL, META = "model.pt", "meta.json"
 MAX_META_BYTES, MAX_MODEL_BYTES = 1 << 20, 4 << 30  # bounded reads of regular files: a FIFO or a device is refused
-IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def save_checkpoint(path: str, model: nn.Module, architecture: str, arguments: dict[str, Any] | None = None,
@@ -100,7 +101,7 @@ def _number(value: object) -> bool:
 
 def temperature(meta: dict[str, Any]) -> float:
     """The temperature the logits are divided by before the softmax: fitted on validation after training
-    (:mod:`kemo.classifier.calibration`); 1 for a checkpoint written before kemo calibrated them."""
+    (:mod:`kemo.classifier.calibration`); 1 for a checkpoint not calibrated."""
     return float(meta.get("temperature", 1.0))
 
 
@@ -109,9 +110,8 @@ def abstention_threshold(meta: dict[str, Any], where: str) -> float:
     accuracy; refused, in one line, for a checkpoint that has none."""
     abstention = meta.get("abstention")
     if not abstention:
-        raise CheckpointError(f"{where} holds no abstention threshold (a checkpoint trained before kemo calibrated "
-                              "its checkpoints): give --min-confidence X instead of --abstain, or run jobs/train.py "
-                              "again on its output, which calibrates finished runs without training them")
+        raise CheckpointError(f"{where} holds no abstention threshold (a checkpoint not calibrated: jobs/train.py "
+                              "calibrates each run's best checkpoint): give --min-confidence X instead of --abstain")
     if abstention.get("threshold") is None:
         raise CheckpointError(f"{where}: no confidence reached the target accuracy "
                               f"{abstention.get('target_accuracy')} on validation, so it has no threshold: give "
@@ -166,19 +166,5 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str
 def input_batch(images: np.ndarray | list[np.ndarray], meta: dict[str, Any], device: str | torch.device = "cpu"
                 ) -> torch.Tensor:
     """uint8 RGB images (N, H, W, 3), any size → the normalised float (N, 3, S, S) batch the checkpoint expects,
-    resized exactly as the training data was (:func:`kemo.classifier.data.resize_square`)."""
-    import torch
-
-    from kemo.classifier.data import resize_square
-
-    size = meta["image_size"]
-    batch = []
-    for image in images:
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"expected uint8 (H, W, 3) RGB images, got {image.shape} {image.dtype}")
-        batch.append(resize_square(image, size))
-    x = torch.from_numpy(np.stack(batch)).to(device).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(meta["normalize"]["mean"], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(meta["normalize"]["std"], device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    through the input transform training and evaluation use (:class:`~kemo.classifier.transform.InputTransform`)."""
+    return InputTransform.of(meta)(images, device)

@@ -25,7 +25,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -35,25 +35,18 @@ import pyarrow.compute as pc
 
 from kemo import outputs, storage
 from kemo.classes import CLASS_NAMES
-from kemo.classifier.metrics import annotator_agreement
+from kemo.classifier.metrics import Agreement, annotator_agreement
+from kemo.classifier.transform import resize_square
 from kemo.schema import SPLITS
 
 log = logging.getLogger(__name__)
-SMALL = ["image_id", "split", "label", "agree_n", "status"]  # what the driver reads: no pixels
-VOTES = "votes"  # the annotators' votes: in crop shards written since kemo carried them (kemo.schema.CARRIED)
+SMALL = ["image_id", "split", "label", "agree_n", "status"]  # what the driver reads (and the votes): no pixels
+VOTES = "votes"  # the annotators' votes (kemo.schema.CARRIED)
 READ = [*SMALL, "crop"]
 BLOCK_ROWS = 128  # rows per block after ordering: small blocks split evenly over workers and shuffle well locally
 CACHES = ("auto", "memory", "none")
 CACHE_SHARE = 0.5  # of the cluster's object store: the rest is for Ray Data's own blocks in flight and the workers
 ORDER_SEED = 0  # the splits' order is one for every run of the same shards, so one cache serves them all
-
-
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 RGB → (size, size, 3): area-averaged when shrinking. Training and labelling both resize here."""
-    if image.shape[:2] == (size, size):
-        return image
-    shrink = size < min(image.shape[:2])
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def decode_crop(data: bytes | None, size: int) -> np.ndarray | None:
@@ -93,6 +86,38 @@ def order_keys(image_ids: list[str], seed: int = ORDER_SEED) -> np.ndarray:
 
 
 @dataclass
+class SplitCount:
+    photos: int
+    per_class: dict[str, int]  # kemo.classes order
+
+
+@dataclass
+class CacheDecision:
+    """Whether the decoded train and val splits are kept in Ray's object store, and why."""
+
+    cache: str  # --cache
+    cached: bool
+    decoded_train_val_gb: float
+    object_store_gb: float
+    crops_that_do_not_decode: dict[str, int] = field(default_factory=dict)  # split → crops left out
+
+
+@dataclass
+class DataReport:
+    """What training uses of a crop output: rows read, photos per split and class, what was left out and why, the
+    annotators' own agreement on the test photos, and (once the splits are made) the cache decision."""
+
+    shards: str
+    rows: int
+    image_size: int
+    min_agree: int
+    left_out: dict[str, int]  # reason → rows
+    splits: dict[str, SplitCount]
+    annotators: Agreement
+    cache: CacheDecision | None = None
+
+
+@dataclass
 class TrainingData:
     """A committed crop output, planned for training: which shard files, which photos, and the report. Pixels stay
     in the shards until a Ray Data task reads them."""
@@ -102,14 +127,10 @@ class TrainingData:
     image_size: int
     min_agree: int
     counts: dict[str, list[int]]  # split → photos per class, kemo.classes order
-    report: dict[str, Any]
-    votes: bool = False  # every shard carries the annotators' votes
+    report: DataReport
     voted: int = 0  # usable training photos with at least one known vote
 
     def check_votes(self) -> None:
-        if not self.votes:
-            raise ValueError(f"{self.shards} was written before crop shards carried the annotators' votes: "
-                             "--target votes needs them; run jobs/preprocess.py into a new output")
         if not self.voted:  # e.g. preprocessed from a manifest without votes: every target would be the one-hot
             raise ValueError(f"no training photo of {self.shards} has a known annotator vote (its input had none): "
                              "--target votes would train on the majority label alone; use --target majority")
@@ -121,21 +142,25 @@ class TrainingData:
         return sum(self.photos(s) for s in splits) * self.image_size ** 2 * 3
 
 
+def _read_small(uri: str) -> pa.Table:
+    """The small columns of one shard file; a file without one of them (the votes: written by an earlier kemo) is
+    refused in one line (:func:`kemo.outputs.read_files`)."""
+    return outputs.read_files([uri], [*SMALL, VOTES])
+
+
 def plan(shards: str, image_size: int = 224, min_agree: int = 2) -> TrainingData:
     """Read the small columns of a committed crop output (never its crops) and count what each split trains on."""
     files = outputs.Output(shards, outputs.CROPS).files("shards")
     left_out: Counter[str] = Counter()
     counts = {s: [0] * len(CLASS_NAMES) for s in SPLITS}
-    rows, has_votes, test_votes, voted = 0, bool(files), [], 0
+    rows, test_votes, voted = 0, [], 0
     for uri in files:
-        table = storage.read_parquet_columns(uri, SMALL, (VOTES,))
+        table = _read_small(uri)
         rows += table.num_rows
-        has_votes = has_votes and VOTES in table.column_names
-        votes = table.column(VOTES).to_pylist() if VOTES in table.column_names else [None] * table.num_rows
         ok, reasons = usable(table, min_agree)
         split = table.column("split").to_pylist()
         label = table.column("label").fill_null(-1).to_pylist()
-        for good, why, s, y, v in zip(ok.tolist(), reasons, split, label, votes):
+        for good, why, s, y, v in zip(ok.tolist(), reasons, split, label, table.column(VOTES).to_pylist()):
             if not good:
                 left_out[why] += 1
             elif s in counts:
@@ -146,13 +171,11 @@ def plan(shards: str, image_size: int = 224, min_agree: int = 2) -> TrainingData
                     voted += 1
             else:
                 left_out[f"split {s}"] += 1
-    # the test photos' own ceiling: how often one annotator matches the other two (None for shards without votes)
-    annotators = {**annotator_agreement(test_votes), "split": "test"} if has_votes else None
-    report = {"shards": shards, "rows": rows, "image_size": image_size, "min_agree": min_agree,
-              "left_out": dict(sorted(left_out.items())),
-              "splits": {s: {"photos": sum(c), "per_class": dict(zip(CLASS_NAMES, c))} for s, c in counts.items()},
-              "annotators": annotators}
-    return TrainingData(shards, files, image_size, min_agree, counts, report, has_votes, voted)
+    # the test photos' own ceiling: how often one annotator matches the other two
+    report = DataReport(shards, rows, image_size, min_agree, dict(sorted(left_out.items())),
+                        {s: SplitCount(sum(c), dict(zip(CLASS_NAMES, c))) for s, c in counts.items()},
+                        replace(annotator_agreement(test_votes), split="test"))
+    return TrainingData(shards, files, image_size, min_agree, counts, report, voted)
 
 
 def read_usable(batch: dict[str, np.ndarray], split: str, min_agree: int, block_rows: int, votes: bool = False
@@ -231,7 +254,7 @@ def cache_decision(cache: str, decoded_bytes: int, object_store_bytes: float) ->
     return cache == "memory" or (cache == "auto" and decoded_bytes <= CACHE_SHARE * object_store_bytes)
 
 
-def datasets(data: TrainingData, cache: str, train: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+def datasets(data: TrainingData, cache: str, train: bool = True) -> tuple[dict[str, Any], CacheDecision]:
     """The train, val and test datasets of planned crops, train and val materialised when cached; and what was
     decided (written into the report). The train split carries the vote shares where the shards have votes (28
     bytes a photo), so one cache serves both training targets. Without ``train`` (only calibrating finished runs)
@@ -242,9 +265,8 @@ def datasets(data: TrainingData, cache: str, train: bool = True) -> tuple[dict[s
     store = float(sum(n["Resources"].get("object_store_memory", 0) for n in ray.nodes()
                       if n["Alive"] and n["Resources"].get("CPU", 0) > 0))
     cached = cache_decision(cache, data.decoded_bytes(), store)
-    out = {s: split_dataset(data, s, votes=data.votes and s == "train") for s in SPLITS if train or s != "train"}
-    decision = {"cache": cache, "cached": cached, "decoded_train_val_gb": round(data.decoded_bytes() / 1e9, 3),
-                "object_store_gb": round(store / 1e9, 3)}
+    out = {s: split_dataset(data, s, votes=s == "train") for s in SPLITS if train or s != "train"}
+    decision = CacheDecision(cache, cached, round(data.decoded_bytes() / 1e9, 3), round(store / 1e9, 3))
     if cached:
         for s in [s for s in ("train", "val") if s in out]:
             out[s] = out[s].materialize()
@@ -252,6 +274,6 @@ def datasets(data: TrainingData, cache: str, train: bool = True) -> tuple[dict[s
             if not decoded:
                 raise ValueError(f"{data.shards}: none of the {data.photos(s)} {s} crops decodes: damaged shards?")
             if decoded != data.photos(s):
-                decision.setdefault("crops_that_do_not_decode", {})[s] = data.photos(s) - decoded
+                decision.crops_that_do_not_decode[s] = data.photos(s) - decoded
     log.info("training data of %s: %s", data.shards, decision)
     return out, decision

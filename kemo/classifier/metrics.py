@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,7 +21,17 @@ def confusion_matrix(y_true: np.ndarray | list[int], y_pred: np.ndarray | list[i
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def classification_report(cm: np.ndarray, names: list[str] | tuple[str, ...]) -> dict[str, Any]:
+@dataclass
+class ClassificationReport:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix ``[true][predicted]``."""
+
+    accuracy: float
+    macro_f1: float
+    per_class: dict[str, dict[str, float]]  # class name → precision, recall, f1, support
+    confusion_matrix: list[list[int]]
+
+
+def classification_report(cm: np.ndarray, names: list[str] | tuple[str, ...]) -> ClassificationReport:
     """Accuracy, macro-F1 and per-class precision/recall/F1/support from a confusion matrix (0 where undefined).
 
     Macro-F1 averages the classes present in the evaluation set (support > 0); a class absent from it but predicted
@@ -37,16 +47,26 @@ def classification_report(cm: np.ndarray, names: list[str] | tuple[str, ...]) ->
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     total = cm.sum()
     present = actual > 0  # macro-F1 over the classes the evaluation set holds
-    return {
-        "accuracy": float(tp.sum() / total) if total else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                             "support": int(actual[i])} for i, name in enumerate(names)},
-        "confusion_matrix": cm.astype(np.int64).tolist(),
-    }
+    return ClassificationReport(
+        accuracy=float(tp.sum() / total) if total else 0.0,
+        macro_f1=float(f1[present].mean()) if present.any() else 0.0,
+        per_class={name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                          "support": int(actual[i])} for i, name in enumerate(names)},
+        confusion_matrix=cm.astype(np.int64).tolist())
 
 
-def annotator_agreement(votes: list[list[int] | None]) -> dict[str, Any]:
+@dataclass
+class Agreement:
+    """How often one annotator matches the other two's majority (None: no such case), over how many (photo,
+    annotator) cases and photos, and on which split."""
+
+    agreement: float | None
+    pairs: int
+    photos: int
+    split: str | None = None
+
+
+def annotator_agreement(votes: list[list[int] | None]) -> Agreement:
     """How often one annotator matches the other two's majority: the ceiling a model scored against a majority label
     can expect. For each photo and each annotator whose two others gave the same known vote (their majority), whether
     that annotator chose it too; -1 (알수없음, missing) is no vote. ``pairs`` is how many such (photo, annotator)
@@ -60,5 +80,4 @@ def annotator_agreement(votes: list[list[int] | None]) -> dict[str, Any]:
             if a >= 0 and a == b and v[i] >= 0:
                 pairs += 1
                 matches += v[i] == a
-    return {"agreement": matches / pairs if pairs else None, "pairs": pairs,
-            "photos": sum(1 for v in votes if v and len(v) == 3)}
+    return Agreement(matches / pairs if pairs else None, pairs, sum(1 for v in votes if v and len(v) == 3))

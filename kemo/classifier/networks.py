@@ -18,11 +18,16 @@ from torch import nn
 KEMOTIONNET_BLOCKS = (3, 4, 16, 3)
 
 
+def check_blocks(blocks: tuple[int, ...] | list[int]) -> None:
+    """K-EmotionNet's stage layout, refused before any model is built if it is not one."""
+    if len(blocks) != 4 or min(blocks) < 1:
+        raise ValueError(f"K-EmotionNet needs four stages of at least one block, got {list(blocks)}")
+
+
 def kemotionnet(num_classes: int = 7, blocks: tuple[int, ...] | list[int] = KEMOTIONNET_BLOCKS) -> nn.Module:
     from torchvision.models.resnet import BasicBlock, ResNet
 
-    if len(blocks) != 4 or min(blocks) < 1:
-        raise ValueError(f"K-EmotionNet needs four stages of at least one block, got {list(blocks)}")
+    check_blocks(blocks)
     return ResNet(BasicBlock, list(blocks), num_classes=num_classes)
 
 

@@ -1,29 +1,20 @@
-"""One classifier training run on Ray Train: Ray Data splits → TorchTrainer (V2) → best checkpoint.
-
-The train and val datasets of :mod:`kemo.classifier.data` reach the workers through ``ray.train.get_dataset_shard``:
-train in equal shares (DDP steps in lockstep), val in disjoint shares that together are every photo (:class:`Shares`),
-both in the splits' fixed order. Each epoch every worker streams its share through a local shuffle buffer seeded by
-(seed, epoch, rank), so a resumed run sees the batches an uninterrupted one saw. Augmentation runs on batched tensors
-on the worker's device: a per-photo horizontal flip and light random resized crop in one ``grid_sample``, then the
-paper's Random Erasing. Adam; bf16 autocast on GPU; optionally class-balanced (``balance``: a weighted loss, or each
-batch resampled towards equal classes). Validation accuracy every epoch (:func:`evaluate`, summed over workers). Every
-epoch reports its metrics; a checkpoint (the :mod:`kemo.classifier.checkpoint` directory, plus ``train_state.pt`` for
-resuming) comes with each new best validation accuracy, every ``checkpoint_every`` epochs and the last: Ray keeps the
-best by validation accuracy and the latest, a failed worker restarts the group from the latest (``FailureConfig``), and
-a relaunch with the same output and run name resumes from it too. When no node can hold a worker group (a node
-lost), the run waits up to ``capacity_timeout`` seconds in all for one and then ends with :class:`CapacityLost`.
-"""
+"""One classifier training run on Ray Train (:func:`fit`): Ray Data splits → TorchTrainer (V2) → best checkpoint.
+Each worker streams its share (train in equal shares, val in disjoint ones) through a shuffle buffer seeded by (seed,
+epoch, rank), so a resumed run sees what an uninterrupted one saw; augments on its device (flip and resized crop, then
+Random Erasing); reports every epoch and checkpoints at each new best, every ``checkpoint_every`` epochs and the last.
+A lost worker restarts the group from the latest checkpoint; a relaunch resumes from it too (:class:`CapacityLost`)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,31 +23,58 @@ import torch.nn.functional as F
 
 from kemo import storage
 from kemo.classes import CLASS_NAMES
-from kemo.classifier.checkpoint import IMAGENET, save_checkpoint
+from kemo.classifier.checkpoint import save_checkpoint
+from kemo.classifier.data import DataReport
+from kemo.classifier.evaluation import evaluate
+from kemo.classifier.record import from_dict
 from kemo.classifier.registry import create_model, load_initial_weights
+from kemo.classifier.transform import InputTransform
 from kemo.config import Stopped
 
 log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"
+BALANCES = ("none", "weights", "sampler")
+TARGETS = ("majority", "votes")
+SCHEDULES = ("cosine", "constant")
 
 
-@dataclass
-class RunSpec:
-    """What one run trains: a model, a seed and the recipe."""
+@dataclass(kw_only=True)
+class Recipe:
+    """How every run trains: the settings a job config and each run's spec share (their defaults, the paper's)."""
+
+    epochs: int = field(default=150, metadata={"help": "epochs per run"})
+    batch_size: int = field(default=64, metadata={"help": "batch per worker"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    schedule: str = field(default="cosine", metadata={"help": "learning rate per epoch: cosine (to 0) or constant"})
+    image_size: int = field(default=224, metadata={"help": "training input side"})
+    erasing: float = field(default=0.5, metadata={"help": "Random Erasing probability"})
+    init_weights: str | None = field(default=None, metadata={
+        "help": "start every run from this weights file (path or s3://; matching names and shapes are copied)"})
+    balance: str = field(default="none", metadata={
+        "help": "class balance: none, weights (inverse-frequency loss weights) or sampler (batches resampled)"})
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule: unknown schedule {self.schedule!r}: {' or '.join(SCHEDULES)}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"--balance must be one of {', '.join(BALANCES)}, not {self.balance!r}")
+
+
+@dataclass(kw_only=True)
+class RunSpec(Recipe):
+    """What one run trains: a model, a seed, a target and the recipe."""
 
     model: str = "kemotionnet"
     arguments: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    epochs: int = 150
-    batch_size: int = 64
-    lr: float = 1e-3
     weight_decay: float = 0.0
-    schedule: str = "cosine"  # learning rate per epoch: "cosine" (annealed to 0 at the last epoch) or "constant"
-    erasing: float = 0.5  # probability of Random Erasing per photo
-    image_size: int = 224
-    init_weights: str | None = None  # a user's weights file (path or s3://) to start from; nothing downloads
-    balance: str = "none"  # none | weights (class-weighted loss) | sampler (batches resampled towards equal classes)
     target: str = "majority"  # majority (the annotators' majority label) | votes (soft cross-entropy on the votes)
+
+    @classmethod
+    def of(cls, recipe: Recipe, model: str, arguments: dict[str, Any], seed: int, target: str) -> RunSpec:
+        """A run of ``recipe``: its settings, each written once, in the recipe."""
+        shared = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(Recipe)}
+        return cls(**shared, model=model, arguments=arguments, seed=seed, target=target)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -95,8 +113,6 @@ def random_erasing(x: torch.Tensor, generator: torch.Generator, p: float) -> tor
 # uint8 (B, S, S, 3) RGB photos and their targets: int64 (B,) class indices, or float (B, classes) distributions
 # (the annotators' vote shares), both of which torch's cross_entropy takes
 Batch = tuple[torch.Tensor, torch.Tensor]
-BALANCES = ("none", "weights", "sampler")
-TARGETS = ("majority", "votes")
 
 
 def array_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int) -> Iterator[Batch]:
@@ -106,17 +122,14 @@ def array_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, bat
         yield torch.from_numpy(images[idx]), torch.from_numpy(labels[idx])
 
 
-def dataset_batches(shard: Any, batch_size: int, shuffle_seed: int | None = None,
-                    seen: list[int] | None = None, target: str = "label") -> Iterator[Batch]:
+def dataset_batches(shard: Any, batch_size: int, shuffle_seed: int | None = None, target: str = "label"
+                    ) -> Iterator[Batch]:
     """A Ray Data shard (``image``, ``label``, ``key``, maybe ``votes``) as the training loop takes it: photos and
     the ``target`` column; with ``shuffle_seed``, through a seeded local shuffle buffer of :func:`shuffle_buffer`
-    rows. Photos stay uint8 until the device, a quarter of the bytes. ``seen`` (tests) collects the keys of the
-    photos passed on."""
+    rows. Photos stay uint8 until the device, a quarter of the bytes."""
     buffer = shuffle_buffer(batch_size) if shuffle_seed is not None else None
     for batch in shard.iter_torch_batches(batch_size=batch_size, device="cpu", prefetch_batches=2,
                                           local_shuffle_buffer_size=buffer, local_shuffle_seed=shuffle_seed):
-        if seen is not None:
-            seen.extend(batch["key"].tolist())
         yield batch["image"], batch[target]
 
 
@@ -131,16 +144,11 @@ def class_weights(counts: list[int]) -> list[float]:
     return [n / (k * c) if c else 0.0 for c in counts]
 
 
-def _to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-
-
 def learning_rate(spec: RunSpec, epoch: int) -> float:
+    """``spec.schedule`` at ``epoch`` (0-based): constant, or cosine annealed to 0 at the last epoch."""
     if spec.schedule == "constant":
         return spec.lr
-    if spec.schedule == "cosine":
-        return spec.lr * 0.5 * (1 + math.cos(math.pi * epoch / spec.epochs))
-    raise ValueError(f"unknown schedule {spec.schedule!r}: cosine or constant")
+    return spec.lr * 0.5 * (1 + math.cos(math.pi * epoch / spec.epochs))
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,19 +170,18 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
     its classes' weights). Returns (summed loss, photos) as a float64 tensor on the device, so the loop never waits
     for the GPU."""
     device = next(model.parameters()).device
-    mean = torch.tensor(IMAGENET["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET["std"], device=device).view(1, 3, 1, 1)
+    transform = InputTransform(spec.image_size)  # training normalises with ImageNet's statistics
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     model.train()
     for images, labels in batches:
-        x = _to_input(images, device)
+        x = transform.scale(images, device)
         y = labels.to(device, non_blocking=True)
         if spec.balance == "sampler" and weights is not None:
             per_photo = y.float() @ weights if y.is_floating_point() else weights[y]
             pick = torch.multinomial(per_photo, len(y), replacement=True, generator=generator)
             x, y = x[pick], y[pick]
         x = augment(x, generator)
-        x = random_erasing((x - mean) / std, generator, spec.erasing)
+        x = random_erasing(transform.normalise(x), generator, spec.erasing)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = cross_entropy(model(x).float(), y, weights if spec.balance == "weights" else None)
         optimizer.zero_grad(set_to_none=True)
@@ -183,49 +190,6 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
         sums[0] += loss.detach().double() * len(y)  # no host sync per step
         sums[1] += len(y)
     return sums
-
-
-def _outputs(model: torch.nn.Module, batches: Iterable[Batch], normalize: dict[str, list[float]], bf16: bool
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(fp32 logits, labels) per batch of uint8 photos already at the model's input size, normalised by
-    ``normalize``, on the model's device, in eval mode without gradients (bf16 autocast if ``bf16`` and on GPU)."""
-    device = next(model.parameters()).device
-    mean = torch.tensor(normalize["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(normalize["std"], device=device).view(1, 3, 1, 1)
-    model.eval()
-    with torch.no_grad():
-        for images, labels in batches:
-            x = (_to_input(images, device) - mean) / std
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-                logits = model(x)
-            yield logits.float(), labels.to(device)
-
-
-def evaluate(model: torch.nn.Module, batches: Iterable[Batch], normalize: dict[str, list[float]] = IMAGENET,
-             num_classes: int = len(CLASS_NAMES), bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model on ``batches`` (see :func:`_outputs`). Workers each evaluate their share and add up. Returns
-    (confusion matrix ``cm[true, predicted]`` as (num_classes, num_classes) int64 counts, summed cross-entropy as
-    float64) on the model's device, so nothing waits for the GPU until the caller reads them."""
-    device = next(model.parameters()).device
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    for logits, y in _outputs(model, batches, normalize, bf16):
-        loss += F.cross_entropy(logits, y, reduction="sum").double()
-        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
-    return confusion.view(num_classes, num_classes), loss
-
-
-def predict(model: torch.nn.Module, batches: Iterable[Batch], normalize: dict[str, list[float]] = IMAGENET
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """The model's fp32 logits (N, classes) and the labels on ``batches`` (see :func:`_outputs`), in fp32: what
-    calibration and the test figures are computed from."""
-    logits, labels = [], []
-    for z, y in _outputs(model, batches, normalize, bf16=False):
-        logits.append(z.cpu().numpy())
-        labels.append(y.cpu().numpy().astype(np.int64))
-    if not logits:
-        return np.zeros((0, len(CLASS_NAMES)), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(logits), np.concatenate(labels)
 
 
 def keeps_checkpoint(epoch: int, epochs: int, every: int, improved: bool) -> bool:
@@ -249,92 +213,147 @@ def _quiet_report_logs() -> None:
             logger.setLevel(logging.WARNING)
 
 
+@dataclass
+class EpochMetrics:
+    """What every worker reports each epoch (Ray keeps the best checkpoint by ``val_accuracy``)."""
+
+    epoch: int  # 1-based
+    train_loss: float
+    val_accuracy: float
+    best_val_accuracy: float
+    train_images_per_s: float | None  # every worker's photos in this worker's time: the group's rate
+    epoch_seconds: float
+
+
+@dataclass
+class WorkerConfig:
+    """What each Ray Train worker is given: crosses to the workers as ``asdict``, rebuilt there."""
+
+    spec: RunSpec
+    checkpoint_every: int
+    cpus_per_worker: float = 0
+    class_weights: list[float] | None = None  # per class, when ``spec.balance`` balances
+    data_report: DataReport | None = None  # into each checkpoint's meta.json
+
+
+@dataclass
+class _Worker:
+    """One worker's model, optimiser, data shares and where the run stands."""
+
+    cfg: WorkerConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # DDP-wrapped with several workers
+    net: torch.nn.Module  # the model itself
+    optimizer: torch.optim.Optimizer
+    weights: torch.Tensor | None
+    train_shard: Any
+    val_shard: Any
+    start: int = 0
+    best: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # EpochMetrics as dicts (train_state.pt)
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker loop (every worker runs it)."""
-    import ray
+    """Ray Train worker loop (every worker runs it): set up, resume from the latest checkpoint, then each epoch
+    trains, validates and reports."""
+    _quiet_report_logs()
+    worker = _setup(from_dict(WorkerConfig, config))
+    _resume(worker)
+    for epoch in range(worker.start, worker.cfg.spec.epochs):
+        metrics = _epoch(worker, epoch)
+        keep = keeps_checkpoint(epoch + 1, worker.cfg.spec.epochs, worker.cfg.checkpoint_every,
+                                metrics.val_accuracy > worker.best)
+        worker.best = metrics.best_val_accuracy
+        worker.history.append(asdict(metrics))
+        _report(worker, epoch, metrics, keep)
+
+
+def _setup(cfg: WorkerConfig) -> _Worker:
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
-    _quiet_report_logs()
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    spec = RunSpec(**config["spec"])
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    spec = cfg.spec
     device = ray.train.torch.get_device()
-    if device.type == "cpu" and config.get("cpus_per_worker"):
-        torch.set_num_threads(max(1, int(config["cpus_per_worker"])))  # the CPU share Ray reserved (at least 1)
+    if device.type == "cpu" and cfg.cpus_per_worker:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # the CPU share Ray reserved (at least 1)
     torch.manual_seed(spec.seed)
     model = create_model(spec.model, num_classes=len(CLASS_NAMES), **spec.arguments)
     if spec.init_weights:
         load_initial_weights(model, spec.init_weights)
     model = ray.train.torch.prepare_model(model)
-    net = getattr(model, "module", model)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    weights = torch.tensor(config["class_weights"], device=device) if config.get("class_weights") else None
-    start, best, history = 0, -1.0, []
+    weights = torch.tensor(cfg.class_weights, device=device) if cfg.class_weights else None
+    return _Worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, model, getattr(model, "module", model),
+                   optimizer, weights, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"))
+
+
+def _resume(worker: _Worker) -> None:
+    """Model, optimiser and history from the latest checkpoint, if the run has one (a restart or a relaunch)."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
             model_state = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
-        net.load_state_dict(model_state)
-        optimizer.load_state_dict(state["optimizer"])
-        start, best, history = state["epoch"] + 1, state["best"], state["history"]
-    fail = config.get("_fail_once")  # tests: {"epoch": k, "rank": r, "marker": path} kills one worker once
-    trace = config.get("_trace")  # tests: a folder where each worker writes the photos (order keys) of each epoch
+        worker.net.load_state_dict(model_state)
+        worker.optimizer.load_state_dict(state["optimizer"])
+        worker.start, worker.best, worker.history = state["epoch"] + 1, state["best"], state["history"]
 
-    for epoch in range(start, spec.epochs):
-        if fail and epoch == fail["epoch"] and rank == fail["rank"] and not os.path.exists(fail["marker"]):
-            open(fail["marker"], "w").close()
-            os._exit(1)  # a worker process dies without warning
-        seed = spec.seed * 100_003 + epoch * 1_009 + rank
-        aug = torch.Generator(device=device).manual_seed(seed)
-        torch.manual_seed(seed)  # dropout: per rank, and again on resume
-        for group in optimizer.param_groups:  # a function of the epoch alone, so a resumed run follows the same curve
-            group["lr"] = learning_rate(spec, epoch)
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # train loss, train n, val correct, val n
-        seen: list[int] | None = [] if trace else None
-        started = time.perf_counter()
-        batches = dataset_batches(train_shard, spec.batch_size, seed, seen,
-                                  "votes" if spec.target == "votes" else "label")
-        sums[:2] = train_one_epoch(model, optimizer, batches, spec, aug, weights)
-        if trace:
-            storage.write_json(storage.join(trace, f"epoch{epoch + 1}-rank{rank}.json"),
-                               {"node": ray.get_runtime_context().get_node_id(), "keys": seen})
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_seconds = time.perf_counter() - started  # this worker's steps and the data they waited for
-        if world > 1:  # BatchNorm statistics as rank 0 has them, explicitly: evaluation bypasses the DDP wrapper
-            for buffer in net.buffers():
-                torch.distributed.broadcast(buffer, 0)
-        confusion, _ = evaluate(net, dataset_batches(val_shard, spec.batch_size), bf16=True)
-        sums[2], sums[3] = confusion.trace(), confusion.sum()
-        if world > 1:
-            torch.distributed.all_reduce(sums)
-        val_accuracy = float(sums[2] / sums[3]) if sums[3] else 0.0
-        keep = keeps_checkpoint(epoch + 1, spec.epochs, config["checkpoint_every"], val_accuracy > best)
-        best = max(best, val_accuracy)
-        metrics = {"epoch": epoch + 1, "train_loss": float(sums[0] / max(sums[1], 1)), "val_accuracy": val_accuracy,
-                   "best_val_accuracy": best,
-                   # every worker's photos in this worker's time: the group's rate (DDP keeps workers in step)
-                   "train_images_per_s": round(float(sums[1]) / train_seconds, 1) if train_seconds else None,
-                   "epoch_seconds": round(time.perf_counter() - started, 2)}
-        history.append(metrics)
-        if rank == 0:  # one progress line per epoch (Ray Train's worker logging forwards it to the driver once;
-            # a print there is forwarded twice)
-            log.info("%s seed %d epoch %d/%d | loss %.3f | val acc %.3f | best %.3f | %s img/s", spec.model, spec.seed,
-                     epoch + 1, spec.epochs, metrics["train_loss"], val_accuracy, best, metrics["train_images_per_s"])
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0 and keep:
-                save_checkpoint(d, net, spec.model, spec.arguments, image_size=spec.image_size,
-                                training={**config["spec"], "workers": world}, metrics=metrics,
-                                data=config.get("data_report"))
-                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "best": best, "history": history,
-                            "spec": config["spec"]}, os.path.join(d, TRAIN_STATE))  # weights: model.pt
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-            else:
-                ray.train.report(metrics)
+
+def _epoch(worker: _Worker, epoch: int) -> EpochMetrics:
+    """One epoch (0-based) on this worker's shares: train, then validation accuracy summed over the workers."""
+    spec, device = worker.cfg.spec, worker.device
+    seed = spec.seed * 100_003 + epoch * 1_009 + worker.rank
+    aug = torch.Generator(device=device).manual_seed(seed)
+    torch.manual_seed(seed)  # dropout: per rank, and again on resume
+    for group in worker.optimizer.param_groups:  # a function of the epoch alone: a resumed run follows the same curve
+        group["lr"] = learning_rate(spec, epoch)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # train loss, train n, val correct, val n
+    started = time.perf_counter()
+    batches = dataset_batches(worker.train_shard, spec.batch_size, seed, "votes" if spec.target == "votes" else "label")
+    sums[:2] = train_one_epoch(worker.model, worker.optimizer, batches, spec, aug, worker.weights)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_seconds = time.perf_counter() - started  # this worker's steps and the data they waited for
+    if worker.world > 1:  # BatchNorm statistics as rank 0 has them, explicitly: evaluation bypasses the DDP wrapper
+        for buffer in worker.net.buffers():
+            torch.distributed.broadcast(buffer, 0)
+    confusion, _ = evaluate(worker.net, dataset_batches(worker.val_shard, spec.batch_size),
+                            InputTransform(spec.image_size), bf16=True)
+    sums[2], sums[3] = confusion.trace(), confusion.sum()
+    if worker.world > 1:
+        torch.distributed.all_reduce(sums)
+    val_accuracy = float(sums[2] / sums[3]) if sums[3] else 0.0
+    return EpochMetrics(epoch + 1, float(sums[0] / max(sums[1], 1)), val_accuracy, max(worker.best, val_accuracy),
+                        round(float(sums[1]) / train_seconds, 1) if train_seconds else None,
+                        round(time.perf_counter() - started, 2))
+
+
+def _report(worker: _Worker, epoch: int, metrics: EpochMetrics, keep: bool) -> None:
+    """The epoch's metrics to Ray Train from every worker; rank 0 adds the checkpoint when the epoch keeps one."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    spec = worker.cfg.spec
+    if worker.rank == 0:  # one progress line per epoch (Ray Train's worker logging forwards it to the driver once;
+        # a print there is forwarded twice)
+        log.info("%s seed %d epoch %d/%d | loss %.3f | val acc %.3f | best %.3f | %s img/s", spec.model, spec.seed,
+                 metrics.epoch, spec.epochs, metrics.train_loss, metrics.val_accuracy, metrics.best_val_accuracy,
+                 metrics.train_images_per_s)
+    with tempfile.TemporaryDirectory() as d:
+        if worker.rank == 0 and keep:
+            data = asdict(worker.cfg.data_report) if worker.cfg.data_report else None
+            save_checkpoint(d, worker.net, spec.model, spec.arguments, image_size=spec.image_size,
+                            training={**asdict(spec), "workers": worker.world}, metrics=asdict(metrics), data=data)
+            torch.save({"optimizer": worker.optimizer.state_dict(), "epoch": epoch, "best": worker.best,
+                        "history": worker.history, "spec": asdict(spec)}, os.path.join(d, TRAIN_STATE))
+            ray.train.report(asdict(metrics), checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(asdict(metrics))
 
 
 class CapacityLost(Stopped):
@@ -364,9 +383,8 @@ def _shares(options: Any) -> Any:
 
 
 def fit(train: Any, val: Any, spec: RunSpec, storage_uri: str, name: str, workers: int = 1, use_gpu: bool = False,
-        max_failures: int = 3, data_report: dict[str, Any] | None = None, cpus_per_worker: float = 0,
-        checkpoint_every: int = 1, capacity_timeout: float = 0, class_counts: list[int] | None = None,
-        _fail_once: dict[str, Any] | None = None, _trace: str | None = None):
+        max_failures: int = 3, data_report: DataReport | None = None, cpus_per_worker: float = 0,
+        checkpoint_every: int = 1, capacity_timeout: float = 0, class_counts: list[int] | None = None) -> Any:
     """Train one run under ``storage_uri/name`` (relaunching with the same two resumes it); returns Ray's Result,
     whose ``best_checkpoints`` hold the best-validation checkpoint. ``train`` and ``val`` are Ray Datasets of
     ``image`` (uint8 (S, S, 3) RGB at ``spec.image_size``) and ``label``, materialised or not. ``cpus_per_worker``
@@ -375,24 +393,13 @@ def fit(train: Any, val: Any, spec: RunSpec, storage_uri: str, name: str, worker
     ``capacity_timeout`` (seconds, 0 = wait as long as it takes, as on an autoscaling cluster) bounds the wait for
     a worker group that cannot be placed; past it the run raises :class:`CapacityLost`. ``class_counts`` (train
     photos per class) are what ``spec.balance`` balances."""
-    import dataclasses
-
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if spec.balance not in BALANCES:
-        raise ValueError(f"--balance must be one of {', '.join(BALANCES)}, not {spec.balance!r}")
-    if spec.target not in TARGETS:
-        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, not {spec.target!r}")
     fs, path = storage.resolve(storage_uri)
-    config = {"spec": dataclasses.asdict(spec), "data_report": data_report, "cpus_per_worker": cpus_per_worker,
-              "checkpoint_every": checkpoint_every,
-              "class_weights": class_weights(class_counts) if class_counts and spec.balance != "none" else None}
-    if _fail_once:
-        config["_fail_once"] = _fail_once
-    if _trace:
-        config["_trace"] = _trace
+    weights = class_weights(class_counts) if class_counts and spec.balance != "none" else None
+    config = asdict(WorkerConfig(spec, checkpoint_every, cpus_per_worker, weights, data_report))
     start_timeout, limit = capacity_attempts(capacity_timeout, os.environ.get(START_TIMEOUT_ENV))
     trainer = TorchTrainer(
         train_loop, train_loop_config=config, datasets={"train": train, "val": val},
