@@ -71,35 +71,59 @@ def ray_local(moto_endpoint):
             os.environ[k] = v
 
 
-@pytest.fixture
-def s3_bucket(moto_endpoint, monkeypatch):
-    """A fresh bucket on the moto server, with the environment pointing kemo's S3 code at it."""
-    for key, value in {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+def _new_bucket(endpoint: str, mp: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the moto server, with the environment (through ``mp``) pointing kemo's S3 code at it."""
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+        mp.setenv(key, value)
+    mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    mp.delenv("AWS_PROFILE", raising=False)
     bucket = f"kemo-{uuid.uuid4().hex[:10]}"
-    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     s3.create_bucket(Bucket=bucket)
     return bucket
 
 
-@pytest.fixture
-def upload_tree(s3_bucket, moto_endpoint):
-    """upload(local_root, prefix) copies a local tree into the test bucket with boto3; returns the object count."""
-    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+def _uploader(endpoint: str, bucket: str):
+    """upload(local_root, prefix) copies a local tree into ``bucket`` with boto3; returns the object count."""
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
 
     def upload(local_root: str, prefix: str) -> int:
         n = 0
         for dirpath, _, names in os.walk(local_root):
             for name in names:
                 path = os.path.join(dirpath, name)
-                s3.upload_file(path, s3_bucket, f"{prefix}/{os.path.relpath(path, local_root).replace(os.sep, '/')}")
+                s3.upload_file(path, bucket, f"{prefix}/{os.path.relpath(path, local_root).replace(os.sep, '/')}")
                 n += 1
         return n
 
     return upload
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, monkeypatch):
+    """A fresh bucket for one test, with the environment pointing kemo's S3 code at it."""
+    return _new_bucket(moto_endpoint, monkeypatch)
+
+
+@pytest.fixture
+def upload_tree(s3_bucket, moto_endpoint):
+    """upload(local_root, prefix) into the test's bucket."""
+    return _uploader(moto_endpoint, s3_bucket)
+
+
+@pytest.fixture(scope="module")
+def module_bucket(moto_endpoint):
+    """One bucket for a whole module, for tests that share what an expensive step wrote there (each test writes
+    under its own prefix); the environment points kemo's S3 code at it until the module ends."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield _new_bucket(moto_endpoint, mp)
+
+
+@pytest.fixture(scope="module")
+def module_upload(module_bucket, moto_endpoint):
+    """upload(local_root, prefix) into the module's bucket."""
+    return _uploader(moto_endpoint, module_bucket)
 
 
 @pytest.fixture(scope="session")
@@ -141,11 +165,22 @@ def corpus_index(corpus, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def _cut_once() -> dict[str, str]:
+    """What a module-scoped fixture made once for the whole session, by name."""
+    return {}
+
+
 @pytest.fixture(scope="module")
-def annotation_crops(corpus_index, ray_local, tmp_path_factory):
-    """Crop shards of the generated corpus cut at the annotators' boxes (64² crops), per module (its Ray)."""
+def annotation_crops(corpus_index, ray_local, tmp_path_factory, _cut_once):
+    """Crop shards of the generated corpus cut at the annotators' boxes (64² crops). Cut once, in the Ray of the
+    first module that asks, and read by every later one (with its own Ray): no test writes into them, and
+    test_classifier_experiment asserts that a rerun leaves every file of them as it was."""
     from kemo import preprocess
 
-    out = str(tmp_path_factory.mktemp("crops") / "annotations")
-    preprocess.run(preprocess.PreprocessConfig(input=corpus_index, output=out, detector="annotations", crop_size=64))
-    return out
+    if "annotation_crops" not in _cut_once:
+        out = str(tmp_path_factory.mktemp("crops") / "annotations")
+        preprocess.run(preprocess.PreprocessConfig(input=corpus_index, output=out, detector="annotations",
+                                                   crop_size=64))
+        _cut_once["annotation_crops"] = out
+    return _cut_once["annotation_crops"]
