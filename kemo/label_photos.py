@@ -123,6 +123,9 @@ class LabelPhotos:
             return
         classes = self.meta["classes"]
         for i, p in zip(todo, probs):
+            if not np.isfinite(p).all():  # never an ok row with NaN probabilities and the first class as its label
+                rows[i].update(status="error", error="classifier: probabilities that are not finite numbers")
+                continue
             k = int(np.argmax(p))
             # the stored float32 confidence, exactly, against the threshold as a double (what SQL, pyarrow and
             # DuckDB compare): a row is abstained exactly when its confidence column is below it

@@ -74,7 +74,7 @@ def test_a_checkpoint_that_is_not_what_its_meta_says_is_refused_in_one_line(tmp_
         "names architecture 'vit_h14'": ({**good, "architecture": "vit_h14"}, None),
         "'classes' is missing": ({k: v for k, v in good.items() if k != "classes"}, None),
         "three numbers each": ({**good, "normalize": {"mean": [0.5], "std": [0.5]}}, None),
-        "'image_size' must be": ({**good, "image_size": 0}, None),
+        "'image_size' must lie in": ({**good, "image_size": 0}, None),
         "is not a plain state dict": (good, forged.getvalue()),  # pickled code, its hash recorded: never run
         "truncated": (good, weights[: len(weights) // 2]),
     }
@@ -103,3 +103,47 @@ def _local(path, tmp_path):
     out.write_bytes(storage.read_bytes(storage.join(path, "model.pt")))
     return str(out)
 
+
+
+def _forged(tmp_path, name: str, **meta) -> str:
+    """A small real checkpoint whose meta.json then claims ``meta``."""
+    import json
+
+    path = str(tmp_path / name)
+    save_checkpoint(path, create_model("kemotionnet", blocks=[1, 1, 1, 1]), "kemotionnet", {"blocks": [1, 1, 1, 1]},
+                    image_size=32)
+    claims = {**json.load(open(f"{path}/meta.json")), **meta}
+    json.dump(claims, open(f"{path}/meta.json", "w"))
+    return path
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"image_size": 100000}, "'image_size' must lie in"),
+    ({"temperature": 1e-300}, "'temperature' must lie in"),
+    ({"temperature": float("inf")}, "'temperature' must lie in"),
+    ({"normalize": {"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}}, "standard deviations above 0"),
+    ({"classes": ["happy"] * 7}, "names a class twice"),
+    ({"classes": ["happy"]}, "2 to 1000 class names"),
+    ({"arguments": {"blocks": [3, 4, 300, 3]}}, "four stages of 1 to 64 blocks"),
+])
+def test_meta_json_claims_are_bounded_before_anything_is_built(meta, message, tmp_path):
+    path = _forged(tmp_path, "forged", **meta)
+    with pytest.raises(CheckpointError, match=message):
+        read_meta(path)
+
+
+def test_a_model_pt_declaring_more_tensor_bytes_than_its_model_is_refused_before_it_is_read(tmp_path):
+    """A zip bomb: a few KB that declare gigabytes of tensors, with meta.json's hash to match."""
+    import json
+    import zipfile
+
+    path = _forged(tmp_path, "bomb")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        z.writestr("archive/data/0", b"\0" * (64 << 20))  # 64 MB of zeros, deflated to ~64 KB
+    open(f"{path}/model.pt", "wb").write(buf.getvalue())
+    meta = json.load(open(f"{path}/meta.json"))
+    json.dump({**meta, "model_sha256": hashlib.sha256(buf.getvalue()).hexdigest()}, open(f"{path}/meta.json", "w"))
+    with pytest.raises(CheckpointError, match=r"declares 67108864 bytes of tensors, the model it names holds \d+"):
+        load_checkpoint(path)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import zipfile
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,6 +58,12 @@ class CheckpointError(ValueError):
 
 META_KEYS = {"architecture": str, "arguments": dict, "classes": list, "image_size": int, "normalize": dict,
              "model_sha256": str}
+# what a checkpoint may claim, checked before anything is built or loaded: a meta.json that claims more allocates
+# gigabytes per row, or labels with NaN (a temperature of 1e-300, a std of 0)
+IMAGE_SIZES = (16, 2048)  # input side: the models' smallest useful input to a large crop
+MAX_CLASSES = 1000
+T_BOUNDS = (1e-3, 1e3)  # calibration fits T in [0.05, 20]: far outside, the logits are degenerate, not calibrated
+MAX_STAGE_BLOCKS = 64  # K-EmotionNet's blocks per stage (the paper's is 16)
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -80,19 +88,38 @@ def read_meta(path: str) -> dict[str, Any]:
     if not all(isinstance(norm.get(k), list) and len(norm[k]) == 3 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in norm[k]) for k in ("mean", "std")):
         raise CheckpointError(f"{uri}: 'normalize' needs 'mean' and 'std', three numbers each")
-    if isinstance(meta["image_size"], bool) or meta["image_size"] <= 0:
-        raise CheckpointError(f"{uri}: 'image_size' must be a positive number of pixels")
-    if not meta["classes"] or not all(isinstance(c, str) for c in meta["classes"]):
-        raise CheckpointError(f"{uri}: 'classes' must be the class names, in order")
+    if not all(math.isfinite(v) for v in norm["mean"] + norm["std"]) or min(norm["std"]) <= 0:
+        raise CheckpointError(f"{uri}: 'normalize' needs finite means and standard deviations above 0")
+    if isinstance(meta["image_size"], bool) or not IMAGE_SIZES[0] <= meta["image_size"] <= IMAGE_SIZES[1]:
+        raise CheckpointError(f"{uri}: 'image_size' must lie in {list(IMAGE_SIZES)} pixels, not {meta['image_size']}")
+    classes = meta["classes"]
+    if not 2 <= len(classes) <= MAX_CLASSES or not all(isinstance(c, str) and c.strip() for c in classes):
+        raise CheckpointError(f"{uri}: 'classes' must be 2 to {MAX_CLASSES} class names, in order")
+    if len(set(classes)) != len(classes):
+        raise CheckpointError(f"{uri}: 'classes' names a class twice: each label needs its own name")
     t = meta.get("temperature", 1.0)
-    if not _number(t) or not 0 < t < float("inf"):
-        raise CheckpointError(f"{uri}: 'temperature' must be a positive number (the calibration of the logits)")
+    if not _number(t) or not T_BOUNDS[0] <= t <= T_BOUNDS[1]:
+        raise CheckpointError(f"{uri}: 'temperature' must lie in {list(T_BOUNDS)} (the calibration of the logits), "
+                              f"not {t}")
+    _check_arguments(uri, meta["arguments"])
     if not isinstance(meta.get("abstention") or {}, dict):
         raise CheckpointError(f"{uri}: 'abstention' must be an object (threshold, target_accuracy, ...)")
     threshold = (meta.get("abstention") or {}).get("threshold")
     if threshold is not None and not (_number(threshold) and 0 <= threshold <= 1):
         raise CheckpointError(f"{uri}: 'abstention.threshold' must be a confidence between 0 and 1")
     return meta
+
+
+def _check_arguments(uri: str, arguments: dict[str, Any]) -> None:
+    """The architecture's arguments within what kemo builds: a model of thousands of blocks is refused here, before
+    it is constructed (its construction alone would take minutes and gigabytes)."""
+    blocks = arguments.get("blocks")
+    if blocks is None:
+        return
+    if not isinstance(blocks, list) or len(blocks) != 4 or not all(
+            isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= MAX_STAGE_BLOCKS for b in blocks):
+        raise CheckpointError(f"{uri}: 'arguments.blocks' must be four stages of 1 to {MAX_STAGE_BLOCKS} blocks, "
+                              f"not {blocks}")
 
 
 def _number(value: object) -> bool:
@@ -138,6 +165,7 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str
     if hashlib.sha256(data).hexdigest() != meta["model_sha256"]:
         raise CheckpointError(f"{uri} is not the model.pt that meta.json describes (its SHA-256 differs: a write "
                               "was interrupted, or the file was replaced)")
+    _check_declared_size(uri, data, _expected_bytes(meta))
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickled code, a truncated zip: refused, never run
@@ -161,6 +189,34 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str
             f"{(missing or unexpected or misshapen)[0]})")
     model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+def _expected_bytes(meta: dict[str, Any]) -> int:
+    """The bytes of the tensors of the model ``meta.json`` names, counted on torch's meta device: no memory."""
+    import torch
+
+    from kemo.classifier.registry import create_model
+
+    try:
+        with torch.device("meta"):
+            model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arguments"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta['architecture']} cannot be built with arguments {meta['arguments']}: {e}") \
+            from None
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _check_declared_size(uri: str, data: bytes, expected: int) -> None:
+    """Refuse a ``model.pt`` whose archive declares more tensor bytes than the model holds (a zip bomb: 2 MB that
+    inflate to gigabytes), from the zip's own directory, before any storage is read."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            declared = sum(i.file_size for i in archive.infolist() if "/data/" in i.filename)
+    except zipfile.BadZipFile:
+        return  # not torch's zip format: torch.load refuses it below, in one line
+    if declared > expected * 1.05 + (1 << 20):
+        raise CheckpointError(f"{uri} declares {declared} bytes of tensors, the model it names holds {expected}: "
+                              "refused before reading it")
 
 
 def input_batch(images: np.ndarray | list[np.ndarray], meta: dict[str, Any], device: str | torch.device = "cpu"
