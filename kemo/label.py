@@ -24,6 +24,7 @@ from kemo import label_store, listing, outputs, storage, views
 from kemo.actor_pool import map_photos, prepare
 from kemo.detector.registry import detector_class, resolve_detector
 from kemo.label_photos import LISTED, PRECISIONS, LabelPhotos
+from kemo.record import from_dict
 from kemo.settings import PhotoSettings, crop_fingerprint
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class LabelSummary:
 
     @classmethod
     def read(cls, out: outputs.Output) -> LabelSummary:
-        return cls(**out.read_json(outputs.SUMMARY))
+        return from_dict(cls, out.read_json(outputs.SUMMARY), out.path(outputs.SUMMARY))
 
 
 def calibration(cfg: LabelConfig, meta: dict[str, Any]) -> tuple[float, float | None]:

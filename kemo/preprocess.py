@@ -27,6 +27,7 @@ from kemo.actor_pool import map_photos, prepare
 from kemo.crop import encode_jpeg, ious
 from kemo.detector.registry import detector_class, resolve_detector
 from kemo.frontend import FrontEnd, Photo
+from kemo.record import from_dict
 from kemo.schema import CARRIED, CROP, IDENTITY, TRANSIENT, has_box
 from kemo.settings import PhotoSettings, crop_fingerprint
 
@@ -72,7 +73,7 @@ class PreprocessSummary:
 
     @classmethod
     def read(cls, out: outputs.Output) -> PreprocessSummary:
-        return cls(**out.read_json(outputs.SUMMARY))
+        return from_dict(cls, out.read_json(outputs.SUMMARY), out.path(outputs.SUMMARY))
 
 
 # --------------------------------------------------------------------------------------------------- the actor

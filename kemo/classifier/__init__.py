@@ -10,7 +10,7 @@
 - :mod:`~kemo.classifier.calibration`: temperature scaling, ECE/NLL/Brier, accuracy against coverage, the abstention
   threshold.
 - :mod:`~kemo.classifier.evaluation`: ``evaluate``, ``predict``, and a checkpoint calibrated on validation and tested.
-- :mod:`~kemo.classifier.record`: results as dataclasses, read back typed (``from_dict``).
+- :mod:`~kemo.record`: results as dataclasses, read back typed (``from_dict``).
 - :mod:`~kemo.classifier.report`: a run's result, Table 5's rows, ``report.json``, ``table5.md`` and the plots.
 - :mod:`~kemo.classifier.experiment`: ``TrainConfig`` and every (crops × model × target × seed) run: plan, work
   (train, calibrate), reconcile, commit.

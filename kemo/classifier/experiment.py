@@ -23,10 +23,10 @@ from kemo.classifier.checkpoint import META
 from kemo.classifier.data import CACHES, DataReport, TrainingData, datasets, plan
 from kemo.classifier.evaluation import evaluate_on_ray
 from kemo.classifier.networks import KEMOTIONNET_BLOCKS, check_blocks
-from kemo.classifier.record import from_dict
 from kemo.classifier.registry import MODELS
 from kemo.classifier.report import REPORT, Report, Row, RunResult, plots, table5, target_pairs
 from kemo.classifier.train import TARGETS, TRAIN_STATE, EpochMetrics, Recipe, RunSpec, capacity_attempts, fit
+from kemo.record import from_dict
 from kemo.resources import Node, check_placeable, check_shared, connect
 
 log = logging.getLogger(__name__)

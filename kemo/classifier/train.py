@@ -26,10 +26,10 @@ from kemo.classes import CLASS_NAMES
 from kemo.classifier.checkpoint import save_checkpoint
 from kemo.classifier.data import DataReport
 from kemo.classifier.evaluation import evaluate
-from kemo.classifier.record import from_dict
 from kemo.classifier.registry import create_model, load_initial_weights
 from kemo.classifier.transform import InputTransform
 from kemo.config import Stopped
+from kemo.record import from_dict
 
 log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"

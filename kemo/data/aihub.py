@@ -24,6 +24,7 @@ from kemo.data.labelfile import decode_json, nfc
 from kemo.data.record import ANNOTATOR_KEYS, parse_record
 from kemo.data.split import SHARES, Sample, balanced_sample, split_by_person
 from kemo.listing import FileEntry
+from kemo.record import from_dict
 from kemo.schema import MANIFEST, SPLITS
 from kemo.settings import InputSettings
 
@@ -83,16 +84,13 @@ class IndexReport:
     agree_n: dict[str, int] = field(default_factory=dict)
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> IndexReport:
-        return cls(**{**d, "sample": Sample(**d["sample"]) if d["sample"] else None})
 
     @classmethod
     def read(cls, index_dir: str) -> IndexReport:
         """The report of a committed index output."""
         out = outputs.Output(index_dir, KIND)
         out.committed()
-        return cls.from_dict(out.read_json(REPORT))
+        return from_dict(cls, out.read_json(REPORT), out.path(REPORT))
 
     def count(self, rows: list[dict[str, Any]]) -> None:
         """The manifest's tallies: rows, labels, agreement levels, and each split's images, labels and persons."""

@@ -27,6 +27,7 @@ from kemo.detector.evaluate import Evaluation, evaluate, table4
 from kemo.detector.export import STAMP, ExportConfig, ExportSummary
 from kemo.detector.export import run as export
 from kemo.detector.fit import Training
+from kemo.record import from_dict
 from kemo.settings import DetectorSettings, InputSettings
 
 log = logging.getLogger(__name__)
@@ -143,13 +144,6 @@ class DetectorMeta:
     seconds: float
     use: str
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DetectorMeta:
-        m = d["metrics"]
-        metrics = Metrics(m["split"], Evaluation(**m["before"]) if m["before"] else None, Evaluation(**m["after"]))
-        return cls(**{**d, "weights": WeightsFile(**d["weights"]), "source": Source(**d["source"]),
-                      "data": TrainingData(**d["data"]), "train": Training(**d["train"]), "metrics": metrics})
-
 
 def split_counts(images: int) -> tuple[int, int, int]:
     """8:1:1, as the paper's 2,800/350/350."""
@@ -235,7 +229,7 @@ def run(cfg: TrainDetectorConfig) -> DetectorMeta:
             raise ValueError(f"{cfg.output} holds a detector trained with other inputs or settings; "
                              "use a new --output")
         log.info("%s already holds this detector: nothing to do", cfg.output)
-        return DetectorMeta.from_dict(out.read_json("meta.json"))
+        return from_dict(DetectorMeta, out.read_json("meta.json"), out.path("meta.json"))
     with out.lease() as lease:
         return _train_and_commit(cfg, out, lease, source, source_path, manifest, fingerprint, t0)
 
