@@ -26,6 +26,7 @@ if __name__ == "__main__":
         a, f, e = row.accuracy, row.macro_f1, row.ece
         agree = "–" if row.annotators is None else f"{100 * row.annotators:.1f}"
         print(f"{row.preprocessing:<12} {row.model:<12} {row.target:<8} accuracy {100 * a.mean:.2f} ± "
-              f"{100 * a.std:.2f}  macro-F1 {100 * f.mean:.2f} ± {100 * f.std:.2f}  ECE "
+              f"{100 * a.std:.2f} ({100 * row.accuracy_on_faces.mean:.2f} on the {100 * row.face_coverage:.1f}% "
+              f"with a face)  macro-F1 {100 * f.mean:.2f} ± {100 * f.std:.2f}  ECE "
               f"{100 * e.before.mean:.1f} → {100 * e.after.mean:.1f}%  annotators agree {agree}%  ({a.n} runs)")
     print(f"report: {cfg.output}/table5.md, {report.seconds} s")

@@ -1,6 +1,8 @@
 """Crop shards → Ray Data training splits: what is kept, what is left out and why, pixels and labels, a fixed order
 that depends on the photos alone, and the cache decision."""
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pyarrow as pa
@@ -148,3 +150,61 @@ def test_decode_crop_resizes_to_the_training_size_and_refuses_garbage():
     small = decode_crop(jpeg.tobytes(), 32)
     assert small.shape == (32, 32, 3) and small[16, 4, 0] > 200 and small[16, 4, 2] < 50 and small[16, 28, 0] < 50
     assert decode_crop(b"not a jpeg", 32) is None
+
+
+def test_table5_scores_every_row_on_the_indexs_test_photos_a_missed_face_counting_wrong(annotation_crops, tmp_path):
+    """Two crop outputs of one index, one whose detector missed the faces of 3 known test photos: both are scored on
+    the same test photos; the three figures of each row are exactly those computed by hand."""
+    from types import SimpleNamespace
+
+    from kemo.classifier.calibration import Kept
+    from kemo.classifier.evaluation import Abstention
+    from kemo.classifier.report import Row, scored_photos
+
+    table = read_crops(annotation_crops)
+    good = plan(annotation_crops, 32)
+    test_ok = [i for i, (s, st, y, a) in enumerate(zip(*(table.column(c).to_pylist() for c in (
+        "split", "status", "label", "agree_n")))) if s == "test" and st == "ok" and y >= 0 and a >= 2]
+    missed = test_ok[:3]
+    status = table.column("status").to_pylist()
+    for i in missed:
+        status[i] = "no_face"
+    weak = str(tmp_path / "weak")
+    shard = outputs.write_part(weak, "shards", table.set_column(table.schema.get_field_index("status"), "status",
+                                                                pa.array(status)), ["weak"])
+    outputs.Output(weak, KIND).commit([shard], {})
+    worse = plan(weak, 32)
+    n = good.report.test_photos
+    assert n == worse.report.test_photos == len(test_ok) + sum(  # the index's test photos, whatever their crop
+        s == "test" and st != "ok" and y >= 0 and a >= 2 for s, st, y, a in zip(*(table.column(c).to_pylist() for c in (
+            "split", "status", "label", "agree_n"))))
+    assert good.report.test_photos_sha256 == worse.report.test_photos_sha256
+    faces = worse.report.splits["test"].photos
+    assert faces == good.report.splits["test"].photos - 3
+
+    def run(correct: int, seen: int) -> SimpleNamespace:  # what Row.of reads of a finished run
+        cm = [[0] * 7 for _ in range(7)]
+        cm[0][0], cm[0][1] = correct, seen - correct
+        scores = SimpleNamespace(ece=0.1, nll=1.0, brier=0.5)
+        return SimpleNamespace(
+            name=f"r{correct}", best_val=SimpleNamespace(val_accuracy=correct / seen),
+            test=SimpleNamespace(accuracy=correct / seen, macro_f1=0.3, per_class={}, confusion_matrix=cm),
+            calibration=SimpleNamespace(before=scores, after=scores, temperature=1.0),
+            coverage=SimpleNamespace(table=[]),
+            abstention=Abstention(0.9, 0.9, 0.5, 0.9, 10, split="val", photos_in_split=20,
+                                  test=Kept(0.9, photos=2, coverage=2 / seen, accuracy=1.0)))
+
+    # the weak detector's row, two seeds: 4 and 2 of its faces right
+    row = Row.of("weak", "resnet18", "majority", [run(4, faces), run(2, faces)], worse.report)
+    assert row.accuracy.mean == pytest.approx((4 / n + 2 / n) / 2)  # over every test photo: missed faces wrong
+    assert row.accuracy_on_faces.mean == pytest.approx((4 / faces + 2 / faces) / 2)
+    assert row.face_coverage == pytest.approx(faces / n) and row.test_photos == n
+    assert row.abstention.test.coverage == pytest.approx(2 / n)  # a missed face is a photo not kept
+    seen = good.report.splits["test"].photos
+    full = Row.of("annotations", "resnet18", "majority", [run(5, seen)], good.report)
+    assert full.face_coverage == pytest.approx(seen / n) and full.accuracy.mean == pytest.approx(5 / n)
+    assert full.accuracy_on_faces.mean == pytest.approx(5 / seen)
+    assert scored_photos([row, full]).startswith(f"Every row is scored on the same {n} test photos of the index")
+    other = dataclasses.replace(full, preprocessing="elsewhere", test_photos=n - 1, test_photos_sha256="other")
+    assert scored_photos([row, other]).startswith("The rows' test photos differ") and f"elsewhere: {n - 1}" in \
+        scored_photos([row, other])

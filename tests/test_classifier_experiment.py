@@ -28,11 +28,14 @@ def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops
     (row,) = report.rows
     assert row.preprocessing == "annotations" and row.model == "resnet18" and row.accuracy.n == 2
     accuracies = [r.test.accuracy for r in report.runs]
-    assert row.accuracy.mean == pytest.approx(sum(accuracies) / 2)
+    assert row.accuracy_on_faces.mean == pytest.approx(sum(accuracies) / 2)
     test_photos = report.data["annotations"].splits["test"].photos
     assert all(sum(map(sum, r.test.confusion_matrix)) == test_photos for r in report.runs)
+    right = [sum(r.test.confusion_matrix[k][k] for k in range(7)) for r in report.runs]
+    assert row.accuracy.mean == pytest.approx(sum(right) / 2 / report.data["annotations"].test_photos)
     table = open(os.path.join(out, "table5.md")).read().splitlines()
-    assert table[0].startswith("| Preprocessing | Model | Test accuracy (%)") and table[2].startswith(
+    assert table[0].startswith("Every row is scored on the same ") and table[2].startswith(
+        "| Preprocessing | Model | Test accuracy (%) | On faces (%) | Faces found (%)") and table[4].startswith(
         "| annotations | resnet18 | ")
     for png in ("confusion.png", "curves.png"):
         assert open(os.path.join(out, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"

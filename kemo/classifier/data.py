@@ -114,6 +114,11 @@ class DataReport:
     left_out: dict[str, int]  # reason → rows
     splits: dict[str, SplitCount]
     annotators: Agreement
+    # the index's test photos, whatever their crop became (a known label, min_agree annotators): what every row of
+    # Table 5 is scored on, a photo without a usable crop counting as wrong; their image_ids' hash tells whether two
+    # crop outputs share them
+    test_photos: int
+    test_photos_sha256: str
     cache: CacheDecision | None = None
 
 
@@ -148,15 +153,25 @@ def _read_small(uri: str) -> pa.Table:
     return outputs.read_files([uri], [*SMALL, VOTES])
 
 
+def _scored(table: pa.Table, min_agree: int) -> list[str]:
+    """The image_ids of the test photos of ``table`` that a report scores: a known label that ``min_agree``
+    annotators chose, whatever their crop's status."""
+    label = table.column("label").fill_null(-1).to_numpy(zero_copy_only=False)
+    agree = table.column("agree_n").fill_null(0).to_numpy(zero_copy_only=False)
+    test = np.asarray(table.column("split").to_pylist(), object) == "test"
+    return table.filter(pa.array(test & (label >= 0) & (agree >= min_agree))).column("image_id").to_pylist()
+
+
 def plan(shards: str, image_size: int = 224, min_agree: int = 2) -> TrainingData:
     """Read the small columns of a committed crop output (never its crops) and count what each split trains on."""
     files = outputs.Output(shards, outputs.CROPS).files("shards")
     left_out: Counter[str] = Counter()
     counts = {s: [0] * len(CLASS_NAMES) for s in SPLITS}
-    rows, test_votes, voted = 0, [], 0
+    rows, test_votes, voted, test_ids = 0, [], 0, []
     for uri in files:
         table = _read_small(uri)
         rows += table.num_rows
+        test_ids += _scored(table, min_agree)
         ok, reasons = usable(table, min_agree)
         split = table.column("split").to_pylist()
         label = table.column("label").fill_null(-1).to_pylist()
@@ -174,7 +189,8 @@ def plan(shards: str, image_size: int = 224, min_agree: int = 2) -> TrainingData
     # the test photos' own ceiling: how often one annotator matches the other two
     report = DataReport(shards, rows, image_size, min_agree, dict(sorted(left_out.items())),
                         {s: SplitCount(sum(c), dict(zip(CLASS_NAMES, c))) for s, c in counts.items()},
-                        replace(annotator_agreement(test_votes), split="test"))
+                        replace(annotator_agreement(test_votes), split="test"), len(test_ids),
+                        hashlib.sha256("\n".join(sorted(test_ids)).encode()).hexdigest())
     return TrainingData(shards, files, image_size, min_agree, counts, report, voted)
 
 
