@@ -146,19 +146,18 @@ def file_identity(st: os.stat_result) -> str:
 
 
 def read_bytes(uri: str) -> bytes:
+    """A whole file. On S3 one GET, which returns one version of the object whole: pyarrow's stream asks for the
+    size first and then reads that many bytes, so an object rewritten in between (a lease renewed, a commit made)
+    came back torn."""
     if not is_s3(uri):
         with open(local_path(uri), "rb") as f:
             return f.read()
     bucket, _, key = uri[len("s3://"):].partition("/")
-    if not _pyarrow_addressable(key):
-        client = s3_client(bucket)
-        try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except client.exceptions.NoSuchKey as e:
-            raise FileNotFoundError(f"no such object: {uri}") from e
-    fs, path = resolve(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    client = s3_client(bucket)
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except client.exceptions.NoSuchKey as e:
+        raise FileNotFoundError(f"no such object: {uri}") from e
 
 
 def _read_upto(read: Callable[[int], bytes], limit: int, have: int, size: int | None) -> list[bytes]:

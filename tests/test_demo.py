@@ -36,7 +36,7 @@ def test_corpus_and_index_stages_run_without_ray(tmp_path, capsys):
     assert lines[0] == f"[1] generating an AI-Hub-shaped corpus (14 photos of 320x240) in {corpus}"
     assert lines[1].endswith(" s") and " records, " in lines[1]
     assert lines[2] == f"[2] indexing {corpus} → {index_dir}"
-    assert report["rows"] > 0 and os.path.exists(os.path.join(index_dir, "manifest.parquet"))
+    assert report.rows > 0 and os.path.exists(os.path.join(index_dir, "manifest.parquet"))
     assert not ray.is_initialized()  # the library leaves starting Ray to the job
 
 

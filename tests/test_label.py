@@ -459,6 +459,9 @@ def test_an_output_of_an_earlier_kemo_is_refused_in_one_line(labelled, tmp_path)
     for name in outputs.parts(old.output, "parts"):
         part = storage.read_parquet(os.path.join(old.output, "parts", name)).drop_columns(["abstained"])
         assert write_part(part, old.output) == name  # named after its rows: the same part, rewritten
+    out = outputs.Output(old.output, "labels")
+    summary = outputs.Receipt.of("summary.json", open(os.path.join(old.output, "summary.json"), "rb").read())
+    out.commit([*outputs.parts(old.output, "parts").values(), summary, out.claim_receipt()], {}, claim)
     with pytest.raises(outputs.Damaged, match="has no abstained column: it was written by an earlier version"):
         read_labels(old.output)
     with pytest.raises(outputs.Damaged, match="write a new output"):
