@@ -145,5 +145,5 @@ def test_a_model_pt_declaring_more_tensor_bytes_than_its_model_is_refused_before
     open(f"{path}/model.pt", "wb").write(buf.getvalue())
     meta = json.load(open(f"{path}/meta.json"))
     json.dump({**meta, "model_sha256": hashlib.sha256(buf.getvalue()).hexdigest()}, open(f"{path}/meta.json", "w"))
-    with pytest.raises(CheckpointError, match=r"declares 67108864 bytes of tensors, the model it names holds \d+"):
+    with pytest.raises(CheckpointError, match=r"declares 67108864 bytes of tensors, more than the \d+ it may hold"):
         load_checkpoint(path)

@@ -148,15 +148,9 @@ def abstention_threshold(meta: dict[str, Any], where: str) -> float:
 
 def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode on ``device``, meta) from a checkpoint directory; a checkpoint that is not what its
-    ``meta.json`` says (another architecture, a forged or truncated ``model.pt``) raises ``CheckpointError``."""
-    import torch
-
-    from kemo.classifier.registry import MODELS, create_model
-
+    ``meta.json`` says (another architecture, a forged or truncated ``model.pt``, a zip bomb) raises
+    ``CheckpointError``, the bomb before torch is imported (its import alone holds ~650 MB)."""
     meta = read_meta(path)
-    if meta["architecture"] not in MODELS:
-        raise CheckpointError(f"{storage.join(path, META)} names architecture {meta['architecture']!r}, which this "
-                              f"kemo does not know ({', '.join(MODELS)})")
     uri = storage.join(path, MODEL)
     try:
         data = storage.read_bounded(uri, MAX_MODEL_BYTES)
@@ -165,6 +159,14 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str
     if hashlib.sha256(data).hexdigest() != meta["model_sha256"]:
         raise CheckpointError(f"{uri} is not the model.pt that meta.json describes (its SHA-256 differs: a write "
                               "was interrupted, or the file was replaced)")
+    _check_declared_size(uri, data, len(data) + (1 << 20))  # torch stores tensors uncompressed: no more than the file
+    import torch
+
+    from kemo.classifier.registry import MODELS, create_model
+
+    if meta["architecture"] not in MODELS:
+        raise CheckpointError(f"{storage.join(path, META)} names architecture {meta['architecture']!r}, which this "
+                              f"kemo does not know ({', '.join(MODELS)})")
     _check_declared_size(uri, data, _expected_bytes(meta))
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -215,7 +217,7 @@ def _check_declared_size(uri: str, data: bytes, expected: int) -> None:
     except zipfile.BadZipFile:
         return  # not torch's zip format: torch.load refuses it below, in one line
     if declared > expected * 1.05 + (1 << 20):
-        raise CheckpointError(f"{uri} declares {declared} bytes of tensors, the model it names holds {expected}: "
+        raise CheckpointError(f"{uri} declares {declared} bytes of tensors, more than the {expected} it may hold: "
                               "refused before reading it")
 
 
