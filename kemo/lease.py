@@ -1,7 +1,8 @@
 """The lease that lets one run at a time write an output: ``_lease.json``, created exclusively (``If-None-Match: *``
-on S3, ``O_EXCL`` locally), renewed while the run lives, deleted at the end. A second run is refused at once with the
-holder's name; a lease whose holder died (its process gone on this host, or no renewal for ``STALE_S``) is taken
-over, and the takeover is logged.
+on S3, a whole file hard-linked into place locally), renewed while the run lives, deleted at the end. A second run is
+refused at once with the holder's name; a lease whose holder died (its process gone on this host, or no renewal for
+``STALE_S``) is taken over, and the takeover is logged. Its body carries the run's token, so a write of its own whose
+answer was lost (and whose retry was refused) is known as its own.
 """
 
 from __future__ import annotations

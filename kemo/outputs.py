@@ -8,12 +8,10 @@ made its rows); readers read what it names, never a glob, so a crashed run leave
 output. ``content_sha256`` (the hashes of the commit's files, config and summary left out) is what downstream keys
 use: it changes with what the files hold, never with when they were committed.
 
-One run at a time writes an output: ``Output.lease()`` creates ``_lease.json`` exclusively (``If-None-Match: *`` on
-S3, ``O_EXCL`` locally) before anything is written, renews it while the run lives and deletes it at the end. A second
-run is refused at once with the holder's name; a lease whose holder died (its process gone on this host, or no
-renewal for ``STALE_S``) is taken over, and the takeover is logged. Every write of the commit (uncommit, the
-driver's files, the commit itself) first checks that the run still holds the lease, so a run that lost it stops
-before it touches the output again.
+One run at a time writes an output: ``Output.lease()`` holds ``_lease.json`` (:mod:`kemo.lease`) while anything is
+written. Every write of the commit (uncommit, the driver's files, the commit itself) first checks that the run still
+holds the lease, so a run that lost it stops before it touches the output again. A control file that does not parse
+is :class:`Damaged`, naming the file; a writer treats a damaged commit as none and commits anew.
 """
 
 from __future__ import annotations

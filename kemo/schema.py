@@ -32,9 +32,9 @@ MANIFEST = pa.schema([
 
 # The manifest columns every later table carries along, so a crop or a label can be traced to its photo and person.
 IDENTITY = ("image_id", "uri", "person_id", "split", "label", "agree_n", "box")
-# ... and the annotators' votes, which crop shards carry since they train on them (`jobs/train.py --target votes`).
-# They come from the same annotations as `label` and `agree_n`, so the preprocessing fingerprint (over IDENTITY) leaves
-# them out: crop outputs written before they were carried stay current, and say so when votes are asked of them.
+# ... and the annotators' votes, which crop shards carry because training can learn them (`jobs/train.py --target
+# votes`). They come from the same annotations as `label` and `agree_n`, so the preprocessing fingerprint (over
+# IDENTITY) leaves them out.
 CARRIED = (*IDENTITY, "votes")
 
 # One row per input photo, whatever happened to it. `face_box` is the cropped face, xyxy pixels of the full-resolution
