@@ -122,8 +122,8 @@ def train_classifiers(cfg: DemoConfig, crops: dict[str, str], cls_dir: str) -> R
     print("    plots: " + ", ".join(os.path.join(cls_dir, p) for p in ("confusion.png", "curves.png",
                                                                         "reliability.png", "coverage.png")))
     print(f"    one seed, {cfg.classifier_epochs} epochs on {split['train'].photos} generated photos: the ordering "
-          "(face crops well above the whole photo, chance is 14%) is the point, not the figures. The README's "
-          "Classifiers section has a run on 1,050 generated photos.")
+          "(face crops well above the whole photo, chance is 14%) is the point, not the figures. docs/benchmark.md "
+          "has a run on 1,050 generated photos.")
     return report
 
 
