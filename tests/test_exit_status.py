@@ -1,8 +1,8 @@
 """Every kemo process exits with the status of its work: reading an output, or a job with nothing to do, exits 0 every
 time (pyarrow 26 parsing Parquet from Python bytes with its threads aborted one process in ten at exit, SIGABRT).
 
-``KEMO_EXIT_RUNS`` runs each, two at a time (default 8 in the suite, for its time; 100 for the figure in
-docs/troubleshooting.md)."""
+``KEMO_EXIT_RUNS`` runs each, two at a time: 8 in the suite, for its time; ``KEMO_EXIT_RUNS=100`` for a full check
+(100 + 100 runs, all 0, in 77 s on 2 cores, 2026-12-07)."""
 
 from __future__ import annotations
 
