@@ -75,13 +75,20 @@ def s3_client(bucket: str) -> Any:
     return _boto3_s3(*_s3_settings(bucket))
 
 
+_BUCKETS_SEEN: set[tuple[str | None, str]] = set()  # (endpoint, bucket) found to exist by this process
+
+
 def check_bucket(uri: str) -> None:
     """Refuse an ``s3://`` URI whose bucket does not exist, in one line (a missing bucket would otherwise surface as
     a traceback from whichever call met it first, after Ray had started)."""
     bucket = uri[len("s3://"):].split("/", 1)[0]
+    where = (_s3_settings(bucket)[0], bucket)
+    if where in _BUCKETS_SEEN:  # every Output and listing asks: one HEAD per bucket and process
+        return
     client = s3_client(bucket)
     try:
         client.head_bucket(Bucket=bucket)
+        _BUCKETS_SEEN.add(where)
     except client.exceptions.ClientError as e:
         if e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
             raise FileNotFoundError(f"no such bucket: s3://{bucket} (at {_s3_settings(bucket)[0] or 'AWS S3'})") \
