@@ -23,11 +23,13 @@ import ray
 
 from kemo.benchmark import BenchmarkConfig, run
 from kemo.benchmark.report import markdown
-from kemo.config import parse
+from kemo.config import parse, refusals
+from kemo.resources import connect
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse(BenchmarkConfig)
-    ray.init()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    print(markdown(run(cfg)))
+    with refusals():
+        connect()
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        print(markdown(run(cfg)))

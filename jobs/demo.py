@@ -33,13 +33,13 @@ SPLIT_EPOCHS = (r"Execution plan of Dataset |Starting execution of Dataset |exec
 os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = "|".join(filter(None, (os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX"),
                                                                   UNAVAILABLE, FIT_STARTUP, SPLIT_EPOCHS)))
 
-import ray  # noqa: E402 (after its log filter)
-
-from kemo.config import parse  # noqa: E402
+from kemo.config import parse, refusals  # noqa: E402 (after its log filter, read when ray is imported)
 from kemo.demo import DemoConfig, run  # noqa: E402
+from kemo.resources import connect  # noqa: E402
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse(DemoConfig)
-    ray.init(include_dashboard=False)  # workers forward their log lines: training progress shows
-    run(cfg)
+    with refusals():  # Ctrl-C or SIGTERM: one line and 130/143, not Ray's abort
+        connect(dashboard=False)  # workers forward their log lines: training progress shows
+        run(cfg)

@@ -21,16 +21,16 @@ import ray
 
 from kemo.config import parse, refusals
 from kemo.detector.train import TrainDetectorConfig, run
-from kemo.resources import check_shared, cluster_nodes
+from kemo.resources import check_shared, connect
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse(TrainDetectorConfig)
     with refusals():
         if cfg.gpus > 0:
-            ray.init()
+            nodes = connect()
             # the task runs on any node: what it reads and writes must be there too
-            check_shared({"--input": cfg.input, "--output": cfg.output}, len(cluster_nodes()),
+            check_shared({"--input": cfg.input, "--output": cfg.output}, len(nodes),
                          "the training task may run on another node")
             meta = ray.get(ray.remote(num_gpus=cfg.gpus, num_cpus=cfg.cpus)(run).remote(cfg))
         else:

@@ -100,18 +100,18 @@ def _bootstrap_node_types(path: str) -> list[Node]:
     return out
 
 
-def connect() -> list[Node]:
+def connect(dashboard: bool = True) -> list[Node]:
     """Ray, for a job that has work for it: the instance this process is already connected to (a test's, a caller's),
-    else ``ray.init()``: the cluster that ``RAY_ADDRESS`` or ``ray job submit`` names, or an embedded one. Jobs call
-    it once they know they have work, so a refusal or a rerun with nothing to do answers without starting Ray.
-    Returns the nodes that can run actors (:func:`cluster_nodes`)."""
+    else ``ray.init()``: the cluster that ``RAY_ADDRESS`` or ``ray job submit`` names, or an embedded one (with its
+    dashboard unless ``dashboard`` is False). Jobs call it once they know they have work, so a refusal or a rerun with
+    nothing to do answers without starting Ray. Returns the nodes that can run actors (:func:`cluster_nodes`)."""
     import ray
 
     for attempt in range(1, START_ATTEMPTS + 1):
         if ray.is_initialized():
             break
         try:
-            ray.init()
+            ray.init(**embedded_options(dashboard))
         except Exception as e:  # an embedded node on a loaded machine may miss Ray's start-up deadline
             ray.shutdown()  # what a failed start left behind, before the next try
             first = (str(e).splitlines() or [type(e).__name__])[0]
@@ -123,6 +123,30 @@ def connect() -> list[Node]:
 
 
 START_ATTEMPTS = 3
+
+
+def embedded_options(dashboard: bool) -> dict[str, object]:
+    """``ray.init`` options that keep an embedded Ray to itself when other Ray instances run on the machine.
+
+    Ray Train starts a PlacementGroupCleaner actor with every fit, which asks the state API once a second whether the
+    run's controller lives. Given no address, the state API looks for *any* local Ray: with two embedded instances
+    (two kemo jobs on one machine) it finds both and raises "Found multiple active Ray instances" (a traceback a
+    second in the console), or asks the other instance's dashboard, which knows no such controller, and the cleaner
+    then removes the placement group of a run still training. An embedded start therefore puts its dashboard on a
+    port chosen here and names it in ``RAY_API_SERVER_ADDRESS``, which the state API reads before searching; Ray's
+    processes inherit it from this one. Joining a cluster (``RAY_ADDRESS``, ``ray job submit``, a local ``ray start``)
+    changes nothing: that cluster's processes have their own environment."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if canonicalize_bootstrap_address(None) is not None:  # ray.init() will join an existing cluster
+        return {}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return {"include_dashboard": dashboard, "dashboard_port": port}
 
 
 def _transient_start_failure(e: Exception) -> bool:

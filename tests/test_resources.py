@@ -4,6 +4,9 @@ a request that no node can hold."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -144,3 +147,37 @@ def test_an_embedded_ray_that_misses_its_start_deadline_is_tried_again_then_refu
     with pytest.raises(Stopped, match=r"\(1 tries\): bad address"):
         resources.connect()
     assert len(tries) == 1
+
+
+BESIDE_ANOTHER = """
+import ray
+from kemo.resources import connect
+
+connect()
+
+@ray.remote
+class Probe:
+    def ping(self):
+        return 1
+
+@ray.remote
+def state_of(actor_id):  # what Ray Train's PlacementGroupCleaner asks, once a second, from a worker
+    from ray.util.state import get_actor
+    return get_actor(actor_id, timeout=30).state
+
+probe = Probe.remote()
+ray.get(probe.ping.remote())
+print("STATE", ray.get(state_of.remote(probe._actor_id.hex())))
+"""
+
+
+@pytest.mark.slow
+def test_an_embedded_ray_beside_another_asks_its_own_state_api(ray_local):
+    """Two kemo jobs on one machine: with ray_local running, a job's embedded Ray answers a worker's state query
+    about its own actor (Ray alone raises "Found multiple active Ray instances", or asks the other instance, whose
+    answer "no such actor" makes the cleaner remove a live run's placement group)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-c", BESIDE_ANOTHER], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "STATE ALIVE" in proc.stdout
+    assert "multiple active Ray instances" not in proc.stdout + proc.stderr

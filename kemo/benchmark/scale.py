@@ -147,8 +147,9 @@ def train_input_probe(shards: str, image_size: int, batch_size: int) -> dict[str
     import ray
 
     from kemo.classifier.data import datasets, plan
+    from kemo.resources import connect
 
-    ray.init()
+    connect()
     ray.data.DataContext.get_current().enable_progress_bars = False
     consume = ray.remote(num_cpus=1)(data_path_rates)  # where a Ray Train worker reads: in a worker
     data = plan(shards, image_size)
