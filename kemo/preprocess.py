@@ -112,17 +112,27 @@ class CropPhotos:
 # --------------------------------------------------------------------------------------------------- shards
 
 
+WRITTEN = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()), ("error", pa.string())])
+
+
 class ShardWriter:
     """Ray Data class UDF: writes each batch as one shard through the output store; a few long-lived writer
-    processes, not a new task per shard. Returns a one-row receipt per shard."""
+    processes, not a new task per shard. Returns a one-row receipt per shard (``WRITTEN``)."""
 
     def __init__(self, output: str):
         self.output = output
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        receipt = outputs.write_part(self.output, SHARDS, batch, batch.column("image_id").to_pylist())
+        try:
+            receipt = outputs.write_part(self.output, SHARDS, batch, batch.column("image_id").to_pylist())
+        except OSError as e:
+            # a full disk, a quota, a read-only mount: the driver stops the run with this line. Raised here, it
+            # would reach the driver as Ray Data's UDF error, its type and message lost in a 50-line traceback.
+            return pa.Table.from_pylist([{"file": None, "rows": 0, "ok": 0, "error": f"writing a shard: {e}"}],
+                                        schema=WRITTEN)
         counts = Counter(batch.column("status").to_pylist())
-        return pa.table({"file": [receipt.path], "rows": [batch.num_rows], "ok": [counts.get("ok", 0)]})
+        return pa.Table.from_pylist([{"file": receipt.path, "rows": batch.num_rows, "ok": counts.get("ok", 0),
+                                      "error": None}], schema=WRITTEN)
 
 
 def _rewrite_without(output: str, name: str, drop: pa.Array) -> tuple[pa.Table, outputs.Receipt | None]:
@@ -282,6 +292,8 @@ def _crop(cfg: PreprocessConfig, pending: pa.Table) -> tuple[int, list[tuple[flo
                         batch_format="pyarrow", num_cpus=0,
                         compute=ray.data.ActorPoolStrategy(size=max(1, min(4, cfg.actors // 2))))
     for receipt in ds.iter_rows():
+        if receipt["error"]:
+            raise OSError(receipt["error"])  # the shards written so far stay: a rerun resumes from them
         processed += receipt["rows"]
         receipts.append((time.perf_counter(), processed))
         log.info("shard %s: %d rows (%d ok) — %d/%d", receipt["file"], receipt["rows"], receipt["ok"], processed,

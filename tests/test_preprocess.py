@@ -395,3 +395,43 @@ def test_killed_run_resumes_to_exactly_one_row_per_input(ray_local, tmp_path):
     rows = read_crops(str(out)).to_pylist()
     assert sorted(r["image_id"] for r in rows) == sorted(paths)
     assert summary.skipped >= 4 * done - 4 and summary.processed + summary.skipped == 60
+
+
+FULL_DISK = '''
+import errno
+
+import kemo.outputs
+
+_write_part = kemo.outputs.write_part
+
+
+def write_part(out_dir, folder, table, keys):
+    if folder == "shards":
+        raise OSError(errno.ENOSPC, "No space left on device", f"{out_dir}/{folder}")
+    return _write_part(out_dir, folder, table, keys)
+
+
+kemo.outputs.write_part = write_part
+'''
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_up_under_the_shards_ends_the_run_in_one_line(tmp_path):
+    """The disk fills up in the writer actors, where it would: a job run with a sitecustomize first on its PYTHONPATH
+    (its embedded Ray's workers inherit the environment) gets ENOSPC from every shard write."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(FULL_DISK)
+    paths = {f"{i}.jpg": str(tmp_path / f"{i}.jpg") for i in range(6)}
+    for p in paths.values():
+        open(p, "wb").write(jpeg(scene(160, 120)))
+    manifest = write_manifest(manifest_of(paths), str(tmp_path / "m.parquet"))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), ROOT])}
+    proc = subprocess.run([sys.executable, "jobs/preprocess.py", "--input", manifest, "--output", str(out),
+                           "--detector", "none", "--crop-size", "32", "--gallery", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"error: writing a shard: [Errno 28] No space left on device: '{out}/shards'"
+    assert "Traceback" not in proc.stderr
+    assert not (out / "_commit.json").exists() and not (out / outputs.LEASE).exists()
