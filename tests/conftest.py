@@ -50,10 +50,11 @@ def moto_endpoint():
             proc.wait()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local(moto_endpoint):
-    """A local Ray instance per test module (ray.init → ray.shutdown); its workers inherit the moto endpoint and
-    test credentials, because Ray workers take the environment of the process that started Ray."""
+    """One local Ray instance for the session (ray.init → ray.shutdown; each start costs ~10 s of both cores, and no
+    test needs a fresh one); its workers inherit the moto endpoint and test credentials, because Ray workers take the
+    environment of the process that started Ray."""
     import ray
 
     env = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -166,21 +167,11 @@ def corpus_index(corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def _cut_once() -> dict[str, str]:
-    """What a module-scoped fixture made once for the whole session, by name."""
-    return {}
-
-
-@pytest.fixture(scope="module")
-def annotation_crops(corpus_index, ray_local, tmp_path_factory, _cut_once):
-    """Crop shards of the generated corpus cut at the annotators' boxes (64² crops). Cut once, in the Ray of the
-    first module that asks, and read by every later one (with its own Ray): no test writes into them, and
-    test_classifier_experiment asserts that a rerun leaves every file of them as it was."""
+def annotation_crops(corpus_index, ray_local, tmp_path_factory):
+    """Crop shards of the generated corpus cut at the annotators' boxes (64² crops), cut once for the session: no test
+    writes into them, and test_classifier_experiment asserts that a rerun leaves every file of them as it was."""
     from kemo import preprocess
 
-    if "annotation_crops" not in _cut_once:
-        out = str(tmp_path_factory.mktemp("crops") / "annotations")
-        preprocess.run(preprocess.PreprocessConfig(input=corpus_index, output=out, detector="annotations",
-                                                   crop_size=64))
-        _cut_once["annotation_crops"] = out
-    return _cut_once["annotation_crops"]
+    out = str(tmp_path_factory.mktemp("crops") / "annotations")
+    preprocess.run(preprocess.PreprocessConfig(input=corpus_index, output=out, detector="annotations", crop_size=64))
+    return out

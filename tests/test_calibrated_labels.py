@@ -102,36 +102,6 @@ def test_temperature_minimises_the_validation_nll(annotation_crops, trained):
     assert run_.calibration.fitted_on["photos"] == len(rows)
 
 
-@pytest.mark.slow
-def test_another_target_accuracy_calibrates_finished_runs_again_without_training(trained):
-    cfg, report = trained
-    name = report.runs[0].name
-    path = os.path.join(cfg.output, "results", f"{name}.json")
-    result = json.load(open(path))
-    meta_path = os.path.join(result["checkpoint"], "meta.json")
-    meta = json.load(open(meta_path))
-    other = dataclasses.replace(cfg, target_accuracy=0.3)
-    # a result that another kemo version wrote (here: without calibration) is refused in one line
-    original = open(path, "rb").read()
-    json.dump({k: v for k, v in result.items() if k != "calibration"}, open(path, "w"))
-    with pytest.raises(ValueError, match=r"results/.*\.json: not a RunResult this kemo writes .*written by another "
-                                         "kemo version: write a new output"):
-        run(other)
-    open(path, "wb").write(original)
-    again = run(other)
-    fresh = json.load(open(path))
-    assert fresh["history"] == result["history"]  # not trained again
-    assert fresh["calibration"]["temperature"] == result["calibration"]["temperature"]  # the temperature kept
-    assert json.load(open(meta_path))["temperature"] == meta["temperature"]
-    assert fresh["abstention"]["target_accuracy"] == 0.3 == json.load(open(meta_path))["abstention"]["target_accuracy"]
-    assert again.rows[0].ece == report.rows[0].ece
-    run(cfg)  # back to the module's target accuracy, for the tests after this one
-    assert json.load(open(meta_path))["abstention"] == meta["abstention"]
-    before = snapshot(cfg.output)
-    run(cfg)  # the same report, committed: nothing written
-    assert snapshot(cfg.output) == before
-
-
 @pytest.fixture(scope="module")
 def held_out(annotation_crops, trained, tmp_path_factory):
     """The test split's crops as photo files of a plain folder (new photos to label), and their labels."""
@@ -233,3 +203,32 @@ def test_both_galleries_render_in_a_real_browser(annotation_crops, trained, held
         # thumbnails drawn: many pixels far from the page's near-white background, in many colours
         dark = (image.astype(int).sum(2) < 600).mean()
         assert dark > 0.05 and len(np.unique(image.reshape(-1, 3) // 32, axis=0)) > 50, page
+
+
+@pytest.mark.slow
+def test_another_target_accuracy_calibrates_finished_runs_again_without_training(trained):
+    """The module's last test: it leaves the checkpoints calibrated for another target accuracy."""
+    cfg, report = trained
+    name = report.runs[0].name
+    path = os.path.join(cfg.output, "results", f"{name}.json")
+    result = json.load(open(path))
+    meta_path = os.path.join(result["checkpoint"], "meta.json")
+    meta = json.load(open(meta_path))
+    other = dataclasses.replace(cfg, target_accuracy=0.3)
+    # a result that another kemo version wrote (here: without calibration) is refused in one line
+    original = open(path, "rb").read()
+    json.dump({k: v for k, v in result.items() if k != "calibration"}, open(path, "w"))
+    with pytest.raises(ValueError, match=r"results/.*\.json: not a RunResult this kemo writes .*written by another "
+                                         "kemo version: write a new output"):
+        run(other)
+    open(path, "wb").write(original)
+    again = run(other)
+    fresh = json.load(open(path))
+    assert fresh["history"] == result["history"]  # not trained again
+    assert fresh["calibration"]["temperature"] == result["calibration"]["temperature"]  # the temperature kept
+    assert json.load(open(meta_path))["temperature"] == meta["temperature"]
+    assert fresh["abstention"]["target_accuracy"] == 0.3 == json.load(open(meta_path))["abstention"]["target_accuracy"]
+    assert again.rows[0].ece == report.rows[0].ece
+    before = snapshot(cfg.output)
+    run(other)  # the same report, committed: nothing written
+    assert snapshot(cfg.output) == before

@@ -11,7 +11,7 @@ import torch
 from kemo import outputs, preprocess
 from kemo.classifier.checkpoint import input_batch, load_checkpoint, save_checkpoint
 from kemo.classifier.evaluation import evaluate_checkpoint
-from kemo.classifier.experiment import KIND, TrainConfig, run
+from kemo.classifier.experiment import KIND, TrainConfig, plan_runs, run
 from kemo.classifier.metrics import classification_report, confusion_matrix
 from kemo.classifier.registry import create_model
 from tests.tree import snapshot
@@ -49,9 +49,12 @@ def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops
     again = run(cfg)
     assert again.runs == report.runs and finished["checkpoint"] == report.runs[0].checkpoint
     assert snapshot(out) | snapshot(shards) == before  # every file byte-identical, every mtime unchanged
-    other = run(dataclasses.replace(cfg, seeds=1, lr=5e-4))  # other settings: a new run, never the old one resumed
-    fresh = json.load(open(os.path.join(out, "results", f"{other.runs[0].name}.json")))
-    assert fresh["name"] != name and [h["epoch"] for h in fresh["history"]] == [1] and fresh["spec"]["lr"] == 5e-4
+    # other settings name other runs (a run resumes only under its own name: tests/test_classifier_train.py), and a
+    # model's runs keep their names when another model joins the grid
+    other = plan_runs(dataclasses.replace(cfg, lr=5e-4)).runs["annotations"]
+    assert {r.name for r in other}.isdisjoint(r.name for r in report.runs) and other[0].spec.lr == 5e-4
+    grown = plan_runs(dataclasses.replace(cfg, models=("kemotionnet", "resnet18"))).runs["annotations"]
+    assert {r.name for r in report.runs} < {r.name for r in grown}
     with pytest.raises(ValueError, match="unknown models"):
         run(TrainConfig(shards=(shards,), output=out, models=("resnet50",)))
 

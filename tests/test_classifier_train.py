@@ -126,11 +126,11 @@ def test_on_crop_shards_decoded_every_epoch_a_killed_worker_still_resumes_to_the
     blocks of 16 so that order could go astray): the resumed run ends where the uninterrupted one does."""
     data = plan(annotation_crops, 32)
     train_split, val = (split_dataset(data, s, block_rows=16) for s in ("train", "val"))
-    spec = RunSpec(model="resnet18", epochs=3, batch_size=16, image_size=32)
+    spec = RunSpec(model="resnet18", epochs=2, batch_size=16, image_size=32)
     # half a CPU each: the other CPU decodes (kemo.classifier.experiment.cpus_per_worker leaves one to Ray Data)
     whole = fit(train_split, val, spec, str(tmp_path / "whole"), "r18", workers=2, cpus_per_worker=0.5)
     marker = str(tmp_path / "killed")
-    monkeypatch.setattr(train, "train_loop", seams.failing_once(epoch=1, rank=0, marker=marker))
+    monkeypatch.setattr(train, "train_loop", seams.failing_once(epoch=1, rank=0, marker=marker))  # the last epoch
     resumed = fit(train_split, val, spec, str(tmp_path / "resumed"), "r18", workers=2, max_failures=3,
                   cpus_per_worker=0.5)
     assert os.path.exists(marker) and resumed.error is None and whole.error is None
