@@ -203,3 +203,88 @@ def test_the_job_script_runs_a_smoke_test(corpus_index, tmp_path):
     sha = hashlib.sha256((out / "best.pt").read_bytes()).hexdigest()
     assert lines[-1].startswith(f"best.pt sha256 {sha}; trained in ")
     outputs.Output(str(out), KIND).committed()
+
+
+def test_loss_flags_override_the_preset_and_ablation_names_are_checked():
+    from kemo.detector.loss import FACE_V2, STOCK, LossWeights
+
+    assert small(input="x", output="y", model="yolo11n.yaml").loss_weights() == STOCK
+    assert small(input="x", output="y", model="yolo11n.yaml", loss="faceV2").loss_weights() == FACE_V2
+    assert small(input="x", output="y", model="yolo11n.yaml", loss="faceV2", rep_box=0.0, slide=False
+                 ).loss_weights() == LossWeights(nwd=0.2, rep_gt=0.5)
+    assert small(input="x", output="y", model="yolo11n.yaml", nwd_weight=0.3).loss_weights() == LossWeights(nwd=0.3)
+    with pytest.raises(ValueError, match="choose from stock, faceV2"):
+        small(input="x", output="y", model="yolo11n.yaml", loss="repulsion")
+    with pytest.raises(ValueError, match="must lie in"):
+        small(input="x", output="y", model="yolo11n.yaml", nwd_weight=1.5)
+    with pytest.raises(ValueError, match="--ablation nope"):
+        small(input="x", output="y", model="yolo11n.yaml", ablation="stock,nope")
+
+
+def test_the_trainer_carries_its_loss_to_ddp_workers_by_value():
+    import cloudpickle
+
+    from kemo.detector.loss import FACE_V2, STOCK
+    from kemo.detector.trainer import FaceTrainer
+
+    assert FaceTrainer.with_loss(STOCK) is FaceTrainer and FaceTrainer.loss_weights == STOCK
+    trainer = FaceTrainer.with_loss(FACE_V2)
+    assert issubclass(trainer, FaceTrainer) and trainer.loss_weights == FACE_V2
+    assert cloudpickle.loads(cloudpickle.dumps(trainer)).loss_weights == FACE_V2  # as ultralytics' DDP file holds it
+
+
+def test_crowd_recall_counts_small_faces_and_overlapping_pairs():
+    import numpy as np
+
+    from kemo.detector.ablation import crowd_recall, found
+    from kemo.detector.metrics import Predictions
+
+    truth = np.array([[0, 0, 100, 100], [60, 0, 160, 100], [300, 300, 310, 310], [400, 0, 500, 100.0]])
+    detections = np.array([[2, 0, 100, 100], [300, 300, 310, 311], [58, 0, 160, 100], [0, 0, 90, 90],
+                           [400, 0, 420, 20]])
+    photo = Predictions(detections, np.array([0.9, 0.8, 0.1, 0.7, 0.9]), truth)
+    # face 1's only detection scores 0.1 < conf; face 0 is claimed once; face 3's detection misses (IoU 0.04)
+    assert found(photo, 0.25).tolist() == [True, False, True, False]
+    got = crowd_recall([photo], [0.5], 0.25)  # at half scale: faces of side 50, 50, 5, 50 px
+    assert (got.small_faces, got.small_recall, got.pairs, got.pair_recall) == (1, 1.0, 1, 0.0)
+    assert found(photo, 0.05).tolist() == [True, True, True, False]
+    assert crowd_recall([photo], [0.5], 0.05).pair_recall == 1
+    empty = crowd_recall([Predictions(np.zeros((0, 4)), np.zeros(0), truth[[3]])], [1.0], 0.25)
+    assert (empty.small_recall, empty.pairs, empty.pair_recall) == (None, 0, None)
+
+
+def test_the_job_trains_faceV2_on_a_generated_crowd_and_reports_the_ablation(tmp_path, monkeypatch):
+    """One tiny training through jobs/train_detector.py: every face labelled, the ablation section written, and a
+    checkpoint that loads with kemo's loss unimportable (ultralytics strips the criterion from it)."""
+    import numpy as np
+
+    from kemo.data.synth import SynthConfig, generate
+    from kemo.detector.train import DetectorMeta
+    from kemo.detector.yolo import YoloDetector
+    from kemo.record import from_dict
+
+    root, out = tmp_path / "crowd", tmp_path / "det"
+    generate(SynthConfig(out=str(root), per_class=2, seed=1, size="320x240", crowd=True, jobs=1))
+    got = subprocess.run([sys.executable, "jobs/train_detector.py", "--input", str(root), "--output", str(out),
+                          "--model", "yolo11n.yaml", "--images", "14", "--epochs", "1", "--imgsz", "64", "--batch",
+                          "8", "--workers", "0", "--device", "cpu", "--loss", "faceV2", "--ablation", "faceV2"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "YOLO_OFFLINE": "1"})
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert got.stdout.strip().splitlines()[-2].startswith("            faceV2: mAP@0.5 ")
+    meta = from_dict(DetectorMeta, storage.read_json(str(out / "meta.json")))
+    assert meta.data.every_face and meta.loss.rep_box == 0.5 and [r.name for r in meta.ablation] == ["faceV2"]
+    row = meta.ablation[0]
+    assert row.main and row.after == meta.metrics.after and row.crowd.small_faces > 0 and row.seconds_per_epoch > 0
+    assert row.cpu_seconds_per_epoch == meta.train.cpu_seconds_per_epoch > 0
+    table = (out / "table4.md").read_text().splitlines()
+    at = table.index("## Loss ablation")
+    assert table[at + 2].startswith("| Loss | terms | mAP@0.5:0.95 | mAP@0.5 | small-face recall | overlapping-pair")
+    assert table[at + 4].startswith("| faceV2 (best.pt) | NWD 0.2 + slide + RepGT 0.5 + RepBox 0.5 | ")
+    results = open(out / "work" / "runs" / "train" / "results.csv").readline()
+    assert "train/rep_loss" in results and "val/rep_loss" in results  # trained and validated with it
+    labels = [open(os.path.join(d, f)).read().count("\n") for d, _, fs in os.walk(out / "work" / "dataset" / "labels")
+              for f in fs if f.endswith(".txt")]
+    assert max(labels) > 3 and sum(labels) > 3 * len(labels)  # every face, not only the subject
+    monkeypatch.setitem(sys.modules, "kemo.detector.loss", None)  # unpickling a reference to it would fail
+    detector = YoloDetector(weights=str(out / "best.pt"), imgsz=64, device="cpu")
+    assert detector.detect([detector.prepare(np.zeros((48, 64, 3), np.uint8), (1.0, 1.0))[0]], [{}])[0].boxes.ndim == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -173,3 +174,63 @@ def test_texture_makes_photos_weigh_what_real_ones_do_over_the_same_picture():
         assert 0.2 < mb(p) < 0.4 and 0.55 < mb(t) < 0.8  # ~0.29 MB plain; ~0.66 MB, a real composite's weight
         diff = t.astype(int) - p
         assert abs(diff.mean()) < 1.5 and 5 < diff.std() < 25  # grain around the same picture, not another one
+
+
+# the default photo as it was before the crowd option existed (cv2 4.x, numpy's PCG64): the demo's Table 5 rests on it
+PLAIN_PHOTO_SHA256 = "9c2f2b28badb88244f1a7f58e856610779b7c77f248a9fba8677ad47135fbab2"
+
+
+def test_without_a_crowd_every_photo_is_drawn_as_before():
+    drawn = synth.render(3, 4, 2, synth._person(3, 1), (320, 240))
+    assert hashlib.sha256(drawn["image"].tobytes()).hexdigest() == PLAIN_PHOTO_SHA256
+    crowded = synth.render(3, 4, 2, synth._person(3, 1), (320, 240), crowd=True)
+    assert crowded["face_box"] == drawn["face_box"] and not np.array_equal(crowded["image"], drawn["image"])
+
+
+def test_a_crowd_adds_small_and_overlapping_faces_and_leaves_the_records_alone(tmp_path):
+    from kemo.crop import iou
+    from kemo.data.crowd import crowd_faces
+
+    plain = SynthConfig(out=str(tmp_path / "plain"), per_class=2, seed=4, size="640x480", jobs=1)
+    crowd = SynthConfig(**{**plain.__dict__, "out": str(tmp_path / "crowd"), "crowd": True})
+    generate(plain)
+    generate(crowd)
+    a, b = tree_digest(plain.out), tree_digest(crowd.out)
+    assert {k: v for k, v in a.items() if k.endswith(".json")} == {k: v for k, v in b.items() if k.endswith(".json")}
+    assert all(a[k] != b[k] for k in a if k.endswith((".jpg", ".jpeg")))  # the same records, other photos
+    before, after = read_truth(plain.out).to_pylist(), read_truth(crowd.out).to_pylist()
+    small = pairs = 0
+    for p, c in zip(before, after):
+        assert c["face_box"] == p["face_box"] and c["distractor_boxes"][:len(p["distractor_boxes"])] == \
+            p["distractor_boxes"]  # the crowd comes after the distractor, from its own generator
+        faces = [c["face_box"], *c["distractor_boxes"]]
+        assert all(0 <= x1 < x2 <= 640 and 0 <= y1 < y2 <= 480 for x1, y1, x2, y2 in faces)
+        small += sum(math.sqrt((x2 - x1) * (y2 - y1)) * 320 / 640 < 32 for x1, y1, x2, y2 in faces)
+        pairs += sum(iou(f, g) > 0 for i, f in enumerate(faces) for g in faces[i + 1:])
+    assert small >= 2 * len(after) and pairs >= len(after) // 2  # at --imgsz 320: 2-6 small faces a photo
+    labels = crowd_faces(crowd.out)
+    assert labels[after[0]["image_id"]] == {"boxes": after[0]["distractor_boxes"], "width": 640, "height": 480}
+    assert crowd_faces(plain.out) is None and crowd_faces(str(tmp_path / "nowhere")) is None
+
+
+def test_crowd_labels_give_every_face_one_line_and_rewrite_the_same_bytes(tmp_path):
+    import pyarrow as pa
+
+    from kemo import storage
+    from kemo.data.crowd import add_labels
+
+    storage.write_parquet(pa.Table.from_pylist([{"split": "train", "file": "a", "image_id": "x/a.jpg"},
+                                                {"split": "test", "file": "b", "image_id": "x/b.jpg"}]),
+                          str(tmp_path / "index.parquet"))
+    for split, name in (("train", "a"), ("test", "b")):
+        os.makedirs(tmp_path / "labels" / split)
+        (tmp_path / "labels" / split / f"{name}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    faces = {"x/a.jpg": {"boxes": [[0, 0, 40, 20], [-10, 460, 30, 500], [700, 0, 710, 10]], "width": 640,
+                         "height": 480}}
+    digest = add_labels(str(tmp_path), faces)
+    lines = (tmp_path / "labels" / "train" / "a.txt").read_text().splitlines()
+    assert lines == ["0 0.5 0.5 0.2 0.2", "0 0.031250 0.020833 0.062500 0.041667",  # the subject's line stays first
+                     "0 0.023438 0.979167 0.046875 0.041667"]  # clipped to the frame; the one outside it dropped
+    assert (tmp_path / "labels" / "test" / "b.txt").read_text() == "0 0.5 0.5 0.2 0.2\n"
+    assert add_labels(str(tmp_path), faces) == digest
+    assert (tmp_path / "labels" / "train" / "a.txt").read_text().splitlines() == lines

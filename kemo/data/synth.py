@@ -67,6 +67,8 @@ class SynthConfig:
     texture: bool = field(default=False, metadata={
         "help": "sensor grain and textured surfaces: photos that cost what real ones do to store and decode "
                 "(2000x1500: ~0.66 MB instead of ~0.29 MB)"})
+    crowd: bool = field(default=False, metadata={"help": "passers-by, some small, some partly hidden "
+                                                         "(kemo.data.crowd); their boxes join distractor_boxes"})
     jobs: int = field(default=0, metadata={"help": "worker processes; 0 = all cores"})
 
     @property
@@ -278,7 +280,7 @@ def _place(rng: np.random.Generator, w: int, h: int, aspect: float, frac: float)
 
 
 def render(seed: int, index: int, expr: int, look: dict[str, Any], size: tuple[int, int],
-           texture: bool = False) -> dict[str, Any]:
+           texture: bool = False, crowd: bool = False) -> dict[str, Any]:
     """Render one upright photo (with ``texture``, :func:`_texture`'s grain on top). Returns the RGB array, the
     subject's face box and any distractor boxes."""
     rng = np.random.default_rng([seed, 11, index])
@@ -306,6 +308,9 @@ def render(seed: int, index: int, expr: int, look: dict[str, Any], size: tuple[i
             cv2.rectangle(img, *corners, (20, 20, 20), max(2, int(0.03 * dw)))
         draw_face(img, dbox, int(rng.integers(0, NUM_CLASSES)), _person(seed + 1, int(rng.integers(0, 10**6))), rng)
         distractors.append([float(v) for v in np.clip(dbox, 0, [w, h, w, h])])
+    if crowd:  # behind the subject, from the crowd's own generator: without it, not one draw differs
+        from kemo.data.crowd import draw_crowd
+        distractors += draw_crowd(img, box, distractors, seed, index)
     draw_face(img, tuple(box), expr, look, rng)
     img = _add_noise(img, rng)
     if texture:  # its own generator: the photo under the texture is the plain one, pixel for pixel
@@ -384,7 +389,7 @@ def make_photo(job: dict[str, Any]) -> dict[str, Any]:
     image_dir = f"{item['source']}/[원천]EMOIMG_{item['korean']}_{item['tag']}_{item['part']:02d}"
     image_id = f"{image_dir}/{filename}"
 
-    drawn = render(cfg.seed, item["index"], expr, look, cfg.wh, cfg.texture)
+    drawn = render(cfg.seed, item["index"], expr, look, cfg.wh, cfg.texture, cfg.crowd)
     orientation = _choose(rng, ORIENTATION_P)
     votes, boxes = _annotate(rng, expr, drawn["face_box"])
     written = item.get("defect") != "missing"

@@ -1,6 +1,8 @@
 """Fine-tune and evaluate the face detector (the paper's Table 4): the corpus manifest → a person-disjoint YOLO dataset
-(:mod:`~kemo.detector.export`) → the starting weights evaluated on the test split (:mod:`~kemo.detector.evaluate`) →
-ultralytics training (:mod:`~kemo.detector.fit`, offline, resumable) → ``best.pt`` evaluated → ``best.pt``,
+(:mod:`~kemo.detector.export`; every face of a generated crowd, :mod:`~kemo.data.crowd`) → the starting weights
+evaluated on the test split (:mod:`~kemo.detector.evaluate`) → ultralytics training with the stock or YOLO-FaceV2's
+loss (:mod:`~kemo.detector.fit`, :mod:`~kemo.detector.loss`; offline, resumable) → ``best.pt`` evaluated → with
+``--ablation``, the other losses trained and evaluated alike (:mod:`~kemo.detector.ablation`) → ``best.pt``,
 ``best.pt.sha256``, ``meta.json``, ``table4.md``, ``config.json`` and, last, ``_commit.json``. Multi-GPU is
 ultralytics' own DDP on one node (``--device 0,1``): 3,500 photos train in minutes, Ray Train would add nothing.
 """
@@ -22,11 +24,14 @@ import pyarrow as pa
 from kemo import outputs, storage
 from kemo.config import code_version
 from kemo.crop import valid_box
-from kemo.detector import modules
-from kemo.detector.evaluate import Evaluation, evaluate, table4
+from kemo.data.crowd import add_labels, crowd_faces
+from kemo.detector import ablation, modules
+from kemo.detector.ablation import AblationRow
+from kemo.detector.evaluate import Evaluation, eval_device, evaluate, predict, table4
 from kemo.detector.export import STAMP, ExportConfig, ExportSummary
 from kemo.detector.export import run as export
 from kemo.detector.fit import Training
+from kemo.detector.loss import LOSSES, LossWeights
 from kemo.record import from_dict
 from kemo.settings import DetectorSettings, InputSettings
 
@@ -54,6 +59,16 @@ class TrainDetectorConfig(DetectorSettings, InputSettings):
     workers: int = field(default=8, metadata={"help": "data-loader workers per GPU"})
     max_side: int = field(default=0, metadata={"help": "longer side of exported photos; 0 = 2 × imgsz"})
     seed: int = field(default=0, metadata={"help": "seed of the person split and of training"})
+    loss: str = field(default="stock", metadata={
+        "help": "stock (ultralytics') or faceV2 (YOLO-FaceV2's: NWD box loss, slide-weighted BCE, repulsion); "
+                "--nwd-weight, --slide, --rep-gt, --rep-box override its terms"})
+    nwd_weight: float | None = field(default=None, metadata={"help": "share of 1 - NWD in the box loss (faceV2: 0.2)"})
+    slide: bool | None = field(default=None, metadata={"help": "slide-weighted classification BCE (faceV2: on)"})
+    rep_gt: float | None = field(default=None, metadata={"help": "RepGT weight α (faceV2: 0.5)"})
+    rep_box: float | None = field(default=None, metadata={"help": "RepBox weight β (faceV2: 0.5)"})
+    ablation: str = field(default="", metadata={
+        "help": "also train these losses (comma-separated) on the same data, seed and epochs, a row each in "
+                "table4.md: stock, nwd, slide, repulsion, faceV2, or all"})
     train_args: str = field(default="", metadata={"help": "JSON of further ultralytics train arguments"})
     work: str = field(default="", metadata={"help": "local work directory (dataset, ultralytics run); default: "
                                                     "OUTPUT/work for a local output, else ~/.cache/kemo/detector/…"})
@@ -69,6 +84,16 @@ class TrainDetectorConfig(DetectorSettings, InputSettings):
             raise ValueError("give exactly one of --weights PATH_OR_URI (face weights to fine-tune) "
                              "or --model YAML (train from a model definition)")
         self.extra_train_args()
+        self.loss_weights()
+        ablation.variants(self.ablation)
+
+    def loss_weights(self) -> LossWeights:
+        """``--loss``'s weights with the term flags given in place of its own."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss {self.loss!r}: choose from {', '.join(LOSSES)}")
+        base = LOSSES[self.loss]
+        given = {"nwd": self.nwd_weight, "slide": self.slide, "rep_gt": self.rep_gt, "rep_box": self.rep_box}
+        return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
     def extra_train_args(self) -> dict[str, Any]:
         """``--train-args`` parsed and checked: a JSON object that leaves kemo's own arguments alone."""
@@ -118,6 +143,7 @@ class TrainingData:
     counts: dict[str, int]  # photos per split
     persons: dict[str, int]
     export_statuses: dict[str, int]
+    every_face: bool  # a generated crowd (kemo.data.crowd): every face labelled, not only the subject
     dataset_sha256: str
 
 
@@ -130,14 +156,17 @@ class Metrics:
 
 @dataclass
 class DetectorMeta:
-    """``meta.json``: the weights written, where training started, on which data, how it went, Table 4's figures,
-    and what to pass to ``jobs/preprocess.py`` (``use``)."""
+    """``meta.json``: the weights written, where training started, on which data, with which loss, how it went,
+    Table 4's figures, the loss ablation (empty without ``--ablation``), and what to pass to ``jobs/preprocess.py``
+    (``use``)."""
 
     weights: WeightsFile
     source: Source
     data: TrainingData
+    loss: LossWeights
     train: Training
     metrics: Metrics
+    ablation: list[AblationRow]
     fingerprint: dict[str, Any]
     config: dict[str, Any]
     versions: dict[str, str]
@@ -202,7 +231,8 @@ def resolve_source(cfg: TrainDetectorConfig) -> tuple[Source, str]:
     return Source("model", cfg.model, sha, os.path.basename(cfg.model)), yaml
 
 
-def _fingerprint(cfg: TrainDetectorConfig, source: Source, manifest: pa.Table) -> dict[str, Any]:
+def _fingerprint(cfg: TrainDetectorConfig, source: Source, manifest: pa.Table, faces: dict[str, Any] | None
+                 ) -> dict[str, Any]:
     # the input settings change the manifest (hashed below) or only which broken photos are left out of the export
     ignored = ("input", "output", "detector", "weights", "weights_sha256", "model", "work", "gpus", "cpus", "workers",
                "device", "max_bytes", "links")
@@ -211,7 +241,9 @@ def _fingerprint(cfg: TrainDetectorConfig, source: Source, manifest: pa.Table) -
     return {"settings": settings, "source_sha256": source.sha256,
             # the photos and their boxes (what the detector learns from), whatever the row order
             "manifest_sha256": outputs.table_sha256(manifest.select(["image_id", "uri", "split", "box"]),
-                                                    sort_by="image_id")}
+                                                    sort_by="image_id"),
+            # a generated crowd's other faces, labelled too
+            "crowd_sha256": _sha256(json.dumps(faces, sort_keys=True).encode()) if faces else None}
 
 
 def run(cfg: TrainDetectorConfig) -> DetectorMeta:
@@ -222,7 +254,8 @@ def run(cfg: TrainDetectorConfig) -> DetectorMeta:
     cfg = cfg.smoke()
     source, source_path = resolve_source(cfg)
     manifest = aihub.load_or_index(cfg.input, storage.join(cfg.output, "index"), seed=cfg.seed, inputs=cfg)
-    fingerprint = _fingerprint(cfg, source, manifest)
+    faces = crowd_faces(cfg.input)
+    fingerprint = _fingerprint(cfg, source, manifest, faces)
     out = outputs.Output(cfg.output, KIND)
     if out.manifest() is not None:
         if out.current(fingerprint) is None:
@@ -231,11 +264,13 @@ def run(cfg: TrainDetectorConfig) -> DetectorMeta:
         log.info("%s already holds this detector: nothing to do", cfg.output)
         return from_dict(DetectorMeta, out.read_json("meta.json"), out.path("meta.json"))
     with out.lease() as lease:
-        return _train_and_commit(cfg, out, lease, source, source_path, manifest, fingerprint, t0)
+        return _train_and_commit(cfg, out, lease, source, source_path, manifest, faces, fingerprint, t0)
 
 
-def _export(cfg: TrainDetectorConfig, manifest: pa.Table, dataset: str) -> tuple[ExportSummary, str]:
-    """(the exported dataset, its hash: the selection, its boxes (index.parquet) and the photos' size (the stamp))."""
+def _export(cfg: TrainDetectorConfig, manifest: pa.Table, faces: dict[str, Any] | None, dataset: str
+            ) -> tuple[ExportSummary, str]:
+    """(the exported dataset, its hash: the selection, its boxes (index.parquet), the photos' size (the stamp) and a
+    generated crowd's other faces, labelled too)."""
     images = photos_to_use(cfg.images, manifest.column("box").to_pylist())
     if images < cfg.images:
         log.warning("%s: %d photos have a face box, fewer than --images %d: splitting those 8:1:1", cfg.input, images,
@@ -245,38 +280,42 @@ def _export(cfg: TrainDetectorConfig, manifest: pa.Table, dataset: str) -> tuple
                       manifest=manifest)
     if min(exported.counts.values()) == 0:
         raise ValueError(f"too few photos with a face box for a train/val/test split: {exported.counts}")
-    return exported, _sha256(b"".join(Path(dataset, name).read_bytes() for name in ("index.parquet", STAMP)))
+    crowd = add_labels(dataset, faces).encode() if faces else b""
+    return exported, _sha256(b"".join(Path(dataset, name).read_bytes() for name in ("index.parquet", STAMP)) + crowd)
 
 
 def _train_and_commit(cfg: TrainDetectorConfig, out: outputs.Output, lease: outputs.Lease, source: Source,
-                      source_path: str, manifest: pa.Table, fingerprint: dict[str, Any], t0: float) -> DetectorMeta:
+                      source_path: str, manifest: pa.Table, faces: dict[str, Any] | None, fingerprint: dict[str, Any],
+                      t0: float) -> DetectorMeta:
     import torch
     import ultralytics
 
-    from kemo.detector.fit import fit
-
     work, device = work_dir(cfg), resolve_device(cfg.device)
     dataset = os.path.join(work, "dataset")
-    exported, dataset_sha = _export(cfg, manifest, dataset)
+    exported, dataset_sha = _export(cfg, manifest, faces, dataset)
     before = None
     if source.kind == "weights":
         before = evaluate(source_path, dataset, "test", cfg.imgsz, device, cfg.conf, work, "before")
     wanted = {"source_sha256": source.sha256, "dataset_sha256": dataset_sha, "epochs": cfg.epochs,
               "imgsz": cfg.imgsz, "batch": cfg.batch, "seed": cfg.seed, "train_args": cfg.extra_train_args()}
-    trained, best_path = fit(wanted, source_path, os.path.join(dataset, "data.yaml"), work, device, cfg.workers)
-    after = evaluate(best_path, dataset, "test", cfg.imgsz, device, cfg.conf, work, "after")
+    trained, best_path, after = _fit_and_evaluate(cfg, cfg.loss_weights(), wanted, source_path, dataset, work, device)
+    rows = _ablation(cfg, wanted, source_path, dataset, work, device, trained, best_path, after) if cfg.ablation \
+        else []
     best = Path(best_path).read_bytes()
     sha = _sha256(best)
     meta = DetectorMeta(
         weights=WeightsFile("best.pt", sha, len(best)), source=source,
-        data=TrainingData(cfg.input, dataset, exported.counts, exported.persons, exported.statuses, dataset_sha),
-        train=trained, metrics=Metrics("test", before, after), fingerprint=fingerprint,
-        config=dataclasses.asdict(cfg),
+        data=TrainingData(cfg.input, dataset, exported.counts, exported.persons, exported.statuses, bool(faces),
+                          dataset_sha),
+        loss=cfg.loss_weights(), train=trained, metrics=Metrics("test", before, after), ablation=rows,
+        fingerprint=fingerprint, config=dataclasses.asdict(cfg),
         versions={"kemo": code_version(), "ultralytics": ultralytics.__version__, "torch": torch.__version__},
         seconds=round(time.perf_counter() - t0, 1),
         use=f"jobs/preprocess.py --detector yolo --weights {storage.join(cfg.output, 'best.pt')} "
             f"--weights-sha256 {sha}")
     table = table4(source.name, source.kind == "weights", before, after, "test", exported.persons["test"], cfg.conf)
+    if rows:
+        table += "\n## Loss ablation\n\n" + ablation.table(rows, "test", cfg.imgsz, cfg.conf)
     out.uncommit()
     files = [out.write_file("best.pt", best),
              out.write_file("best.pt.sha256", f"{sha}  best.pt\n".encode()),
@@ -286,3 +325,37 @@ def _train_and_commit(cfg: TrainDetectorConfig, out: outputs.Output, lease: outp
     out.commit(files, dataclasses.asdict(cfg), fingerprint)
     log.info("detector committed to %s (best.pt sha256 %s) in %.0f s", cfg.output, sha[:12], meta.seconds)
     return meta
+
+
+def _fit_and_evaluate(cfg: TrainDetectorConfig, loss: LossWeights, wanted: dict[str, Any], source_path: str,
+                      dataset: str, work: str, device: str) -> tuple[Training, str, Evaluation]:
+    """(how training went, best.pt's path, its evaluation on the test split) for one loss trained in ``work``."""
+    from kemo.detector.fit import fit
+
+    trained, best = fit(wanted, loss, source_path, os.path.join(dataset, "data.yaml"), work, device, cfg.workers)
+    return trained, best, evaluate(best, dataset, "test", cfg.imgsz, device, cfg.conf, work, "after")
+
+
+def _ablation(cfg: TrainDetectorConfig, wanted: dict[str, Any], source_path: str, dataset: str, work: str,
+              device: str, trained: Training, best: str, after: Evaluation) -> list[AblationRow]:
+    """The ablation's rows: this run's loss (trained already) and every other ``--ablation`` loss, trained alike in
+    ``work/ablation/<name>``, in :data:`ablation.VARIANTS`' order."""
+    from kemo.detector.fit import run_dir
+
+    main = cfg.loss_weights()
+    scales = ablation.input_scales(dataset, "test", cfg.imgsz)
+
+    def row(name: str, loss: LossWeights, trained: Training, best: str, after: Evaluation, work: str) -> AblationRow:
+        _, photos = predict(best, dataset, "test", cfg.imgsz, eval_device(device), cfg.conf)
+        return AblationRow(name, loss, after, ablation.crowd_recall(photos, scales, cfg.conf),
+                           ablation.seconds_per_epoch(run_dir(work)), trained.cpu_seconds_per_epoch, loss == main)
+
+    named = {name: loss for name, loss in ablation.VARIANTS.items() if loss == main} or {"custom": main}
+    rows = [row(next(iter(named)), main, trained, best, after, work)]
+    for name, loss in ablation.variants(cfg.ablation).items():
+        if loss != main:
+            variant_work = os.path.join(work, "ablation", name)
+            rows.append(row(name, loss, *_fit_and_evaluate(cfg, loss, wanted, source_path, dataset, variant_work,
+                                                             device), variant_work))
+    order = list(ablation.VARIANTS)
+    return sorted(rows, key=lambda r: order.index(r.name) if r.name in order else -1)
