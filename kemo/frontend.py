@@ -3,9 +3,10 @@
 One ``FrontEnd`` per actor: the detector loads once, a pool of decoder threads reads and decodes the photos of a
 batch (cv2 and the reads release the GIL), the detector runs once on the decodable ones, and each photo becomes a
 ``Photo``: its status, and its faces in rank order (the primary face first; every face with ``all_faces``), each with
-its full-resolution box, score and square crop. The jobs only turn a ``Photo`` into their schema's rows. Nothing here
-knows a detector by name: each says how far a photo may be reduced (``decode_hint``) and whether it crops the whole
-photo (``whole_photo``).
+its full-resolution box, score and square crop. A video's frames, decoded already, enter after the decode
+(``frames``) and go on exactly as a photo of the same pixels would. The jobs only turn a ``Photo`` into their schema's
+rows. Nothing here knows a detector by name: each says how far a photo may be reduced (``decode_hint``) and whether it
+crops the whole photo (``whole_photo``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from kemo.crop import clip_box, crop_region, crop_square, ranked_faces, resize_whole
 from kemo.detector.base import Faces
 from kemo.detector.registry import create_detector
-from kemo.image import Decoded, DecodeError, PixelBudget, decode, read_photo
+from kemo.image import Decoded, DecodeError, PixelBudget, decode, read_photo, reduction_for
 from kemo.schema import STATUSES, read_status
 from kemo.settings import CropSettings, DetectorSettings
 
@@ -119,6 +120,11 @@ class FrontEnd:
         """Read and decode ``rows`` in the decoder threads, then run the detector once on the decodable ones."""
         # With several calls in flight another batch decodes in the shared pool while this one holds the detector.
         prepared = list(self.pool.map(self.load, rows))
+        return self.run_detector(prepared, rows)
+
+    def run_detector(self, prepared: list[Prepared], rows: list[dict[str, Any]]
+                     ) -> tuple[list[Prepared], list[Faces | None]]:
+        """The detector run once on the decoded ones of ``prepared``; a detector that fails makes each an error."""
         faces: list[Faces | None] = [None] * len(rows)
         good = [i for i, p in enumerate(prepared) if p.decoded is not None]
         if good:
@@ -132,6 +138,24 @@ class FrontEnd:
                 for i in good:
                     prepared[i] = Prepared("error", f"detector: {type(e).__name__}: {e}", header=prepared[i].header)
         return prepared, faces
+
+    def frame(self, image: np.ndarray) -> Prepared:
+        """An upright RGB frame decoded already (a video's) prepared as the same pixels decoded from a photo (a PNG of
+        them) are: reduced by the factor the detector's hint gives (INTER_AREA), then the detector's input."""
+        h, w = image.shape[:2]
+        hint = self.detector.decode_hint({}, self.crop_settings)
+        scale = min(reduction_for(w, h, hint.min_side), hint.max_scale)
+        if scale > 1:
+            image = cv2.resize(image, (-(-w // scale), -(-h // scale)), interpolation=cv2.INTER_AREA)
+        dec = Decoded(image, w, h, 1, scale, "frame")
+        det_input, det_factors = self.detector.prepare(dec.image, dec.factors)
+        return Prepared(decoded=dec, det_input=det_input, det_factors=det_factors, header=(w, h, None))
+
+    def frames(self, images: list[np.ndarray], rows: list[dict[str, Any]]) -> list[Photo]:
+        """Each upright RGB frame of ``images`` as the ``Photo`` its pixels make as a photo: prepared in the decoder
+        threads (:meth:`frame`), the detector run once on all, then ranked and cropped in the threads again."""
+        prepared, faces = self.run_detector(list(self.pool.map(self.frame, images)), rows)
+        return list(self.pool.map(self.finish, prepared, faces))
 
     def finish(self, prep: Prepared, faces: Faces | None) -> Photo:
         """One photo's ``Photo`` from its preparation and the detector's faces: ranked, and cropped."""

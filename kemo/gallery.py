@@ -1,10 +1,13 @@
 """``gallery.html``: a page to check a run's rows by eye, self-contained (thumbnails embedded as data URIs, no
-network, no JavaScript), for labelling (faces by predicted emotion) and preprocessing (crops by status).
+network, no JavaScript), for labelling (faces by predicted emotion, videos as strips) and preprocessing (crops by
+status).
 
 A page is sections of tiles; a tile is a thumbnail with a caption, or, for a row with nothing to show (a photo that
-did not decode), its name and error in a list. Each section shows at most the cap it was given and says how many it
-holds in all. The caller chooses the rows; this module draws them and makes the thumbnails: a face cut from its photo
-(read and decoded as the pipeline does, reduced while it decodes) or a stored crop, resized to :data:`THUMB` pixels.
+did not decode), its name and error in a list; a section may open with a plot (a video's timeline of emotion shares,
+inline SVG). Each section shows at most the cap it was given and says how many it holds in all. The caller chooses the
+rows; this module draws them and makes the thumbnails: a face cut from its photo (read and decoded as the pipeline
+does, reduced while it decodes), from a video's frame (decoded again at its time) or a stored crop, resized to
+:data:`THUMB` pixels.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import base64
 import html
 import math
 import re
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +50,7 @@ class Section:
     total: int  # rows the group holds; ``tiles`` are the first of them
     note: str = ""
     pictures: bool = True  # False: a list of names and errors (rows with nothing to show)
+    plot: str | None = None  # SVG markup drawn above the tiles, inline (a video's timeline)
 
 
 def top(table: pa.Table, mask: pa.Array | None, cap: int, order: list[tuple[str, str]]) -> tuple[int, list[dict]]:
@@ -108,6 +113,76 @@ def photo_tiles(rows: list[dict[str, Any]], caption: Callable[[dict[str, Any]], 
     return [tile(r) for r in rows]
 
 
+class VideoFrames:
+    """Thumbnails of faces in one video's frames, each at a presentation time (with its face box; None: the whole
+    frame), decoded together on the first call: one open of the video (streamed, :mod:`kemo.stream`), one seek a
+    frame. :func:`thumbnails` may ask for them from several threads in any order."""
+
+    def __init__(self, listed: dict[str, Any], max_pixels: int, shots: list[tuple[float, list[float] | None]]):
+        self.listed, self.max_pixels, self.shots = listed, max_pixels, shots
+        self.lock = threading.Lock()
+        self.thumbs: list[bytes | None] | None = None
+        self.failed: Exception | None = None
+
+    def thumb(self, i: int) -> bytes | None:
+        with self.lock:
+            if self.thumbs is None and self.failed is None:
+                try:
+                    self.thumbs = self.load()
+                except Exception as e:  # said once per tile, decoded once
+                    self.failed = e
+        if self.failed is not None:
+            raise self.failed
+        return self.thumbs[i]
+
+    def load(self) -> list[bytes | None]:
+        from kemo import stream, video
+
+        r = self.listed
+        with stream.open_stream(r["uri"], r["size"], r.get("file_id"), r.get("etag")) as source:
+            images = video.frames_at(source, self.max_pixels, [t for t, _ in self.shots])
+        return [None if im is None else thumbnail(im if box is None else crop_square(im, crop_region(box, MARGIN),
+                                                                                     THUMB))
+                for im, (_, box) in zip(images, self.shots)]
+
+
+# the classes' colours in a timeline, in class order (7 emotions; more cycle)
+PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0")
+NONE_COLOUR = "#d0d0d0"  # sampled frames without a labelled face (or abstained)
+BINS = 60
+
+
+def timeline(times: list[float], labels: list[int | None], classes: list[str], end: float) -> str:
+    """An SVG of a video's emotion shares over time: its span [0, ``end``] cut into at most :data:`BINS` bins, each a
+    stacked bar of the sampled frames in it, one colour per emotion of the frame's face (``labels``: class indices
+    in ``classes`` order, None for a frame without a labelled face: grey), then a legend."""
+    width, plot, gap = 600, 60, 4
+    bins = max(1, min(BINS, len(times)))
+    span = end if end > 0 else max(times, default=0) or 1.0
+    counts = np.zeros((bins, len(classes) + 1), np.int64)
+    for t, k in zip(times, labels):
+        counts[min(bins - 1, max(0, int(t / span * bins))), len(classes) if k is None else k] += 1
+    colours = [PALETTE[k % len(PALETTE)] for k in range(len(classes))] + [NONE_COLOUR]
+    w = width / bins
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{plot + 40}" role="img" '
+             f'font-family="sans-serif" font-size="11"><rect width="{width}" height="{plot}" fill="#f4f4f4"/>']
+    for b, row in enumerate(counts):
+        y = float(plot)
+        for k in np.flatnonzero(row):
+            h = plot * row[k] / row.sum()
+            y -= h
+            parts.append(f'<rect x="{b * w:.2f}" y="{y:.2f}" width="{w:.2f}" height="{h:.2f}" fill="{colours[k]}"/>')
+    parts.append(f'<text x="0" y="{plot + 13}">0 s</text><text x="{width}" y="{plot + 13}" text-anchor="end">'
+                 f"{span:.0f} s</text>")
+    x = 0.0
+    for name, colour in zip([*classes, "no face"], colours):
+        parts.append(f'<rect x="{x:.0f}" y="{plot + 22}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{x + 13:.0f}" y="{plot + 31}">{escape(name)}</text>')
+        x += 14 + 7 * len(name) + gap
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def no_face(rows: list[dict[str, Any]], total: int, caption: Callable[[dict[str, Any]], str], title: str,
             max_bytes: int) -> Section:
     """The section of photos where no face was found: each shown whole, with the detector's words."""
@@ -136,7 +211,7 @@ nav a{margin-right:1em} .note{color:#555}
 .grid{display:flex;flex-wrap:wrap;gap:8px}
 figure{margin:0;width:THUMBpx;font-size:11px;line-height:1.25}
 figure img{width:THUMBpx;height:THUMBpx;object-fit:contain;background:#ddd;display:block}
-figcaption{overflow-wrap:anywhere} .err{color:#a00}
+figcaption{overflow-wrap:anywhere} .err{color:#a00} .plot{margin:4px 0 8px}
 table{border-collapse:collapse;font-size:12px} td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
 """.replace("THUMB", str(THUMB))
 
@@ -165,6 +240,8 @@ def page(title: str, lines: list[str], sections: list[Section]) -> bytes:
         parts.append(f'<h2 id="s{i}">{e(s.title)} <span class="note">({shown})</span></h2>')
         if s.note:
             parts.append(f'<p class="note">{e(s.note)}</p>')
+        if s.plot:
+            parts.append(f'<div class="plot">{s.plot}</div>')
         if not s.tiles:
             parts.append('<p class="note">none</p>')
         elif s.pictures:

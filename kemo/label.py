@@ -1,10 +1,13 @@
-"""Label new photos with emotions: a folder or an S3 prefix → one row per photo (per face with --all-faces).
+"""Label new photos and videos with emotions: a folder or an S3 prefix → one row per photo and per sampled video frame
+(per face with --all-faces), and a summary row per video.
 
-The input is listed once; photos whose version (uri, size, mtime, ETag) already has a label are skipped before any
+The input is listed once; files whose version (uri, size, mtime, ETag) already has its rows are skipped before any
 model loads. The rest go through one actor pool (:mod:`kemo.label_photos`) that reads, decodes, detects and crops
 through the photo front end preprocessing uses, then classifies the crops in the same actor, so crops never leave
-it. The driver writes the rows as Parquet parts (:mod:`kemo.label_store`); ``_commit.json``, written last, names the
-parts whose rows are current, with the views (``labels.csv``, ``gallery.html``: :mod:`kemo.views`).
+it; the files it finds to be videos (by content) go through the video pass (:mod:`kemo.label_videos`): probed, cut
+into time segments, each segment a work unit of a second pool. The driver writes the rows as Parquet parts
+(:mod:`kemo.label_store`); ``_commit.json``, written last, names the parts whose rows are current, with the views
+(``labels.csv``, ``videos.csv``, ``gallery.html``: :mod:`kemo.views`).
 """
 
 from __future__ import annotations
@@ -22,14 +25,19 @@ import pyarrow.compute as pc
 
 from kemo import label_store, listing, outputs, storage, views
 from kemo.actor_pool import map_photos, prepare
+from kemo.config import at_least, within
 from kemo.detector.registry import detector_class, resolve_detector
-from kemo.label_photos import LISTED, PRECISIONS, LabelPhotos
+from kemo.label_photos import LISTED, PRECISIONS
+from kemo.label_store import PARTS, VIDEO_PARTS, PartWriter
+from kemo.label_videos import LabelFiles, VideoPass, VideoRounds, photo_rows
 from kemo.record import from_dict
 from kemo.settings import PhotoSettings, crop_fingerprint
 
 log = logging.getLogger(__name__)
 CSV = "labels.csv"
+VIDEOS_CSV = "videos.csv"
 FORMATS = ("parquet", "csv")
+FLUSH_S = 120.0  # a finished video waits at most this long for its part: a killed run keeps the videos done
 
 
 def _contains(parent: str, child: str) -> bool:
@@ -43,9 +51,9 @@ def _contains(parent: str, child: str) -> bool:
 
 @dataclass(kw_only=True)
 class LabelConfig(PhotoSettings):
-    """Label every photo of a folder or S3 prefix with the emotion of its face."""
+    """Label every photo and video of a folder or S3 prefix with the emotion of its faces."""
 
-    input: str = field(metadata={"help": "folder or s3:// prefix of photos (recursive; photos are known by content)"})
+    input: str = field(metadata={"help": "folder or s3:// prefix of photos and videos (recursive; known by content)"})
     output: str = field(metadata={"help": "label directory (local or s3://); earlier runs' labels are kept"})
     checkpoint: str = field(metadata={"help": "classifier checkpoint directory (model.pt + meta.json), or s3://"})
     all_faces: bool = field(default=False, metadata={"help": "one row per detected face, not only the primary one"})
@@ -61,7 +69,13 @@ class LabelConfig(PhotoSettings):
     min_confidence: float | None = field(default=None, metadata={
         "help": "mark labels whose calibrated confidence is below this as abstained (instead of --abstain)"})
     gallery: int = field(default=48, metadata={
-        "help": "gallery.html: at most this many faces per emotion (and per other group); 0 for none"})
+        "help": "gallery.html: at most this many faces per emotion (and per other group, and videos); 0 for none"})
+    fps: float = field(default=1.0, metadata={
+        "help": "video frames sampled per second of presentation time: for each instant the first frame reaching it"})
+    segment_seconds: float = field(default=300.0, metadata={
+        "help": "videos are labelled in segments of this many seconds, each a separate work unit of the pool"})
+    max_video_bytes: int = field(default=64 << 30, metadata={
+        "help": "refuse larger videos as too_large (videos are streamed, never read whole: --max-bytes is photos')"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +92,9 @@ class LabelConfig(PhotoSettings):
             raise ValueError(f"--gallery takes faces per group (0 for no gallery), not {self.gallery}")
         if self.rows_per_part < 1:
             raise ValueError(f"--rows-per-part {self.rows_per_part}: give at least 1")
+        within("--fps", self.fps, 1e-4, 1000)
+        at_least("--segment-seconds", self.segment_seconds, 1)
+        at_least("--max-video-bytes", self.max_video_bytes, 1)
         if _contains(self.input, self.output):
             raise ValueError(f"--output {self.output} lies inside --input {self.input}: its files would be listed "
                              "as photos on the next run; choose an output outside the input")
@@ -96,18 +113,23 @@ class LabelSummary:
     listed: int  # files listed under the input (OS metadata files left out)
     ignored: int  # OS metadata files left out
     skipped: int  # files whose listed version already had its rows
-    processed: int  # photos labelled by this run
-    processed_statuses: dict[str, int]  # their statuses
+    processed: int  # files (photos and videos) labelled by this run
+    processed_statuses: dict[str, int]  # their statuses (a video's is its summary's)
+    segments: int  # video segments this run labelled
+    segment_actors: int  # the most actors one video's segments were spread over
     temperature: float
     min_confidence: float | None  # the confidence below which a row is abstained (None: no abstention)
     photos: int  # photos with current rows in the output
-    rows: int
+    rows: int  # photos' and sampled frames' rows
+    frames: int  # of them, sampled frames' rows
     statuses: dict[str, int]  # photos per status, over the current rows
-    emotions: dict[str, int]  # rows (faces) per emotion
+    videos: int  # videos with a current summary
+    video_statuses: dict[str, int]  # videos per status
+    emotions: dict[str, int]  # rows (faces, of photos and frames) per emotion
     abstained: int
     parts: int
     seconds: float
-    photos_per_s: float | None
+    photos_per_s: float | None  # files a second
 
     @classmethod
     def read(cls, out: outputs.Output) -> LabelSummary:
@@ -146,86 +168,90 @@ def fingerprint(cfg: LabelConfig) -> dict[str, Any]:
     temperature, threshold = calibration(cfg, meta)
     return {"model": meta["model_sha256"], "architecture": meta["architecture"], "classes": meta["classes"],
             "image_size": meta["image_size"], **crop_fingerprint(cfg, cfg), "all_faces": cfg.all_faces,
-            "max_bytes": cfg.max_bytes, "links": cfg.links, "temperature": temperature, "min_confidence": threshold}
+            "max_bytes": cfg.max_bytes, "links": cfg.links, "temperature": temperature, "min_confidence": threshold,
+            "fps": cfg.fps, "max_video_bytes": cfg.max_video_bytes}
 
 
-def _label_pending(cfg: LabelConfig, claim: dict[str, Any], pending: pa.Table) -> tuple[int, Counter]:
-    """Stream the pending photos through the actor pool, whose actors apply the claim's temperature and threshold;
-    the driver writes whole photos' rows into parts as they come (rows are small: crops never leave the actors).
-    Returns (photos labelled, their statuses)."""
+def _label_pending(cfg: LabelConfig, claim: dict[str, Any], pending: pa.Table) -> tuple[int, Counter, VideoPass]:
+    """Stream the pending files through the actor pool, whose actors apply the claim's temperature and threshold and
+    label each video's first segment where they find it; the driver writes whole files' rows into parts as they come
+    (rows are small: crops and frames never leave the actors). The other segments of longer videos follow in a
+    second round. Returns (files labelled, their statuses, what the video pass did)."""
     log.info("labelling with %s + %s: %d actors × %d decoders, %g GPU each, batch %d", cfg.detector,
              claim["architecture"], cfg.actors, cfg.decoders, cfg.gpus_per_actor, cfg.batch_size)
-    ds = map_photos(pending, LabelPhotos, {"cfg": dataclasses.asdict(cfg), "temperature": claim["temperature"],
-                                           "threshold": claim["min_confidence"]}, cfg)
-    photos, statuses, buffered = 0, Counter(), []
+    kwargs = {"cfg": dataclasses.asdict(cfg), "temperature": claim["temperature"],
+              "threshold": claim["min_confidence"]}
+    writer = PartWriter(cfg.output, cfg.rows_per_part, FLUSH_S)
+    videos = VideoRounds(cfg, claim, writer.add)
+    photos, statuses = 0, Counter()
     # batch_size=None: whole blocks, i.e. whole actor calls, so a photo's rows never straddle two parts
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        uris = batch.column("uri").to_pylist()
+    for batch in map_photos(pending, LabelFiles, kwargs, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
+        first_segments = pc.is_valid(batch.column("segment"))
+        rows = photo_rows(batch.filter(pc.invert(first_segments)))
+        uris = rows.column("uri").to_pylist()
         first = [i == 0 or uris[i] != uris[i - 1] for i in range(len(uris))]
         photos += sum(first)
-        statuses.update(s for s, f in zip(batch.column("status").to_pylist(), first) if f)
-        buffered.append(batch)
-        if sum(t.num_rows for t in buffered) >= cfg.rows_per_part:
-            _flush(cfg.output, buffered, photos, pending.num_rows)
-    if buffered:
-        _flush(cfg.output, buffered, photos, pending.num_rows)
-    return photos, statuses
+        statuses.update(s for s, f in zip(rows.column("status").to_pylist(), first) if f)
+        writer.add(rows, [], sum(first))
+        for r in batch.filter(first_segments).to_pylist():
+            videos.result(r)
+    videos.second_round(kwargs)
+    writer.flush()
+    return photos + videos.done.videos, statuses + videos.done.statuses, videos.done
 
 
-def _flush(output: str, buffered: list[pa.Table], photos: int, pending: int) -> None:
-    """Write the buffered rows as one part, and empty the buffer."""
-    table = pa.concat_tables(buffered)
-    name = label_store.write_part(table, output)
-    log.info("%s: %d rows — %d/%d photos", name, table.num_rows, photos, pending)
-    buffered.clear()
-
-
-def _views(cfg: LabelConfig, final: list[str], photos: pa.Table, classes: list[str], summary: LabelSummary
-           ) -> dict[str, bytes]:
-    """The views of the current rows (``labels.csv``, ``gallery.html``), made before the old commit goes; a gallery
-    that fails is logged and left out (the labels commit without it, and the next run tries again)."""
+def _views(cfg: LabelConfig, final: dict[str, list[str]], listed: pa.Table, classes: list[str],
+           summary: LabelSummary) -> dict[str, bytes]:
+    """The views of the current rows (``labels.csv``, ``videos.csv``, ``gallery.html``), made before the old commit
+    goes; a gallery that fails is logged and left out (the labels commit without it, and the next run tries again)."""
     made = {}
     if "csv" in cfg.format:
-        table = label_store.rows_of(cfg.output, final, None).sort_by([("uri", "ascending"), ("face", "ascending")])
+        table = label_store.rows_of(cfg.output, final[PARTS], None).sort_by(label_store.ORDER)
         made[CSV] = views.labels_csv(table, classes)
+        if final[VIDEO_PARTS]:
+            made[VIDEOS_CSV] = views.videos_csv(label_store.rows_of(cfg.output, final[VIDEO_PARTS], None, VIDEO_PARTS)
+                                                .sort_by("uri"), classes)
     if cfg.gallery:
-        heading = [f"{cfg.input} → {cfg.output}: {summary.photos} photos, {summary.rows} rows, statuses "
-                   f"{summary.statuses}", f"checkpoint {cfg.checkpoint} (temperature {summary.temperature:.3f}), "
-                   f"detector {cfg.detector}; at most {cfg.gallery} per group"]
+        heading = [f"{cfg.input} → {cfg.output}: {summary.photos} photos, {summary.videos} videos, {summary.rows} "
+                   f"rows, statuses {summary.statuses} {summary.video_statuses}",
+                   f"checkpoint {cfg.checkpoint} (temperature {summary.temperature:.3f}), detector {cfg.detector}; at "
+                   f"most {cfg.gallery} per group"]
         try:
-            rows = label_store.rows_of(cfg.output, final, views.LABEL_SHOWN)
-            made[outputs.GALLERY] = views.label_gallery(rows, photos, classes, heading, cfg.gallery, cfg.max_bytes,
-                                                        summary.min_confidence)
+            rows = label_store.rows_of(cfg.output, final[PARTS], views.LABEL_SHOWN)
+            summaries = label_store.rows_of(cfg.output, final[VIDEO_PARTS], views.VIDEO_SHOWN, VIDEO_PARTS)
+            made[outputs.GALLERY] = views.label_gallery(rows, summaries, listed, classes, heading, cfg.gallery,
+                                                        cfg.max_bytes, cfg.max_pixels, summary.min_confidence)
         except Exception:
             log.exception("gallery.html could not be made")
     return made
 
 
-def _tail(cfg: LabelConfig) -> list[str]:
-    """The files a commit names besides the parts."""
-    return ([CSV] if "csv" in cfg.format else []) + ([outputs.GALLERY] if cfg.gallery else []) \
-        + [outputs.SUMMARY, outputs.RUN]
+def _tail(cfg: LabelConfig, videos: bool) -> list[str]:
+    """The files a commit names besides the parts (``videos``: the output holds videos)."""
+    return ([CSV] if "csv" in cfg.format else []) + ([VIDEOS_CSV] if "csv" in cfg.format and videos else []) \
+        + ([outputs.GALLERY] if cfg.gallery else []) + [outputs.SUMMARY, outputs.RUN]
 
 
-def _commit(out: outputs.Output, cfg: LabelConfig, claim: dict[str, Any], final: list[str], made: dict[str, bytes],
-            summary: LabelSummary) -> None:
+def _commit(out: outputs.Output, cfg: LabelConfig, claim: dict[str, Any], final: dict[str, list[str]],
+            made: dict[str, bytes], summary: LabelSummary) -> None:
     """Commit the current parts with the views and the summary, then delete the parts no longer current (only now:
     readers of the previous commit had them until here)."""
     out.uncommit()  # before the sweep: an older commit may name a file that the sweep takes for a stray
-    present = outputs.sweep(cfg.output, label_store.PARTS)
-    files = [present[n] for n in final]
+    present = {folder: outputs.sweep(cfg.output, folder) for folder in final}
+    files = [present[folder][n] for folder, names in final.items() for n in names]
     files += [out.write_file(name, data) for name, data in made.items()]
     files += [out.write_json(outputs.SUMMARY, dataclasses.asdict(summary)), out.claim_receipt()]
     out.commit(files, dataclasses.asdict(cfg), claim)
-    for name in set(present) - set(final):
-        outputs.delete_part(cfg.output, label_store.PARTS, name)
+    for folder, names in final.items():
+        for name in set(present[folder]) - set(names):
+            outputs.delete_part(cfg.output, folder, name)
 
 
-def _nothing_done(out: outputs.Output, photos: pa.Table, ignored: int, t0: float) -> LabelSummary:
+def _nothing_done(out: outputs.Output, listed: pa.Table, ignored: int, t0: float) -> LabelSummary:
     """What this run did (nothing), over the committed output's tallies."""
-    return dataclasses.replace(LabelSummary.read(out), listed=photos.num_rows, ignored=ignored,
-                               skipped=photos.num_rows, processed=0, processed_statuses={},
-                               seconds=round(time.perf_counter() - t0, 2), photos_per_s=None)
+    return dataclasses.replace(LabelSummary.read(out), listed=listed.num_rows, ignored=ignored,
+                               skipped=listed.num_rows, processed=0, processed_statuses={}, segments=0,
+                               segment_actors=0, seconds=round(time.perf_counter() - t0, 2), photos_per_s=None)
 
 
 def _prepare(cfg: LabelConfig) -> LabelConfig:
@@ -238,53 +264,83 @@ def _prepare(cfg: LabelConfig) -> LabelConfig:
                    "actors on other nodes cannot read it")
 
 
-def run(cfg: LabelConfig) -> LabelSummary:
-    """Label the photos under ``cfg.input`` that the output has no current label for; commit; return the summary.
+@dataclass
+class _Current:
+    """Which rows of the parts present are current, and which files are done."""
 
-    Plan (the detector resolved, the claim checked, the input listed, the done photos skipped: a rerun with nothing
-    new writes nothing and loads no model) → prepare the pool → under the lease: label, reconcile the current rows
-    (re-read: another run may have committed meanwhile), views → commit.
+    tables: dict[str, pa.Table]
+    videos: dict[str, pa.Table]
+    keep: dict[str, Any]
+    keep_videos: dict[str, Any]
+    done: set[str]
+
+    @classmethod
+    def read(cls, output: str, listed: dict[str, tuple]) -> _Current:
+        tables, videos = label_store.read_keys(output)
+        return cls(tables, videos, *label_store.choose(tables, videos, listed))
+
+    def whole(self) -> bool:
+        """Every row of every part present is current."""
+        return all(m.all() for m in [*self.keep.values(), *self.keep_videos.values()])
+
+
+def _plan(cfg: LabelConfig) -> tuple[pa.Table, int, dict[str, tuple], _Current, pa.Table]:
+    """(the input listed, OS metadata files left out, each file's listed version, the current rows, the files to
+    label)."""
+    listed, ignored = snapshot(cfg)
+    if listed.num_rows == 0:
+        raise ValueError(f"no files under {cfg.input}")
+    versions = {r["uri"]: (r["size"], r["mtime_ns"], r["etag"]) for r in listed.select(["uri", "size", "mtime_ns",
+                                                                                        "etag"]).to_pylist()}
+    current = _Current.read(cfg.output, versions)
+    pending = listed.filter(pc.invert(pc.is_in(listed.column("uri"), pa.array(sorted(current.done), pa.string()))))
+    log.info("%d files under %s (%d OS metadata files left out): %d already labelled, %d to label",
+             listed.num_rows, cfg.input, ignored, listed.num_rows - pending.num_rows, pending.num_rows)
+    return listed, ignored, versions, current, pending
+
+
+def run(cfg: LabelConfig) -> LabelSummary:
+    """Label the files under ``cfg.input`` that the output has no current rows for; commit; return the summary.
+
+    Plan (the detector resolved, the claim checked, the input listed, the done files skipped: a rerun with nothing
+    new writes nothing and loads no model) → prepare the pool → under the lease: label photos, then videos,
+    reconcile the current rows (re-read: another run may have committed meanwhile), views → commit.
     """
     t0 = time.perf_counter()
     cfg = resolve_detector(cfg, annotated=False)  # checked, weights hashed and pinned: once, here
     claim = fingerprint(cfg)
     out = outputs.Output(cfg.output, label_store.KIND)
     out.check_claim(claim)  # another setup's labels are refused before anything is listed or written
-    photos, ignored = snapshot(cfg)
-    if photos.num_rows == 0:
-        raise ValueError(f"no files under {cfg.input}")
-    listed = {r["uri"]: (r["size"], r["mtime_ns"], r["etag"]) for r in photos.select(["uri", "size", "mtime_ns",
-                                                                                     "etag"]).to_pylist()}
-    tables = label_store.read_keys(cfg.output)
-    keep, done = label_store.choose(tables, listed)
-    pending = photos.filter(pc.invert(pc.is_in(photos.column("uri"), pa.array(sorted(done), pa.string()))))
-    log.info("%d files under %s (%d OS metadata files left out): %d already labelled, %d to label",
-             photos.num_rows, cfg.input, ignored, photos.num_rows - pending.num_rows, pending.num_rows)
-    if not pending.num_rows and all(m.all() for m in keep.values()) and label_store.unchanged(
-            out, sorted(tables), _tail(cfg)):
+    listed, ignored, versions, current, pending = _plan(cfg)
+    if not pending.num_rows and current.whole() and label_store.unchanged(
+            out, sorted(current.tables), sorted(current.videos), _tail(cfg, bool(current.videos))):
         log.info("nothing to label and the committed output is current: nothing written")
-        return _nothing_done(out, photos, ignored, t0)
+        return _nothing_done(out, listed, ignored, t0)
     if pending.num_rows:
         cfg = _prepare(cfg)
     with out.lease():
         out.claim(claim)
-        labelled, run_statuses = _label_pending(cfg, claim, pending) if pending.num_rows else (0, Counter())
-        tables = label_store.read_keys(cfg.output)  # again, under the lease
-        keep, _ = label_store.choose(tables, listed)
-        final = label_store.keep_current(cfg.output, tables, keep)
+        labelled, run_statuses, videos = _label_pending(cfg, claim, pending) if pending.num_rows \
+            else (0, Counter(), VideoPass())
+        current = _Current.read(cfg.output, versions)  # again, under the lease
+        final = {PARTS: label_store.keep_current(cfg.output, PARTS, current.tables, current.keep),
+                 VIDEO_PARTS: label_store.keep_current(cfg.output, VIDEO_PARTS, current.videos, current.keep_videos)}
         seconds = time.perf_counter() - t0
         summary = LabelSummary(
-            input=cfg.input, output=cfg.output, model=claim["model"], detector=cfg.detector, listed=photos.num_rows,
-            ignored=ignored, skipped=photos.num_rows - pending.num_rows, processed=labelled,
-            processed_statuses=dict(sorted(run_statuses.items())), temperature=claim["temperature"],
-            min_confidence=claim["min_confidence"], **label_store.tally(tables, keep), parts=len(final),
+            input=cfg.input, output=cfg.output, model=claim["model"], detector=cfg.detector, listed=listed.num_rows,
+            ignored=ignored, skipped=listed.num_rows - pending.num_rows, processed=labelled,
+            processed_statuses=dict(sorted(run_statuses.items())), segments=videos.segments,
+            segment_actors=videos.spread(), temperature=claim["temperature"],
+            min_confidence=claim["min_confidence"], parts=sum(map(len, final.values())),
+            **label_store.tally(current.tables, current.keep, current.videos, current.keep_videos),
             seconds=round(seconds, 2), photos_per_s=round(labelled / seconds, 2) if labelled and seconds else None)
-        made = _views(cfg, final, photos, claim["classes"], summary)
-        if cfg.gallery and outputs.GALLERY not in made and not labelled and all(m.all() for m in keep.values()) \
-                and label_store.unchanged(out, final, [t for t in _tail(cfg) if t != outputs.GALLERY]):
+        made = _views(cfg, final, listed, claim["classes"], summary)
+        if cfg.gallery and outputs.GALLERY not in made and not labelled and current.whole() \
+                and label_store.unchanged(out, final[PARTS], final[VIDEO_PARTS],
+                                          [t for t in _tail(cfg, bool(final[VIDEO_PARTS])) if t != outputs.GALLERY]):
             log.warning("the gallery was all this run had to add: the output is left as it was, without one")
-            return _nothing_done(out, photos, ignored, t0)
+            return _nothing_done(out, listed, ignored, t0)
         _commit(out, cfg, claim, final, made, summary)
-    log.info("committed %d rows of %d photos in %d parts to %s: %s", summary.rows, summary.photos, len(final),
-             cfg.output, summary.statuses)
+    log.info("committed %d rows of %d photos and %d videos in %d parts to %s: %s %s", summary.rows, summary.photos,
+             summary.videos, summary.parts, cfg.output, summary.statuses, summary.video_statuses)
     return summary

@@ -3,7 +3,9 @@
 ``LabelPhotos(cfg, temperature, threshold)`` loads the detector (through :class:`~kemo.frontend.FrontEnd`) and the
 classifier once; called on a pyarrow table of listed photos, it turns each ``Photo`` into its rows (one, or one per
 face with ``all_faces``) and classifies every face of the batch at once. A face reaches the classifier as a training
-crop reaches it: JPEG-encoded at the crop quality, decoded at the model's size, through the one input transform.
+crop reaches it: JPEG-encoded at the crop quality, decoded at the model's size, through the one input transform. A
+file whose first bytes are a video's (one the photo decoder refuses, or one over ``--max-bytes``, read no further)
+comes back as one row with status ``video``, for the video pass (:mod:`kemo.label_videos`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from kemo import image, stream, video
 from kemo.crop import encode_jpeg
 from kemo.device import torch_device
 from kemo.frontend import FrontEnd, Photo
-from kemo.schema import LABELS
+from kemo.schema import LABELS, VIDEO
 
 log = logging.getLogger(__name__)
 PHOTO = pa.schema([LABELS.field(n) for n in ("uri", "size", "mtime_ns", "etag")])  # a listed photo version
@@ -132,11 +135,34 @@ class LabelPhotos:
             rows[i].update(label=k, label_name=classes[k], confidence=float(p[k]), probs=p.tolist(),
                            abstained=self.threshold is not None and float(p[k]) < self.threshold)
 
+    def is_video(self, listed: dict[str, Any]) -> bool:
+        """Whether a listed file's first bytes are a video container's (not an image's); False when they cannot be
+        read (the photo path then gives the file its status)."""
+        if listed.get("status"):
+            return False
+        try:
+            head = stream.read_head(listed["uri"], listed["size"], video.VIDEO_HEAD, listed.get("file_id"),
+                                    listed.get("etag"))
+        except Exception:
+            return False
+        return image.sniff(head) is None and video.sniff(head) is not None
+
+    def videos(self, listed: list[dict[str, Any]]) -> set[str]:
+        """The uris of ``listed`` whose first bytes are a video's, sniffed in the decoder threads."""
+        return {r["uri"] for r, v in zip(listed, self.front.pool.map(self.is_video, listed)) if v}
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         listed = batch.to_pylist()
-        rows: list[dict[str, Any]] = []
-        inputs: list[np.ndarray | None] = []
-        for photo_rows, photo_inputs in self.front.pool.map(self.rows, listed, self.front(listed)):
+        # a file over --max-bytes is refused unread as a photo; a video is streamed, so its first bytes are read here
+        videos = self.videos([r for r in listed if (r["size"] or 0) > self.cfg.max_bytes])
+        photos = [r for r in listed if r["uri"] not in videos]
+        made = self.front(photos)
+        videos |= self.videos([r for r, p in zip(photos, made) if p.status == "decode_error"])
+        kept = [(r, p) for r, p in zip(photos, made) if r["uri"] not in videos]
+        rows: list[dict[str, Any]] = [{**{k: r[k] for k in PHOTO.names}, "status": VIDEO}
+                                      for r in listed if r["uri"] in videos]
+        inputs: list[np.ndarray | None] = [None] * len(rows)
+        for photo_rows, photo_inputs in self.front.pool.map(self.rows, *zip(*kept)) if kept else ():
             rows.extend(photo_rows)
             inputs.extend(photo_inputs)
         self.label(rows, inputs)

@@ -56,7 +56,13 @@ CROP = pa.schema([
     ("crop", pa.binary()),
 ])
 STATUSES = ("ok", "no_face", "read_error", "unreadable", "decode_error", "too_large", "unsupported_format",
-            "special_file", "broken_link", "outside_link", "folder_link", "error")
+            "special_file", "broken_link", "outside_link", "folder_link", "error", "truncated", "unsupported_codec",
+            "empty")
+# ... the last three are videos' (a video's summary row): cut short (its last frame falls short of the header's
+# duration, or it ends before its index was written), a codec the bundled FFmpeg cannot decode, no video frames
+# (audio only). VIDEO marks a file the photo pass found to be a video (its first bytes): the video pass labels it,
+# and no row with this status is ever written.
+VIDEO = "video"
 # transient (throttling, a network blip, a disk error, a GPU out of memory): every job does these photos again on a
 # rerun. `unreadable` is not: a path longer than the system allows or a permission refused fails the same way every
 # time, and retrying it would keep a rerun from ever having nothing to do (a changed file, a new version, is read).
@@ -76,12 +82,18 @@ def read_status(e: BaseException) -> str:
 # `none` detector). `label`/`label_name`/`confidence`/`probs`/`abstained` are null unless status is ok; `probs` follow
 # the checkpoint's class order (kemo.classes) and are calibrated by the checkpoint's temperature; `abstained` says the
 # confidence is below the run's --min-confidence (or the checkpoint's threshold, --abstain); the arg-max label is
-# still given. `model` is the checkpoint's model_sha256.
+# still given. `model` is the checkpoint's model_sha256. A video's sampled frames are rows too (one per frame, or per
+# face with --all-faces), with `frame` (its index in presentation order from the video's start), `time` (its
+# presentation time, seconds from the video's first frame) and `sample` (the sampling instant it was taken for, at
+# sample / fps seconds); these three are null for photos.
 LABELS = pa.schema([
     ("uri", pa.string()),
     ("size", pa.int64()),
     ("mtime_ns", pa.int64()),
     ("etag", pa.string()),  # S3 only
+    ("frame", pa.int64()),
+    ("time", pa.float64()),
+    ("sample", pa.int64()),
     ("status", pa.string()),
     ("error", pa.string()),
     ("face", pa.int16()),
@@ -97,6 +109,33 @@ LABELS = pa.schema([
     ("model", pa.string()),
     ("detector", pa.string()),
     ("abstained", pa.bool_()),
+])
+
+
+# One row per video of a labelling run, written after its frames' rows: a video is labelled once this row is committed.
+# `width`/`height` are upright; `rotation` the degrees clockwise its display matrix turned the frames; `duration` what
+# the header claims (seconds); `fps` the stream's average rate; `last_time` the last frame decoded. `face_frames`
+# counts the sampled frames whose primary face was labelled, `abstained` those of them abstained; `shares` (the
+# checkpoint's class order) and `dominant` are over the rest (null when none).
+VIDEOS = pa.schema([
+    *(LABELS.field(n) for n in ("uri", "size", "mtime_ns", "etag", "status", "error")),
+    ("container", pa.string()),
+    ("codec", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("rotation", pa.int16()),
+    ("duration", pa.float64()),
+    ("fps", pa.float64()),
+    ("frames_decoded", pa.int64()),
+    ("frames_sampled", pa.int64()),
+    ("last_time", pa.float64()),
+    ("bad_packets", pa.int64()),  # packets that did not decode, skipped
+    ("segments", pa.int32()),
+    ("face_frames", pa.int64()),
+    ("abstained", pa.int64()),
+    ("shares", pa.list_(pa.float32())),
+    ("dominant", pa.string()),
+    *(LABELS.field(n) for n in ("model", "detector")),
 ])
 
 

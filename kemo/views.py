@@ -1,14 +1,17 @@
 """The views of a committed output, made by the driver at commit: ``gallery.html`` of crops and of labels, and
-``labels.csv``. A view is volatile (never a content key) and never data: the rows commit without it when it fails.
+``labels.csv`` and ``videos.csv``. A view is volatile (never a content key) and never data: the rows commit without it
+when it fails.
 
 Rows are chosen in Arrow from the small columns the commit already read; only the pictures a page shows are read
-again: the crops column of the shards that hold a shown crop, or the photos of the faces it shows.
+again: the crops column of the shards that hold a shown crop, the photos of the faces it shows, or the frames of a
+video's strip (decoded again at their times).
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,7 +24,12 @@ from kemo.outputs import Receipt
 from kemo.schema import CROP, has_box
 
 CROP_SHOWN = ["image_id", "status", "box", "face_box", "uri", "error", "label"]  # what the crop page reads of a shard
-LABEL_SHOWN = ["uri", "status", "error", "face", "face_box", "label_name", "confidence", "abstained"]
+LABEL_SHOWN = ["uri", "status", "error", "face", "face_box", "label", "label_name", "confidence", "abstained", "time",
+               "sample"]
+VIDEO_SHOWN = ["uri", "status", "error", "container", "codec", "width", "height", "rotation", "duration", "fps",
+               "frames_sampled", "last_time", "face_frames", "abstained", "shares", "dominant"]
+STRIP = 12  # faces in a video's strip, spread over its sampled frames
+FRAMED = ("ok", "no_face", "truncated", "error")  # video statuses that may have sampled frames to show (if any)
 BY_ID = [("image_id", "ascending")]
 
 
@@ -108,13 +116,16 @@ def _face_caption(r: dict[str, Any]) -> str:
     return f"{r['label_name']} {r['confidence']:.2f} · {short(r['uri'])}{face}"
 
 
-def label_gallery(rows: pa.Table, listed: pa.Table, classes: list[str], heading: list[str], cap: int,
-                  max_bytes: int, threshold: float | None) -> bytes:
-    """gallery.html of the current label rows (:data:`LABEL_SHOWN`): the faces by predicted emotion (most confident
-    first), the abstained apart (most confident first: the nearest to being kept), then the photos with no face and
-    those with another status, listed with their error; at most ``cap`` in each. Thumbnails are cut from the photos
-    again: a few hundred reads, whatever the size of the output, each of the very file this run ``listed`` (its
-    ``file_id``); a row of a photo no longer listed is shown without its picture."""
+def label_gallery(rows: pa.Table, videos: pa.Table, listed: pa.Table, classes: list[str], heading: list[str],
+                  cap: int, max_bytes: int, max_pixels: int, threshold: float | None) -> bytes:
+    """gallery.html of the current label rows (:data:`LABEL_SHOWN`) and video summaries (:data:`VIDEO_SHOWN`): the
+    photos' faces by predicted emotion (most confident first), the abstained apart (most confident first: the nearest
+    to being kept), then the photos with no face and those with another status, listed with their error; at most
+    ``cap`` in each; then a section per video (at most ``cap``: :func:`video_sections`). Thumbnails are cut from the
+    photos and videos again: a few hundred reads, whatever the size of the output, each of the very file this run
+    ``listed`` (its ``file_id``); a row of a file no longer listed is shown without its picture."""
+    frames = rows.filter(pc.is_valid(rows.column("sample")))
+    rows = rows.filter(pc.is_null(rows.column("sample")))
     at = pc.index_in(rows.column("uri"), value_set=listed.column("uri"))
     rows = rows.append_column("listed", pc.is_valid(at)).append_column("file_id", listed.column("file_id").take(at))
     ok = pc.equal(rows.column("status"), "ok")
@@ -140,8 +151,68 @@ def label_gallery(rows: pa.Table, listed: pa.Table, classes: list[str], heading:
     sections.append(gallery.Section("other statuses", [
         gallery.Tile(caption=short(r["uri"]), title=r["uri"], note=f"{r['status']}: {r['error'] or ''}")
         for r in shown], total, "nothing to show: each with its status and error", pictures=False))
+    sections += video_sections(frames, videos, listed, classes, cap, max_pixels)
     gallery.thumbnails(sections)
     return gallery.page("kemo labels", heading, sections)
+
+
+def _strip_caption(r: dict[str, Any]) -> str:
+    return f"{r['time']:.1f} s · {r['label_name']} {r['confidence']:.2f}" + (" (abstained)" if r["abstained"] else "")
+
+
+def _video_note(v: dict[str, Any], classes: list[str]) -> str:
+    shares = ", ".join(f"{c} {p:.2f}" for c, p in zip(classes, v["shares"]) if p) if v["shares"] else "none"
+    return (f"{v['container']} {v['codec']} {v['width']}×{v['height']}, rotated {v['rotation'] or 0}°, "
+            f"{v['duration'] or 0:.1f} s at {v['fps'] or 0:.2f} fps; {v['frames_sampled']} frames sampled, "
+            f"{v['face_frames']} with a face ({v['abstained']} abstained); shares {shares}"
+            + (f"; {v['error']}" if v["error"] else ""))
+
+
+def video_section(v: dict[str, Any], frames: list[dict[str, Any]], listed: dict[str, Any] | None,
+                  classes: list[str], max_pixels: int) -> gallery.Section:
+    """One video's section: the timeline of its sampled frames' emotions, then a strip of at most :data:`STRIP` of
+    its faces spread over its time, each cut from its frame decoded again (``listed``: the video as this run listed
+    it; None: no longer listed, no pictures)."""
+    primary = sorted((r for r in frames if r["face"] in (0, None)), key=lambda r: r["sample"])  # one a frame
+    faces = [r for r in primary if r["status"] == "ok"]
+    k = min(STRIP, len(faces))
+    picked = sorted({round(i * (len(faces) - 1) / max(1, k - 1)) for i in range(k)})  # k of them, first to last
+    strip = [faces[i] for i in picked]
+    loader = gallery.VideoFrames(listed, max_pixels, [(r["time"], r["face_box"]) for r in strip]) if listed else None
+    tiles = [gallery.Tile(caption=_strip_caption(r), title=f"{v['uri']} at {r['time']:.3f} s",
+                          make=partial(loader.thumb, i) if loader else None,
+                          note=None if loader else gallery.NOT_LISTED) for i, r in enumerate(strip)]
+    labels = [r["label"] if r["status"] == "ok" and not r["abstained"] else None for r in primary]
+    plot = gallery.timeline([r["time"] for r in primary], labels, classes,
+                            max(v["duration"] or 0, v["last_time"] or 0))
+    title = f"video {short(v['uri'])} · {v['dominant'] or 'no face'} · {v['status']}"
+    return gallery.Section(title, tiles, len(faces), _video_note(v, classes), plot=plot)
+
+
+def video_sections(frames: pa.Table, videos: pa.Table, listed: pa.Table, classes: list[str], cap: int,
+                   max_pixels: int) -> list[gallery.Section]:
+    """A section per video with sampled frames (the first ``cap`` by uri: :func:`video_section`), and the other
+    videos, listed with their status and error."""
+    if not videos.num_rows:
+        return []
+    by_uri = [("uri", "ascending")]
+    framed = pc.and_(pc.is_in(videos.column("status"), pa.array(FRAMED)),
+                     pc.greater(videos.column("frames_sampled"), 0))
+    total, shown = gallery.top(videos, framed, cap, by_uri)
+    uris = pa.array([v["uri"] for v in shown], pa.string())
+    mine: dict[str, list[dict[str, Any]]] = {}
+    for r in frames.filter(pc.is_in(frames.column("uri"), uris)).to_pylist():
+        mine.setdefault(r["uri"], []).append(r)
+    where = {r["uri"]: r for r in listed.filter(pc.is_in(listed.column("uri"), uris)).to_pylist()}
+    sections = [video_section(v, mine.get(v["uri"], []), where.get(v["uri"]), classes, max_pixels) for v in shown]
+    if total > len(shown):
+        sections.append(gallery.Section(f"{total - len(shown)} more videos", [], total - len(shown),
+                                        f"at most {cap} videos are shown (--gallery)", pictures=False))
+    total, shown = gallery.top(videos, pc.invert(framed), cap, by_uri)
+    sections.append(gallery.Section("videos: other statuses", [
+        gallery.Tile(caption=short(v["uri"]), title=v["uri"], note=f"{v['status']}: {v['error'] or ''}")
+        for v in shown], total, "no frame to show: each with its status and error", pictures=False))
+    return sections
 
 
 FORMULA = r"^[=+\-@\t\r]"  # a cell a spreadsheet would run as a formula (OWASP's CSV injection list)
@@ -153,15 +224,11 @@ def as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.if_else(risky, pc.binary_join_element_wise("'", column, ""), column)
 
 
-def labels_csv(table: pa.Table, classes: list[str]) -> bytes:
-    """labels.csv: the list columns spread into scalar ones (face_x1 … face_y2, p_<class>) for spreadsheets; every
-    text cell (file names, class names, errors: none of them kemo's own) escaped by :func:`as_text`."""
+def _csv(table: pa.Table, spread: dict[str, Callable[[pa.ChunkedArray], dict[str, Any]]]) -> bytes:
+    """A table as CSV for spreadsheets: the ``spread`` list columns as scalar ones, every text cell (file names, class
+    names, errors: none of them kemo's own) escaped by :func:`as_text`."""
     import pyarrow.csv as pacsv
 
-    spread: dict[str, Callable[[pa.ChunkedArray], dict[str, Any]]] = {
-        "face_box": lambda c: {f"face_{a}": pc.list_element(c, k) for k, a in enumerate(("x1", "y1", "x2", "y2"))},
-        "probs": lambda c: {f"p_{name}": pc.list_element(c, k) for k, name in enumerate(classes)},
-    }
     cols: dict[str, Any] = {}
     for name in table.column_names:
         column = table.column(name)
@@ -170,3 +237,19 @@ def labels_csv(table: pa.Table, classes: list[str]) -> bytes:
     buf = io.BytesIO()
     pacsv.write_csv(pa.table(cols), buf)
     return buf.getvalue()
+
+
+def _by_class(prefix: str, classes: list[str]) -> Callable[[pa.ChunkedArray], dict[str, Any]]:
+    return lambda c: {f"{prefix}{name}": pc.list_element(c, k) for k, name in enumerate(classes)}
+
+
+def labels_csv(table: pa.Table, classes: list[str]) -> bytes:
+    """labels.csv: the label rows, boxes and probabilities spread into columns (face_x1 … face_y2, p_<class>)."""
+    return _csv(table, {
+        "face_box": lambda c: {f"face_{a}": pc.list_element(c, k) for k, a in enumerate(("x1", "y1", "x2", "y2"))},
+        "probs": _by_class("p_", classes)})
+
+
+def videos_csv(table: pa.Table, classes: list[str]) -> bytes:
+    """videos.csv: the video summaries, the emotion shares spread into columns (share_<class>)."""
+    return _csv(table, {"shares": _by_class("share_", classes)})
