@@ -122,7 +122,7 @@ def test_benchmark_report(ray_local, tmp_path):
     steady = lab["kemo_steady_photos_per_s"] / lab["plain_loop_steady_photos_per_s"]
     assert lab["steady_ratio_vs_plain"] == round(steady, 2)
     assert lab["kemo_fixed_cost_s"] >= 0 and lab["resources"]["actors"] == 2
-    _check_sampled(lab["sampled"], "LabelPhotos")
+    _check_sampled(lab["sampled"], "LabelFiles")  # the label job's actor: photos and short clips
 
     saved = json.load(open(os.path.join(cfg.output, "benchmark.json")))
     commit = json.load(open(os.path.join(cfg.output, "_commit.json")))  # committed through the output store
@@ -133,7 +133,7 @@ def test_benchmark_report(ray_local, tmp_path):
     for part in ("no GPU", "| 320x240 ms | 400x300 ms |", "cv2 reduced 1/2", "| haar | cpu | no | 1 | 16 |",
                  "| annotations |", "| 1 CPU | annotations | 1 × 1, 0 |", "| 2 CPU | annotations | 2 × 1, 0 |",
                  "GPU scaling: no GPU.", "(scaling.png)", "Labelling 21 photos", "| preprocess, haar |",
-                 "| scaling, 2 CPU |", "| label |", "MapWorker(MapBatches(LabelPhotos))"):
+                 "| scaling, 2 CPU |", "| label |", "MapWorker(MapBatches(LabelFiles))"):
         assert part in md, part
 
 

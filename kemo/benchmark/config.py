@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from kemo.settings import CropSettings
 
-STAGES = ("decode", "detect", "preprocess", "scaling", "train", "label", "scale")
+STAGES = ("decode", "detect", "preprocess", "scaling", "train", "label", "video", "scale")
 DEFAULT_STAGES = STAGES[:-1]  # scale runs every job three times over 4,000 photos: asked for by name
 # --smoke-test: the least work that still goes through every requested stage: 14 photos (two per emotion) of
 # 320x240, one decode size, small crops and classifier inputs, two short epochs (the first is warm-up, so two is the

@@ -25,6 +25,7 @@ from kemo.benchmark.report import markdown, scaling_png
 from kemo.benchmark.scale import scale_benchmark
 from kemo.benchmark.scaling import scaling_benchmark
 from kemo.benchmark.train import train_benchmark
+from kemo.benchmark.video import video_benchmark
 
 log = logging.getLogger(__name__)
 REPORT, NOTES, PLOT = "benchmark.json", "benchmark.md", "scaling.png"
@@ -62,6 +63,7 @@ def run(cfg: BenchmarkConfig) -> dict[str, Any]:
                 "scaling": lambda: report.update(scaling=scaling_benchmark(cfg, cluster, work, manifest, len(rows))),
                 "train": lambda: report.update(train=train_benchmark(cfg, cores, work)),
                 "label": lambda: report.update(label=label_benchmark(cfg, cluster, work, rows)),
+                "video": lambda: report.update(video=video_benchmark(cfg, cluster, work)),
                 "scale": lambda: report.update(scale=scale_benchmark(cfg, work)),
             }
             for stage in stages:

@@ -28,25 +28,33 @@ def part_receipts(label_output: str) -> list[tuple[float, int]]:
     return [(t, sum(rows for _, rows in parts[:i + 1])) for i, (t, _) in enumerate(parts)]
 
 
+def random_classifier(cfg: BenchmarkConfig, cluster: dict[str, float], checkpoint: str) -> tuple[str, int]:
+    """The label stages' detector and classifier: ``cfg``'s detector (yolo with weights, else haar) and a K-EmotionNet
+    checkpoint of random weights written to ``checkpoint`` (the speed does not depend on them). Returns (detector,
+    the classifier's input side)."""
+    import torch
+
+    from kemo.classifier.checkpoint import save_checkpoint
+    from kemo.classifier.registry import create_model
+
+    gpu = torch.cuda.is_available() and cluster.get("GPU", 0) >= 1
+    size = cfg.label_image_size or (224 if gpu else 64)
+    torch.manual_seed(cfg.seed)
+    save_checkpoint(checkpoint, create_model("kemotionnet"), "kemotionnet", {}, image_size=size)
+    return cfg.label_detector or ("yolo" if cfg.weights else "haar"), size
+
+
 def label_benchmark(cfg: BenchmarkConfig, cluster: dict[str, float], work: str, rows: list[dict[str, Any]]
                     ) -> dict[str, Any]:
     """kemo's label job against :func:`plain_label_loop` on the same photos, with the same detector and classifier:
     a K-EmotionNet checkpoint with random weights (the speed does not depend on them). kemo's steady rate is timed
     between its first and last part file, written every 16 rows."""
-    import torch
-
-    from kemo.classifier.checkpoint import save_checkpoint
-    from kemo.classifier.registry import create_model
     from kemo.label import LabelConfig
     from kemo.label import run as label
     from kemo.preprocess import steady_rate
 
-    gpu = torch.cuda.is_available() and cluster.get("GPU", 0) >= 1
-    size = cfg.label_image_size or (224 if gpu else 64)
-    detector = cfg.label_detector or ("yolo" if cfg.weights else "haar")
     checkpoint = os.path.join(work, "classifier")
-    torch.manual_seed(cfg.seed)
-    save_checkpoint(checkpoint, create_model("kemotionnet"), "kemotionnet", {}, image_size=size)
+    detector, size = random_classifier(cfg, cluster, checkpoint)
     n, n_small = len(rows), len(rows) // 3
     with Sampler(cfg.sample_every):  # the sampler's own CPU time weighs on both paths alike
         plain_s, plain_small = plain_label_loop(rows, detector, cfg.weights, cfg, checkpoint)

@@ -54,6 +54,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += _train_markdown(report)
     if "label" in report:
         lines += _label_markdown(report)
+    if "video" in report:
+        lines += _video_markdown(report)
     if "scale" in report:
         lines += _scale_markdown(report)
     lines += _sampled_markdown(report)
@@ -176,6 +178,21 @@ def _label_markdown(report: dict[str, Any]) -> list[str]:
             f"| {d['kemo_fixed_cost_s']} s |"]
 
 
+def _video_markdown(report: dict[str, Any]) -> list[str]:
+    v = report["video"]
+    d = v["decode_only"]
+    return ["", f"Labelling video: {v['clips']} clips ({v['clip']}) sampled at {v['sample_fps']} frames a second of "
+            f"presentation time, {v['detector']} → crop → {v['classifier']} at {v['image_size']}² (random weights): "
+            f"kemo's label job (segments of {v['segment_seconds']} s, over {v['segment_actors']} actor(s)) against a "
+            "plain loop (cv2.VideoCapture → the same detector → crop → the same classifier, frame by frame). Videos: "
+            f"{_statuses_text(v['video_statuses'])}.", "",
+            "| frames sampled | plain loop, frames/s | kemo | kemo / plain | kemo, steady | kemo / plain, steady "
+            "| decode only: PyAV / PyAV to RGB / cv2 frames/s |", "|---|---|---|---|---|---|---|",
+            f"| {v['frames_sampled']} | {v['plain_loop_frames_per_s']} | {v['kemo_frames_per_s']} | "
+            f"{v['ratio_vs_plain']}× | {v['kemo_steady_frames_per_s']} | {v['steady_ratio_vs_plain']}× | "
+            f"{d['pyav_fps']} / {d['pyav_rgb_fps']} / {d['cv2_read_fps']} |"]
+
+
 def _scale_markdown(report: dict[str, Any]) -> list[str]:
     s = report["scale"]
     n0, n, n10 = s["photos"]
@@ -205,7 +222,8 @@ def _sampled_runs(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     for key in ("cpu", "gpu"):
         runs += [(f"scaling, {p['workers']} {key.upper()}", p["sampled"])
                  for p in (report.get("scaling", {}).get(key) or [])]
-    return runs + [(stage, report[stage]["sampled"]) for stage in ("train", "label") if stage in report]
+    return runs + [(stage, report[stage]["sampled"]) for stage in ("train", "label", "video")
+                   if stage in report]
 
 
 def _sampled_markdown(report: dict[str, Any]) -> list[str]:

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from kemo.benchmark.config import BenchmarkConfig, crop_settings
-from kemo.benchmark.label import part_receipts
+from kemo.benchmark.label import part_receipts, random_classifier
 from kemo.benchmark.loops import plain_detector
 from kemo.benchmark.preprocess import resources_of
 from kemo.benchmark.probes import Sampler, rate
@@ -123,21 +123,13 @@ def video_benchmark(cfg: BenchmarkConfig, cluster: dict[str, float], work: str) 
     """kemo's label job on :data:`CLIPS` generated clips against :func:`plain_video_loop` on the same clips, with the
     same detector and a K-EmotionNet of random weights, sampling :data:`SAMPLE_FPS` frames a second; kemo's steady
     rate is timed between its first and last part (a part a video), and decode-only rates on the first clip."""
-    import torch
-
-    from kemo.classifier.checkpoint import save_checkpoint
-    from kemo.classifier.registry import create_model
     from kemo.label import LabelConfig
     from kemo.label import run as label
     from kemo.preprocess import steady_rate
     from kemo.resources import cluster_nodes, resolve_resources
 
-    gpu = torch.cuda.is_available() and cluster.get("GPU", 0) >= 1
-    size = cfg.label_image_size or (224 if gpu else 64)
-    detector = cfg.label_detector or ("yolo" if cfg.weights else "haar")
     checkpoint = os.path.join(work, "video-classifier")
-    torch.manual_seed(cfg.seed)
-    save_checkpoint(checkpoint, create_model("kemotionnet"), "kemotionnet", {}, image_size=size)
+    detector, size = random_classifier(cfg, cluster, checkpoint)
     folder = os.path.join(work, "clips")
     os.makedirs(folder, exist_ok=True)
     paths = [clip(os.path.join(folder, f"clip{k}.mp4"), cfg.seed + k) for k in range(CLIPS)]
