@@ -123,12 +123,13 @@ def test_an_embedded_ray_that_misses_its_start_deadline_is_tried_again_then_refu
     from kemo.config import Stopped
 
     tries, started = [], []
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "restored after the test")  # an embedded start names its own
     monkeypatch.setattr(ray, "is_initialized", lambda: bool(started))
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.setattr(resources, "cluster_nodes", lambda: ["node"])
 
     def init(failures: int, error: Exception):
-        def fake() -> None:
+        def fake(**options: object) -> None:  # embedded_options(): an embedded start's dashboard, named
             tries.append(1)
             if len(tries) <= failures:
                 raise error
