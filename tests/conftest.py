@@ -175,3 +175,19 @@ def annotation_crops(corpus_index, ray_local, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("crops") / "annotations")
     preprocess.run(preprocess.PreprocessConfig(input=corpus_index, output=out, detector="annotations", crop_size=64))
     return out
+
+
+@pytest.fixture(scope="module")
+def small_kemotionnet(tmp_path_factory) -> str:
+    """A small K-EmotionNet checkpoint (blocks 1,1,1,1, 48²) with random weights, seeded: the label tests' classifier,
+    whose labels must equal what it says on the training path's pixels. One per module: a test may change its meta."""
+    import torch
+
+    from kemo.classifier.checkpoint import save_checkpoint
+    from kemo.classifier.registry import create_model
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("ckpt"))
+    save_checkpoint(path, create_model("kemotionnet", blocks=[1, 1, 1, 1]), "kemotionnet", {"blocks": [1, 1, 1, 1]},
+                    image_size=48)
+    return path

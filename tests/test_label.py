@@ -118,13 +118,8 @@ def direct(cfg: LabelConfig, uris: list[str]) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A small K-EmotionNet with random weights: labels must equal what it says on the training path's pixels."""
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("ckpt"))
-    save_checkpoint(path, create_model("kemotionnet", blocks=[1, 1, 1, 1]), "kemotionnet", {"blocks": [1, 1, 1, 1]},
-                    image_size=48)
-    return path
+def checkpoint(small_kemotionnet):
+    return small_kemotionnet
 
 
 @pytest.fixture(scope="module")

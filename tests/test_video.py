@@ -68,7 +68,12 @@ def write_av(path: str, times: list[float], frames: Iterator[np.ndarray], codec:
         frame.pts, frame.time_base = round(t * 1000), fractions.Fraction(1, 1000)
         for packet in s.encode(frame):
             out.mux(packet)
-    for packet in s.encode():
+    return _finish(out, s, path)
+
+
+def _finish(out, stream, path: str) -> str:
+    """Flush ``stream``'s encoder into ``out`` and close it: the file at ``path`` is complete."""
+    for packet in stream.encode():
         out.mux(packet)
     out.close()
     return path
@@ -83,10 +88,7 @@ def write_audio(path: str) -> str:
         frame.sample_rate, frame.pts = 44100, i * 1024
         for packet in s.encode(frame):
             out.mux(packet)
-    for packet in s.encode():
-        out.mux(packet)
-    out.close()
-    return path
+    return _finish(out, s, path)
 
 
 def half(path: str, dest: str) -> str:

@@ -16,13 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pytest
-import torch
 
 from kemo import label_store, outputs, storage
 from kemo import label_videos as lv
 from kemo.classes import CLASS_NAMES
-from kemo.classifier.checkpoint import read_meta, save_checkpoint
-from kemo.classifier.registry import create_model
+from kemo.classifier.checkpoint import read_meta
+from kemo.crop import iou
 from kemo.label import LabelConfig, calibration, run, snapshot
 from kemo.label_photos import LabelPhotos
 from kemo.label_store import read_labels, read_videos
@@ -43,19 +42,9 @@ def face_in(first: int, last: int, box=FACE):
     return lambda i: [box] if first <= i < last else []
 
 
-def iou(a, b) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    return w * h / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h)
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("ckpt"))
-    save_checkpoint(path, create_model("kemotionnet", blocks=[1, 1, 1, 1]), "kemotionnet", {"blocks": [1, 1, 1, 1]},
-                    image_size=48)
-    return path
+def checkpoint(small_kemotionnet):
+    return small_kemotionnet
 
 
 @pytest.fixture(scope="module")
