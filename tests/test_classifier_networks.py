@@ -26,3 +26,26 @@ def test_kemotionnet_has_54_weighted_layers_and_the_rule_counts_resnet18_as_18()
     assert weighted_layers(kemotionnet(blocks=[2, 2, 2, 2])) == 18
     with pytest.raises(ValueError, match="four stages"):
         kemotionnet(blocks=[3, 4, 16])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_each_network_is_torchvisions_weight_for_weight_under_the_same_seed(name):
+    """kemo writes the networks out (importing torchvision costs every model-building process seconds): the same
+    seed must give torchvision's weights under the same state-dict keys, and the same outputs."""
+    import torchvision.models as tv
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    reference = {"kemotionnet": lambda: ResNet(BasicBlock, [3, 4, 16, 3], num_classes=7),
+                 "resnet18": lambda: tv.resnet18(weights=None, num_classes=7),
+                 "vgg19": lambda: tv.vgg19(weights=None, num_classes=7),
+                 "vgg19_bn": lambda: tv.vgg19_bn(weights=None, num_classes=7)}[name]
+    torch.manual_seed(3)
+    ours = create_model(name, num_classes=7).eval()
+    torch.manual_seed(3)
+    theirs = reference().eval()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
