@@ -13,6 +13,7 @@ from kemo.classifier.checkpoint import input_batch, load_checkpoint, save_checkp
 from kemo.classifier.evaluation import evaluate_checkpoint
 from kemo.classifier.experiment import KIND, TrainConfig, plan_runs, run
 from kemo.classifier.metrics import classification_report, confusion_matrix
+from kemo.classifier.networks import weighted_layers
 from kemo.classifier.registry import create_model
 from tests.tree import snapshot
 
@@ -21,12 +22,17 @@ from tests.tree import snapshot
 def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops, tmp_path):
     shards = annotation_crops
     out = str(tmp_path / "classify")
-    cfg = TrainConfig(shards=(shards,), output=out, models=("resnet18",), seeds=2, epochs=1, image_size=32,
-                      batch_size=32)
+    # K-EmotionNet in a layout given on the command line (--blocks 1,1,1,1): it reaches every run and checkpoint
+    cfg = TrainConfig(shards=(shards,), output=out, models=("kemotionnet",), blocks=(1, 1, 1, 1), seeds=2, epochs=1,
+                      image_size=32, batch_size=32)
     report = run(cfg)
     outputs.Output(out, KIND).committed()
     (row,) = report.rows
-    assert row.preprocessing == "annotations" and row.model == "resnet18" and row.accuracy.n == 2
+    assert row.preprocessing == "annotations" and row.model == "kemotionnet" and row.accuracy.n == 2
+    for entry in report.runs:
+        assert entry.spec.arguments == {"blocks": [1, 1, 1, 1]}
+        model, meta = load_checkpoint(entry.checkpoint)
+        assert meta["arguments"] == {"blocks": [1, 1, 1, 1]} and weighted_layers(model) == 10
     accuracies = [r.test.accuracy for r in report.runs]
     assert row.accuracy_on_faces.mean == pytest.approx(sum(accuracies) / 2)
     test_photos = report.data["annotations"].splits["test"].photos
@@ -36,11 +42,11 @@ def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops
     table = open(os.path.join(out, "table5.md")).read().splitlines()
     assert table[0].startswith("Every row is scored on the same ") and table[2].startswith(
         "| Preprocessing | Model | Test accuracy (%) | On faces (%) | Faces found (%)") and table[4].startswith(
-        "| annotations | resnet18 | ")
+        "| annotations | kemotionnet | ")
     for png in ("confusion.png", "curves.png"):
         assert open(os.path.join(out, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     name = report.runs[0].name
-    assert name.startswith("annotations-resnet18-seed0-")
+    assert name.startswith("annotations-kemotionnet-seed0-")
     finished = json.load(open(os.path.join(out, "results", f"{name}.json")))
     # preprocess again (the crops are committed: a no-op) and train again: nothing is trained, nothing written
     before = snapshot(out) | snapshot(shards)
@@ -57,6 +63,8 @@ def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops
     assert {r.name for r in report.runs} < {r.name for r in grown}
     with pytest.raises(ValueError, match="unknown models"):
         run(TrainConfig(shards=(shards,), output=out, models=("resnet50",)))
+    with pytest.raises(ValueError, match="four stages"):
+        run(dataclasses.replace(cfg, blocks=(3, 4, 16)))
 
 
 def test_cpu_workers_reserve_their_share_of_the_node_and_unplaceable_workers_are_refused():
@@ -90,19 +98,6 @@ def test_cpu_workers_reserve_their_share_of_the_node_and_unplaceable_workers_are
 
 
 @pytest.mark.slow
-def test_kemotionnet_layout_from_the_command_line_reaches_the_checkpoint(annotation_crops, tmp_path):
-    from kemo.classifier.networks import weighted_layers
-
-    cfg = TrainConfig(shards=(annotation_crops,), output=str(tmp_path / "k"), models=("kemotionnet",),
-                      blocks=(1, 1, 1, 1), seeds=1, epochs=1, image_size=32, batch_size=32)
-    (entry,) = run(cfg).runs
-    assert entry.spec.arguments == {"blocks": [1, 1, 1, 1]}
-    model, meta = load_checkpoint(entry.checkpoint)
-    assert meta["arguments"] == {"blocks": [1, 1, 1, 1]} and weighted_layers(model) == 10
-    with pytest.raises(ValueError, match="four stages"):
-        run(dataclasses.replace(cfg, blocks=(3, 4, 16)))
-
-
 @pytest.mark.parametrize("side", [32, 40])  # at the checkpoint's input size, and resized to it
 def test_a_checkpoint_is_evaluated_as_its_own_input_batch_predicts(side, tmp_path):
     torch.manual_seed(0)
