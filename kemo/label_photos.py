@@ -42,6 +42,18 @@ def autocast_dtype(precision: str, device: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def torch_threads(share: int) -> None:
+    """torch's intra-op and inter-op threads held to the actor's CPU share (by default each is every core of the
+    node: with an actor per core they oversubscribe it). The inter-op pool can be sized once per process, before any
+    inter-op work: a process that has run some (a test, the benchmark) keeps its own."""
+    import torch
+
+    torch.set_num_threads(share)
+    if torch.get_num_interop_threads() != share:
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(share)
+
+
 class LabelPhotos:
     """Ray Data class UDF: a batch of listed photos (``LISTED`` columns) → their ``LABELS`` rows."""
 
@@ -50,15 +62,13 @@ class LabelPhotos:
         what the driver read from meta.json with the run's fingerprint, not read here again: meta.json is rewritten
         when jobs/train.py calibrates a finished run, and an actor started after that must still write what the
         commit will say."""
-        import torch
-
         from kemo.classifier.checkpoint import load_checkpoint
         from kemo.label import LabelConfig
 
         self.cfg = LabelConfig(**cfg)
+        torch_threads(max(1, self.cfg.decoders))  # before the detector's model, which may run torch
         self.front = FrontEnd(self.cfg, self.cfg, self.cfg.decoders, self.cfg.max_bytes, self.cfg.decode_pixels,
                               all_faces=self.cfg.all_faces)
-        torch.set_num_threads(max(1, self.cfg.decoders))  # the actor's CPU share, not the whole node
         self.device = torch_device(self.cfg.device)
         self.model, self.meta = load_checkpoint(self.cfg.checkpoint, self.device)
         self.temperature, self.threshold = temperature, threshold

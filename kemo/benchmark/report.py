@@ -167,15 +167,24 @@ def _train_markdown(report: dict[str, Any]) -> list[str]:
 
 def _label_markdown(report: dict[str, Any]) -> list[str]:
     d, r = report["label"], report["label"]["resources"]
+    c, ms = d["ceilings_photos_per_s"], d["ms_per_photo_one_core"]
+    gpu = f" ({', '.join(d['on_gpu'])} on the GPU)" if d["on_gpu"] else ""
     return ["", f"Labelling {d['photos']} photos: {d['detector']} → crop → {d['classifier']} at {d['image_size']}² "
             f"(random weights): kemo's label job ({_resources_text(r)}) against a plain loop (cv2.imread → the same "
             f"detector → crop → the same classifier, one photo at a time). kemo's photos: "
             f"{_statuses_text(d['statuses'])}.", "",
             "| detector | plain loop | kemo | kemo / plain | plain, steady | kemo, steady | kemo / plain, steady "
-            "| kemo fixed cost |", "|---|---|---|---|---|---|---|---|",
+            "| kemo fixed cost | slowest stage alone | kemo steady / it | all stages on all cores | kemo steady / it |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {d['detector']} | {d['plain_loop_photos_per_s']} | {d['kemo_photos_per_s']} | {d['ratio_vs_plain']}× | "
             f"{d['plain_loop_steady_photos_per_s']} | {d['kemo_steady_photos_per_s']} | {d['steady_ratio_vs_plain']}× "
-            f"| {d['kemo_fixed_cost_s']} s |"]
+            f"| {d['kemo_fixed_cost_s']} s | {d['slowest_stage']}: {c[d['slowest_stage']]} | "
+            f"{d['steady_share_of_slowest_stage']:.0%} | {c['all stages on all cores']} | "
+            f"{d['steady_share_of_all_stages_bound']:.0%} |", "",
+            f"Inside the labelling actor{gpu}: each phase alone through the actor's own methods, one core; photos/s "
+            "scaled to all cores.", "", "| phase | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms),
+            "| ms per photo, one core | " + " | ".join(str(v) for v in ms.values()) + " |",
+            "| photos/s alone, all cores | " + " | ".join(str(c[k]) for k in ms) + " |"]
 
 
 def _video_markdown(report: dict[str, Any]) -> list[str]:

@@ -11,11 +11,13 @@ checkpoint has neither: temperature 1, no threshold). :func:`load_checkpoint` re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import zipfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -149,8 +151,28 @@ def abstention_threshold(meta: dict[str, Any], where: str) -> float:
 def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode on ``device``, meta) from a checkpoint directory; a checkpoint that is not what its
     ``meta.json`` says (another architecture, a forged or truncated ``model.pt``, a zip bomb) raises
-    ``CheckpointError``, the bomb before torch is imported (its import alone holds ~650 MB)."""
+    ``CheckpointError``, the bomb before torch is imported (its import alone holds ~470 MB). The model is built
+    uninitialised and takes the loaded tensors as its own: no random initialisation (seconds for K-EmotionNet) and
+    no second copy of the weights."""
     meta = read_meta(path)
+    model, state = _model_and_state(path, meta)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    misshapen = sorted(k for k in set(own) & set(state) if not _tensor(state[k]) or state[k].shape != own[k].shape)
+    if missing or unexpected or misshapen:
+        raise CheckpointError(
+            f"{storage.join(path, MODEL)} does not fit the {meta['architecture']} that meta.json names: "
+            f"{len(missing)} tensors missing, {len(unexpected)} unexpected, {len(misshapen)} of another shape (e.g. "
+            f"{(missing or unexpected or misshapen)[0]})")
+    # in the model's own dtypes, as a copy into a built model would hold them
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, assign=True)
+    return model.to(device).eval(), meta
+
+
+def _model_and_state(path: str, meta: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """(the architecture ``meta`` names, built uninitialised (:func:`_uninitialised`); the state dict
+    ``model.pt`` holds), both checked: the file is the one ``meta.json`` describes, declares no more tensor bytes than
+    the model holds, and is a plain state dict. The file's bytes are freed on return."""
     uri = storage.join(path, MODEL)
     try:
         data = storage.read_bounded(uri, MAX_MODEL_BYTES)
@@ -167,45 +189,45 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[nn.Module, dict[str
     if meta["architecture"] not in MODELS:
         raise CheckpointError(f"{storage.join(path, META)} names architecture {meta['architecture']!r}, which this "
                               f"kemo does not know ({', '.join(MODELS)})")
-    _check_declared_size(uri, data, _expected_bytes(meta))
+    try:
+        with _uninitialised():
+            model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arguments"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{storage.join(path, META)}: {meta['architecture']} cannot be built with arguments "
+                              f"{meta['arguments']}: {e}") from None
+    _check_declared_size(uri, data, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickled code, a truncated zip: refused, never run
         first = (str(e).splitlines() or [""])[0].split(". ")[0]  # torch's advice runs on for lines
         raise CheckpointError(f"{uri} is not a plain state dict ({type(e).__name__}: {first})") from None
-    try:
-        model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arguments"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{storage.join(path, META)}: {meta['architecture']} cannot be built with arguments "
-                              f"{meta['arguments']}: {e}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{uri} holds a {type(state).__name__}, not a state dict")
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    misshapen = sorted(k for k in set(own) & set(state)
-                       if not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape)
-    if missing or unexpected or misshapen:
-        raise CheckpointError(
-            f"{uri} does not fit the {meta['architecture']} that meta.json names: {len(missing)} tensors missing, "
-            f"{len(unexpected)} unexpected, {len(misshapen)} of another shape (e.g. "
-            f"{(missing or unexpected or misshapen)[0]})")
-    model.load_state_dict(state)
-    return model.to(device).eval(), meta
+    return model, state
 
 
-def _expected_bytes(meta: dict[str, Any]) -> int:
-    """The bytes of the tensors of the model ``meta.json`` names, counted on torch's meta device: no memory."""
+@contextlib.contextmanager
+def _uninitialised() -> Iterator[None]:
+    """Models built in the block keep their tensors as allocated (``torch.nn.init`` does nothing): the state dict
+    replaces every one of them. Untouched memory holds no pages, and K-EmotionNet's random initialisation took seconds
+    (on the meta device, its decompositions import torch._dynamo: seconds more, and ~150 MB)."""
+    from torch.nn import init
+
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    saved = {n: getattr(init, n) for n in names}
+    try:
+        for n in names:
+            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(init, n, fn)
+
+
+def _tensor(value: object) -> bool:
     import torch
 
-    from kemo.classifier.registry import create_model
-
-    try:
-        with torch.device("meta"):
-            model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arguments"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{meta['architecture']} cannot be built with arguments {meta['arguments']}: {e}") \
-            from None
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return isinstance(value, torch.Tensor)
 
 
 def _check_declared_size(uri: str, data: bytes, expected: int) -> None:
