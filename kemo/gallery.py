@@ -13,6 +13,7 @@ does, reduced while it decodes), from a video's frame (decoded again at its time
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import math
 import re
@@ -41,6 +42,7 @@ class Tile:
     thumb: bytes | None = None  # a JPEG; None lists the row without a picture
     note: str | None = None  # an error to show beside it
     make: Callable[[], bytes | None] | None = None  # makes ``thumb`` (reads a photo): run by :func:`thumbnails`
+    key: str | None = None  # names the picture (:func:`tile_key`): a later page takes it from this one's
 
 
 @dataclass
@@ -95,6 +97,24 @@ def face_thumbnail(uri: str, box: list[float] | None, max_bytes: int, file_id: s
     return thumbnail(crop_square(dec.image, crop_region(box, MARGIN), THUMB, dec.factors))
 
 
+def tile_key(r: dict[str, Any], box: list[float] | None, at: float | None = None) -> str | None:
+    """What a thumbnail is cut from: the file version of ``r`` (uri, size, mtime, ETag: as the skip rule knows a
+    file), the box (None: the whole photo), a video's time and the thumbnail's settings, hashed; None for a row
+    without a version (a crop output's)."""
+    if "size" not in r:
+        return None
+    parts = [r["uri"], r["size"], r["mtime_ns"], r.get("etag"), box, at, THUMB, THUMB_QUALITY, MARGIN]
+    return hashlib.sha1("\0".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
+KNOWN = re.compile(r'<figure title="[^"]*" data-k="([0-9a-f]+)"><img src="data:image/jpeg;base64,([A-Za-z0-9+/=]*)"')
+
+
+def known_thumbs(page: bytes) -> dict[str, bytes]:
+    """The thumbnails of an earlier page, by :func:`tile_key`: what a new page need not cut again."""
+    return {k: base64.b64decode(b64) for k, b64 in KNOWN.findall(page.decode("utf-8", errors="replace"))}
+
+
 NOT_LISTED = "no picture: no longer listed under the input (what that name holds now is not read)"
 
 
@@ -108,7 +128,8 @@ def photo_tiles(rows: list[dict[str, Any]], caption: Callable[[dict[str, Any]], 
         if not r.get("listed", True):
             return Tile(caption=caption(r), title=r[title], note="; ".join(filter(None, [r.get("error"), NOT_LISTED])))
         return Tile(caption=caption(r), title=r[title], note=r.get("error"),
-                    make=lambda: face_thumbnail(r["uri"], r[box] if box else None, max_bytes, r.get("file_id")))
+                    make=lambda: face_thumbnail(r["uri"], r[box] if box else None, max_bytes, r.get("file_id")),
+                    key=tile_key(r, r[box] if box else None))
 
     return [tile(r) for r in rows]
 
@@ -189,9 +210,10 @@ def no_face(rows: list[dict[str, Any]], total: int, caption: Callable[[dict[str,
     return Section("no face", photo_tiles(rows, caption, title, None, max_bytes), total, "the whole photo")
 
 
-def thumbnails(sections: Iterable[Section]) -> None:
-    """Fill the ``thumb`` of every tile that has a ``make``, :data:`READERS` at a time; a failure leaves the tile
-    without a picture and its error in ``note``."""
+def thumbnails(sections: Iterable[Section], known: dict[str, bytes] | None = None) -> None:
+    """Fill the ``thumb`` of every tile that has a ``make``: from ``known`` (an earlier page's, by key) where it is
+    there, else made, :data:`READERS` at a time; a failure leaves the tile without a picture and its error in
+    ``note``."""
     def make(tile: Tile) -> None:
         try:
             tile.thumb = tile.make()
@@ -200,8 +222,12 @@ def thumbnails(sections: Iterable[Section]) -> None:
         except Exception as e:  # the photo changed or went since the run: the page still shows the rest
             tile.note = f"no picture: {type(e).__name__}: {e}"
 
+    tiles = [t for s in sections for t in s.tiles if t.make is not None]
+    for tile in tiles:
+        if tile.key is not None and (known or {}).get(tile.key):
+            tile.thumb, tile.make = known[tile.key], None
     with ThreadPoolExecutor(READERS) as pool:
-        list(pool.map(make, [t for s in sections for t in s.tiles if t.make is not None]))
+        list(pool.map(make, [t for t in tiles if t.make is not None]))
 
 
 CSS = """
@@ -250,7 +276,8 @@ def page(title: str, lines: list[str], sections: list[Section]) -> bytes:
                 img = (f'<img src="data:image/jpeg;base64,{base64.b64encode(t.thumb).decode()}" alt="{e(t.title)}">'
                        if t.thumb else "")
                 note = f'<br><span class="err">{e(t.note)}</span>' if t.note else ""
-                parts.append(f'<figure title="{e(t.title)}">{img}<figcaption>{e(t.caption)}{note}</figcaption>'
+                key = f' data-k="{t.key}"' if t.key and t.thumb else ""
+                parts.append(f'<figure title="{e(t.title)}"{key}>{img}<figcaption>{e(t.caption)}{note}</figcaption>'
                              "</figure>")
             parts.append("</div>")
         else:

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kemo import label_store, listing, outputs, storage, views
+from kemo import gallery, label_store, listing, outputs, storage, views
 from kemo.actor_pool import map_photos, prepare
 from kemo.config import at_least, within
 from kemo.detector.registry import detector_class, resolve_detector
@@ -31,6 +31,7 @@ from kemo.label_photos import LISTED, PRECISIONS
 from kemo.label_store import PARTS, VIDEO_PARTS, PartWriter
 from kemo.label_videos import LabelFiles, VideoPass, VideoRounds, photo_rows
 from kemo.record import from_dict
+from kemo.schema import LABELS, VIDEOS
 from kemo.settings import PhotoSettings, crop_fingerprint
 
 log = logging.getLogger(__name__)
@@ -200,27 +201,70 @@ def _label_pending(cfg: LabelConfig, claim: dict[str, Any], pending: pa.Table) -
     return photos + videos.done.videos, statuses + videos.done.statuses, videos.done
 
 
-def _views(cfg: LabelConfig, final: dict[str, list[str]], listed: pa.Table, classes: list[str],
-           summary: LabelSummary) -> dict[str, bytes]:
-    """The views of the current rows (``labels.csv``, ``videos.csv``, ``gallery.html``), made before the old commit
-    goes; a gallery that fails is logged and left out (the labels commit without it, and the next run tries again)."""
-    made = {}
+def _previous(out: outputs.Output, claim: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The files of the committed output (by path) where this setup committed it; else none."""
+    try:
+        previous = out.manifest()
+    except outputs.Damaged:
+        return {}
+    if previous is None or previous.get("fingerprint") != outputs.plain(claim):
+        return {}
+    return {f["path"]: f for f in previous["files"]}
+
+
+def _known_thumbs(out: outputs.Output, entries: dict[str, dict[str, Any]]) -> dict[str, bytes]:
+    """The thumbnails of the committed gallery (where it is as committed): a rerun cuts only the new ones."""
+    entry = entries.get(outputs.GALLERY)
+    page = storage.read_bytes(out.path(outputs.GALLERY)) if entry else b""
+    return gallery.known_thumbs(page) if page and outputs.Receipt.of(outputs.GALLERY, page).sha256 == \
+        entry["sha256"] else {}
+
+
+def _csv_tail(cfg: LabelConfig, out: outputs.Output, claim: dict[str, Any], entries: dict[str, dict[str, Any]],
+              current: _Current, final: list[str]) -> tuple[outputs.Appendable, bytes] | None:
+    """(the committed labels.csv, the rows of the parts it lacks as CSV lines) where that file is still a prefix of
+    this commit's: made with this setup from parts that are all still current, whole and unchanged (a part that lost
+    rows to a newer version makes it no prefix: then labels.csv is written whole); else None."""
+    if CSV not in entries:
+        return None
+    before = {p.split("/", 1)[1]: f["sha256"] for p, f in entries.items() if p.startswith(f"{PARTS}/")}
+    receipts = current.parts.receipts
+    if any(name not in final or name not in receipts or receipts[name].sha256 != sha for name, sha in before.items()):
+        return None
+    file = out.appendable(entries[CSV])
+    if file is None:
+        return None
+    rows = label_store.rows_of(cfg.output, sorted(set(final) - set(before)), None).sort_by(label_store.ORDER)
+    return file, views.labels_csv(rows, claim["classes"], header=False)
+
+
+def _views(cfg: LabelConfig, out: outputs.Output, claim: dict[str, Any], current: _Current, final: dict[str, list[str]],
+           listed: pa.Table, summary: LabelSummary) -> dict[str, bytes | tuple[outputs.Appendable, bytes]]:
+    """The views of the current rows (``labels.csv``: the rows of this commit's new parts appended where the
+    committed file is still a prefix, else every row; ``videos.csv``, ``gallery.html``), made before the old commit
+    goes, from the small columns the skip rule read: only new parts (or a whole rewrite of labels.csv) are read
+    whole. A gallery that fails is logged and left out (the labels commit without it; the next run tries again)."""
+    made: dict[str, bytes | tuple[outputs.Appendable, bytes]] = {}
+    classes, previous = claim["classes"], _previous(out, claim)
+    rows = label_store.current_rows(current.tables, current.keep)
+    summaries = label_store.current_rows(current.videos, current.keep_videos)
+    summaries = (summaries if summaries is not None else VIDEOS.empty_table()).sort_by("uri")
     if "csv" in cfg.format:
-        table = label_store.rows_of(cfg.output, final[PARTS], None).sort_by(label_store.ORDER)
-        made[CSV] = views.labels_csv(table, classes)
+        tail = _csv_tail(cfg, out, claim, previous, current, final[PARTS])
+        made[CSV] = tail if tail is not None else views.labels_csv(
+            label_store.rows_of(cfg.output, final[PARTS], None).sort_by(label_store.ORDER), classes)
         if final[VIDEO_PARTS]:
-            made[VIDEOS_CSV] = views.videos_csv(label_store.rows_of(cfg.output, final[VIDEO_PARTS], None, VIDEO_PARTS)
-                                                .sort_by("uri"), classes)
+            made[VIDEOS_CSV] = views.videos_csv(summaries, classes)
     if cfg.gallery:
         heading = [f"{cfg.input} → {cfg.output}: {summary.photos} photos, {summary.videos} videos, {summary.rows} "
                    f"rows, statuses {summary.statuses} {summary.video_statuses}",
                    f"checkpoint {cfg.checkpoint} (temperature {summary.temperature:.3f}), detector {cfg.detector}; at "
                    f"most {cfg.gallery} per group"]
         try:
-            rows = label_store.rows_of(cfg.output, final[PARTS], views.LABEL_SHOWN)
-            summaries = label_store.rows_of(cfg.output, final[VIDEO_PARTS], views.VIDEO_SHOWN, VIDEO_PARTS)
-            made[outputs.GALLERY] = views.label_gallery(rows, summaries, listed, classes, heading, cfg.gallery,
-                                                        cfg.max_bytes, cfg.max_pixels, summary.min_confidence)
+            shown = (rows if rows is not None else LABELS.empty_table()).select(views.LABEL_SHOWN)
+            made[outputs.GALLERY] = views.label_gallery(shown, summaries.select(views.VIDEO_SHOWN), listed, classes,
+                                                        heading, cfg.gallery, cfg.max_bytes, cfg.max_pixels,
+                                                        summary.min_confidence, _known_thumbs(out, previous))
         except Exception:
             log.exception("gallery.html could not be made")
     return made
@@ -233,13 +277,14 @@ def _tail(cfg: LabelConfig, videos: bool) -> list[str]:
 
 
 def _commit(out: outputs.Output, cfg: LabelConfig, claim: dict[str, Any], final: dict[str, list[str]],
-            made: dict[str, bytes], summary: LabelSummary) -> None:
+            made: dict[str, bytes | tuple[outputs.Appendable, bytes]], summary: LabelSummary) -> None:
     """Commit the current parts with the views and the summary, then delete the parts no longer current (only now:
     readers of the previous commit had them until here)."""
     out.uncommit()  # before the sweep: an older commit may name a file that the sweep takes for a stray
     present = {folder: outputs.sweep(cfg.output, folder) for folder in final}
     files = [present[folder][n] for folder, names in final.items() for n in names]
-    files += [out.write_file(name, data) for name, data in made.items()]
+    files += [out.append(*data) if isinstance(data, tuple) else out.write_file(name, data)
+              for name, data in made.items()]
     files += [out.write_json(outputs.SUMMARY, dataclasses.asdict(summary)), out.claim_receipt()]
     out.commit(files, dataclasses.asdict(cfg), claim)
     for folder, names in final.items():
@@ -264,10 +309,18 @@ def _prepare(cfg: LabelConfig) -> LabelConfig:
                    "actors on other nodes cannot read it")
 
 
+# what the driver reads of every label part, once: the skip rule's and the tally's columns, and the gallery's
+SMALL = list(dict.fromkeys([*label_store.KEYS, *views.LABEL_SHOWN]))
+
+
 @dataclass
 class _Current:
-    """Which rows of the parts present are current, and which files are done."""
+    """Which rows of the parts present are current, and which files are done; ``parts`` and ``video_parts`` hold
+    what was read of each part (:data:`SMALL` of the label parts, the summaries whole), so that reading again reads
+    only the parts written since."""
 
+    parts: label_store.Parts
+    video_parts: label_store.Parts
     tables: dict[str, pa.Table]
     videos: dict[str, pa.Table]
     keep: dict[str, Any]
@@ -275,9 +328,11 @@ class _Current:
     done: set[str]
 
     @classmethod
-    def read(cls, output: str, listed: dict[str, tuple]) -> _Current:
-        tables, videos = label_store.read_keys(output)
-        return cls(tables, videos, *label_store.choose(tables, videos, listed))
+    def read(cls, output: str, listed: dict[str, tuple], before: _Current | None = None) -> _Current:
+        parts = before.parts if before else label_store.Parts(output, PARTS, SMALL)
+        video_parts = before.video_parts if before else label_store.Parts(output, VIDEO_PARTS, None)
+        tables, videos = parts.read(), video_parts.read()
+        return cls(parts, video_parts, tables, videos, *label_store.choose(tables, videos, listed))
 
     def whole(self) -> bool:
         """Every row of every part present is current."""
@@ -322,7 +377,7 @@ def run(cfg: LabelConfig) -> LabelSummary:
         out.claim(claim)
         labelled, run_statuses, videos = _label_pending(cfg, claim, pending) if pending.num_rows \
             else (0, Counter(), VideoPass())
-        current = _Current.read(cfg.output, versions)  # again, under the lease
+        current = _Current.read(cfg.output, versions, current)  # again, under the lease: the new parts
         final = {PARTS: label_store.keep_current(cfg.output, PARTS, current.tables, current.keep),
                  VIDEO_PARTS: label_store.keep_current(cfg.output, VIDEO_PARTS, current.videos, current.keep_videos)}
         seconds = time.perf_counter() - t0
@@ -334,7 +389,7 @@ def run(cfg: LabelConfig) -> LabelSummary:
             min_confidence=claim["min_confidence"], parts=sum(map(len, final.values())),
             **label_store.tally(current.tables, current.keep, current.videos, current.keep_videos),
             seconds=round(seconds, 2), photos_per_s=round(labelled / seconds, 2) if labelled and seconds else None)
-        made = _views(cfg, final, listed, claim["classes"], summary)
+        made = _views(cfg, out, claim, current, final, listed, summary)
         if cfg.gallery and outputs.GALLERY not in made and not labelled and current.whole() \
                 and label_store.unchanged(out, final[PARTS], final[VIDEO_PARTS],
                                           [t for t in _tail(cfg, bool(final[VIDEO_PARTS])) if t != outputs.GALLERY]):

@@ -28,9 +28,8 @@ log = logging.getLogger(__name__)
 KIND = outputs.LABELS
 PARTS = "parts"
 VIDEO_PARTS = "videos"
-# what the skip rule and the tally read: of the label rows, and of the videos' summaries
+# what the skip rule and the tally read of the label rows (the summaries, one row a video, are read whole)
 KEYS = ["uri", "size", "mtime_ns", "etag", "face", "sample", "status", "label_name", "abstained"]
-VIDEO_KEYS = ["uri", "size", "mtime_ns", "etag", "status"]
 ORDER = [("uri", "ascending"), ("sample", "ascending"), ("face", "ascending")]
 
 
@@ -85,10 +84,24 @@ class PartWriter:
         self.rows, self.summaries = [], []
 
 
-def read_keys(output: str) -> tuple[dict[str, pa.Table], dict[str, pa.Table]]:
-    """The :data:`KEYS` columns of every label part present (committed or not), and the :data:`VIDEO_KEYS` of every
-    summary part: what the skip rule and the tally read."""
-    return outputs.read_parts(output, PARTS, KEYS), outputs.read_parts(output, VIDEO_PARTS, VIDEO_KEYS)
+class Parts:
+    """The parts present in one folder (committed or not) with their ``columns`` (None: all of the folder's schema),
+    each part read once: a part read before under the same receipt (name, size and SHA-256) is not read again, so the
+    re-read under the lease reads only the parts written since."""
+
+    def __init__(self, output: str, folder: str, columns: list[str] | None):
+        self.output, self.folder, self.columns = output, folder, columns
+        self.receipts: dict[str, outputs.Receipt] = {}
+        self.read_by: dict[outputs.Receipt, pa.Table] = {}
+
+    def read(self) -> dict[str, pa.Table]:
+        """Every part present by name, as its columns."""
+        self.receipts = outputs.parts(self.output, self.folder)
+        schema = LABELS if self.folder == PARTS else VIDEOS
+        self.read_by = {r: self.read_by[r] if r in self.read_by else
+                        outputs.read_files([storage.join(self.output, r.path)], self.columns, schema)
+                        for r in self.receipts.values()}
+        return {name: self.read_by[r] for name, r in sorted(self.receipts.items())}
 
 
 Candidate = tuple[tuple, str, str, list[int], tuple]  # (rank, folder, part, rows, version)
@@ -152,7 +165,9 @@ def choose(tables: dict[str, pa.Table], videos: dict[str, pa.Table], current: di
     return keep, keep_videos, done
 
 
-def _current(tables: dict[str, pa.Table], keep: dict[str, np.ndarray]) -> pa.Table | None:
+def current_rows(tables: dict[str, pa.Table], keep: dict[str, np.ndarray]) -> pa.Table | None:
+    """The current rows of ``tables`` (what the parts that hold exactly them hold: :func:`keep_current`); None when
+    there is no part."""
     current = [t.filter(pa.array(keep[n])) for n, t in sorted(tables.items())]
     return pa.concat_tables(current) if current else None
 
@@ -162,7 +177,7 @@ def tally(tables: dict[str, pa.Table], keep: dict[str, np.ndarray], videos: dict
     """Photos, rows (of photos and frames), frame rows, photos per status, rows (faces) per emotion and rows
     abstained over the current label rows; videos and videos per status over the current summaries."""
     out: dict[str, Any] = {"photos": 0, "rows": 0, "frames": 0, "statuses": {}, "emotions": {}, "abstained": 0}
-    current = _current(tables, keep)
+    current = current_rows(tables, keep)
     if current is not None and current.num_rows:
         photo = pc.is_null(current.column("sample")).to_numpy(zero_copy_only=False)
         uris, statuses = np.asarray(current.column("uri").to_pylist(), object), current.column("status").to_pylist()
@@ -171,7 +186,7 @@ def tally(tables: dict[str, pa.Table], keep: dict[str, np.ndarray], videos: dict
         out.update(photos=len(set(uris[photo])), rows=current.num_rows, frames=int((~photo).sum()),
                    statuses=dict(sorted(per_photo.items())), emotions=dict(sorted(emotions.items())),
                    abstained=int(pc.sum(current.column("abstained")).as_py() or 0))
-    summaries = _current(videos, keep_videos)
+    summaries = current_rows(videos, keep_videos)
     per_video = Counter(summaries.column("status").to_pylist()) if summaries is not None else Counter()
     return {**out, "videos": sum(per_video.values()), "video_statuses": dict(sorted(per_video.items()))}
 

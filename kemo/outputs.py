@@ -96,9 +96,15 @@ def part_name(keys: Iterable[str]) -> str:
     return f"part-{hashlib.sha1(chr(0).join(sorted(keys)).encode()).hexdigest()[:20]}.parquet"
 
 
+ROW_GROUP_BYTES = 1 << 20  # a reader after a few rows (a gallery's crops) reads ~1 MiB around each, not the file
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as a Parquet file in row groups of about :data:`ROW_GROUP_BYTES` (Arrow's size: a crop shard's
+    groups hold a few dozen crops, a label part's thousands of rows)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    rows = max(1, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes))
+    pq.write_table(table, buf, compression="zstd", row_group_size=rows)
     return buf.getvalue()
 
 
@@ -198,6 +204,17 @@ def read_files(uris: list[str], columns: list[str] | None, schema: pa.Schema | N
     if not tables:
         return schema.empty_table().select(names) if schema is not None else pa.table({})
     return pa.concat_tables(tables)
+
+
+@dataclass
+class Appendable:
+    """A committed file read once and hashed, to be extended by :meth:`Output.append`: its path, size, the SHA-256
+    state over its bytes, and (on S3, which cannot append) the bytes."""
+
+    path: str
+    bytes: int
+    hasher: Any
+    data: bytes | None
 
 
 def _sha256(uri: str) -> str:
@@ -361,6 +378,40 @@ class Output:
 
     def write_json(self, rel: str, obj: Any) -> Receipt:
         return self.write_file(rel, json_bytes(obj))
+
+    def appendable(self, entry: dict[str, Any]) -> Appendable | None:
+        """The committed file of ``entry`` (its commit's path, bytes and SHA-256), read once and hashed; None when it
+        is not what its commit says (then it is written whole)."""
+        uri, hasher, data = self.path(entry["path"]), hashlib.sha256(), None
+        try:
+            if storage.is_s3(uri):
+                data = storage.read_bytes(uri)
+                hasher.update(data)
+            else:
+                fs, path = storage.resolve(uri)
+                with fs.open_input_file(path) as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        hasher.update(chunk)
+        except FileNotFoundError:
+            return None
+        if hasher.hexdigest() != entry["sha256"]:
+            return None
+        return Appendable(entry["path"], entry["bytes"], hasher, data)
+
+    def append(self, file: Appendable, data: bytes) -> Receipt:
+        """``data`` added at the end of ``file``, its receipt hashed from the state in hand: a local file is
+        extended in place (only ``data`` is written); an S3 object, which has no append, is uploaded whole."""
+        self._check()
+        uri = self.path(file.path)
+        if file.data is not None:
+            storage.write_bytes(uri, file.data + data)
+        else:
+            with open(storage.local_path(uri), "ab") as f:
+                if f.tell() != file.bytes:
+                    raise Damaged(f"{uri} changed while this run held the lease")
+                f.write(data)
+        file.hasher.update(data)
+        return Receipt(file.path, file.bytes + len(data), file.hasher.hexdigest())
 
     def uncommit(self) -> None:
         """Remove the commit marker before rewriting an output, so a crash mid-rewrite leaves no valid output."""

@@ -3,7 +3,7 @@
 when it fails.
 
 Rows are chosen in Arrow from the small columns the commit already read; only the pictures a page shows are read
-again: the crops column of the shards that hold a shown crop, the photos of the faces it shows, or the frames of a
+again: the row groups of the shards that hold a shown crop, the photos of the faces it shows, or the frames of a
 video's strip (decoded again at their times).
 """
 
@@ -24,8 +24,8 @@ from kemo.outputs import Receipt
 from kemo.schema import CROP, has_box
 
 CROP_SHOWN = ["image_id", "status", "box", "face_box", "uri", "error", "label"]  # what the crop page reads of a shard
-LABEL_SHOWN = ["uri", "status", "error", "face", "face_box", "label", "label_name", "confidence", "abstained", "time",
-               "sample"]
+LABEL_SHOWN = ["uri", "size", "mtime_ns", "etag", "status", "error", "face", "face_box", "label", "label_name",
+               "confidence", "abstained", "time", "sample"]
 VIDEO_SHOWN = ["uri", "status", "error", "container", "codec", "width", "height", "rotation", "duration", "fps",
                "frames_sampled", "last_time", "face_frames", "abstained", "shares", "dominant"]
 STRIP = 12  # faces in a video's strip, spread over its sampled frames
@@ -85,18 +85,35 @@ def _crop_sections(table: pa.Table, statuses: list[str], cap: int, max_bytes: in
     return sections, crops_of
 
 
+def crops_at(uri: str, rows: list[int]) -> dict[int, bytes | None]:
+    """The ``crop`` of the rows ``rows`` (numbers) of one shard, reading only the row groups that hold them (a shard's
+    groups hold ~1 MiB of crops: :func:`kemo.outputs.parquet_bytes`)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        shard = pq.ParquetFile(f)
+        starts = np.cumsum([0] + [shard.metadata.row_group(g).num_rows for g in range(shard.num_row_groups)])
+        at = {r: int(np.searchsorted(starts, r, "right")) - 1 for r in rows}
+        crops = {}
+        for g in sorted(set(at.values())):
+            column = shard.read_row_group(g, columns=["crop"]).column("crop")
+            crops.update({r: column[r - int(starts[g])].as_py() for r in rows if at[r] == g})
+    return crops
+
+
 def crop_gallery(output: str, shards: list[Receipt], small: list[pa.Table], heading: list[str], statuses: list[str],
                  cap: int, max_bytes: int, whole_photo: bool) -> bytes:
     """gallery.html of a crop output: the ok crops, the other statuses (a photo with no face shown whole, read
     again; the others listed with their error), and the crops whose face lies away from the annotators' box (IoU <
     0.5, the least overlap first), at most ``cap`` each. ``small`` is each shard's :data:`CROP_SHOWN` and ``iou``
-    as the commit read them; the crops column is read of only the shards that hold a shown crop."""
+    as the commit read them; of the crops, only the row groups that hold a shown one are read (:func:`crops_at`)."""
     sections, crops_of = _crop_sections(_crop_table(small), statuses, cap, max_bytes, whole_photo)
     for k in sorted({shard for shard, _ in crops_of}):
-        crops = storage.read_parquet_columns(storage.join(output, shards[k].path), ["crop"]).column("crop")
+        crops = crops_at(storage.join(output, shards[k].path), sorted(row for shard, row in crops_of if shard == k))
         for (shard, row), tiles in crops_of.items():
             if shard == k:
-                thumb = gallery.crop_thumbnail(crops[row].as_py())
+                thumb = gallery.crop_thumbnail(crops[row])
                 for tile in tiles:
                     tile.thumb, tile.note = thumb, None if thumb else "no picture: the crop does not decode"
     gallery.thumbnails(sections)
@@ -117,13 +134,15 @@ def _face_caption(r: dict[str, Any]) -> str:
 
 
 def label_gallery(rows: pa.Table, videos: pa.Table, listed: pa.Table, classes: list[str], heading: list[str],
-                  cap: int, max_bytes: int, max_pixels: int, threshold: float | None) -> bytes:
+                  cap: int, max_bytes: int, max_pixels: int, threshold: float | None,
+                  known: dict[str, bytes] | None = None) -> bytes:
     """gallery.html of the current label rows (:data:`LABEL_SHOWN`) and video summaries (:data:`VIDEO_SHOWN`): the
     photos' faces by predicted emotion (most confident first), the abstained apart (most confident first: the nearest
     to being kept), then the photos with no face and those with another status, listed with their error; at most
     ``cap`` in each; then a section per video (at most ``cap``: :func:`video_sections`). Thumbnails are cut from the
     photos and videos again: a few hundred reads, whatever the size of the output, each of the very file this run
-    ``listed`` (its ``file_id``); a row of a file no longer listed is shown without its picture."""
+    ``listed`` (its ``file_id``), except those ``known`` from the previous page (:func:`kemo.gallery.known_thumbs`:
+    the same file version and box); a row of a file no longer listed is shown without its picture."""
     frames = rows.filter(pc.is_valid(rows.column("sample")))
     rows = rows.filter(pc.is_null(rows.column("sample")))
     at = pc.index_in(rows.column("uri"), value_set=listed.column("uri"))
@@ -152,7 +171,7 @@ def label_gallery(rows: pa.Table, videos: pa.Table, listed: pa.Table, classes: l
         gallery.Tile(caption=short(r["uri"]), title=r["uri"], note=f"{r['status']}: {r['error'] or ''}")
         for r in shown], total, "nothing to show: each with its status and error", pictures=False))
     sections += video_sections(frames, videos, listed, classes, cap, max_pixels)
-    gallery.thumbnails(sections)
+    gallery.thumbnails(sections, known)
     return gallery.page("kemo labels", heading, sections)
 
 
@@ -181,7 +200,9 @@ def video_section(v: dict[str, Any], frames: list[dict[str, Any]], listed: dict[
     loader = gallery.VideoFrames(listed, max_pixels, [(r["time"], r["face_box"]) for r in strip]) if listed else None
     tiles = [gallery.Tile(caption=_strip_caption(r), title=f"{v['uri']} at {r['time']:.3f} s",
                           make=partial(loader.thumb, i) if loader else None,
-                          note=None if loader else gallery.NOT_LISTED) for i, r in enumerate(strip)]
+                          note=None if loader else gallery.NOT_LISTED,
+                          key=gallery.tile_key(listed, r["face_box"], r["time"]) if listed else None)
+             for i, r in enumerate(strip)]
     labels = [r["label"] if r["status"] == "ok" and not r["abstained"] else None for r in primary]
     plot = gallery.timeline([r["time"] for r in primary], labels, classes,
                             max(v["duration"] or 0, v["last_time"] or 0))
@@ -224,9 +245,11 @@ def as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.if_else(risky, pc.binary_join_element_wise("'", column, ""), column)
 
 
-def _csv(table: pa.Table, spread: dict[str, Callable[[pa.ChunkedArray], dict[str, Any]]]) -> bytes:
-    """A table as CSV for spreadsheets: the ``spread`` list columns as scalar ones, every text cell (file names, class
-    names, errors: none of them kemo's own) escaped by :func:`as_text`."""
+def _csv(table: pa.Table, spread: dict[str, Callable[[pa.ChunkedArray], dict[str, Any]]], header: bool = True
+         ) -> bytes:
+    """A table as CSV for spreadsheets (``header``: with its header line; without, lines to append to a file that
+    has it): the ``spread`` list columns as scalar ones, every text cell (file names, class names, errors: none of
+    them kemo's own) escaped by :func:`as_text`."""
     import pyarrow.csv as pacsv
 
     cols: dict[str, Any] = {}
@@ -235,7 +258,7 @@ def _csv(table: pa.Table, spread: dict[str, Callable[[pa.ChunkedArray], dict[str
         column = as_text(column) if pa.types.is_string(column.type) else column
         cols.update(spread[name](column) if name in spread else {name: column})
     buf = io.BytesIO()
-    pacsv.write_csv(pa.table(cols), buf)
+    pacsv.write_csv(pa.table(cols), buf, pacsv.WriteOptions(include_header=header))
     return buf.getvalue()
 
 
@@ -243,11 +266,12 @@ def _by_class(prefix: str, classes: list[str]) -> Callable[[pa.ChunkedArray], di
     return lambda c: {f"{prefix}{name}": pc.list_element(c, k) for k, name in enumerate(classes)}
 
 
-def labels_csv(table: pa.Table, classes: list[str]) -> bytes:
-    """labels.csv: the label rows, boxes and probabilities spread into columns (face_x1 … face_y2, p_<class>)."""
+def labels_csv(table: pa.Table, classes: list[str], header: bool = True) -> bytes:
+    """labels.csv: the label rows, boxes and probabilities spread into columns (face_x1 … face_y2, p_<class>); without
+    ``header``, the lines to append to a labels.csv of the same classes."""
     return _csv(table, {
         "face_box": lambda c: {f"face_{a}": pc.list_element(c, k) for k, a in enumerate(("x1", "y1", "x2", "y2"))},
-        "probs": _by_class("p_", classes)})
+        "probs": _by_class("p_", classes)}, header)
 
 
 def videos_csv(table: pa.Table, classes: list[str]) -> bytes:

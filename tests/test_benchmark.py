@@ -5,12 +5,19 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from kemo.benchmark import BenchmarkConfig, run
 from kemo.benchmark.config import DEFAULT_STAGES, parse_stages
 from kemo.benchmark.decode import decode_methods
+from kemo.benchmark.label import ALL_STAGES, label_ceilings
 from kemo.benchmark.loops import plain_train
 from kemo.benchmark.scaling import worker_counts
+from kemo.classifier.checkpoint import save_checkpoint
+from kemo.classifier.registry import create_model
+from kemo.data import synth
+from kemo.label import LabelConfig
+from kemo.resources import Node, resolve_resources
 from tests.photos import jpeg, scene
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -174,3 +181,30 @@ def test_training_benchmark_report(ray_local, tmp_path):
     assert "channels_last: no GPU" in md and "| train |" in md
     with pytest.raises(ValueError, match="unknown stages"):
         run(BenchmarkConfig(stages=("train", "fly"), output=str(tmp_path / "x")))
+
+
+def _checkpoint(path) -> str:
+    torch.manual_seed(0)
+    save_checkpoint(str(path), create_model("kemotionnet", blocks=[1, 1, 1, 1]), "kemotionnet",
+                    {"blocks": [1, 1, 1, 1]}, image_size=32)
+    return str(path)
+
+
+def test_the_label_ceilings_cover_every_phase_of_the_actor(tmp_path):
+    rows = []
+    for i in range(4):
+        img = scene(320, 240)
+        synth.draw_face(img, (100, 60, 200, 180), i, synth._person(i, 0), np.random.default_rng(i))
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(jpeg(img))
+        rows.append({"uri": str(path)})
+    cfg = LabelConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), checkpoint=_checkpoint(tmp_path / "c"),
+                      detector="haar", batch_size=2)
+    threads = torch.get_num_threads()
+    report = label_ceilings(rows, resolve_resources(cfg, [Node("node", 2, 0)]), {"CPU": 2})
+    assert torch.get_num_threads() == threads  # restored for the plain loop
+    ms, ceilings = report["ms_per_photo_one_core"], report["ceilings_photos_per_s"]
+    assert list(ms) == ["read", "decode", "detect", "crop", "classifier input", "classify", "rows to Arrow"]
+    assert all(v >= 0 for v in ms.values()) and report["on_gpu"] == []
+    assert set(ceilings) == {*ms, ALL_STAGES}
+    assert ceilings[ALL_STAGES] <= min(v for k, v in ceilings.items() if k != ALL_STAGES)

@@ -1,6 +1,7 @@
 """The checkpoint directory: reloads to identical logits and class order, locally and on S3; refuses torn writes,
 another architecture, pickled code and a broken meta.json, each in one line."""
 
+import copy
 import hashlib
 import io
 
@@ -11,7 +12,7 @@ import torch
 from kemo import storage
 from kemo.classes import CLASS_NAMES
 from kemo.classifier.checkpoint import CheckpointError, input_batch, load_checkpoint, read_meta, save_checkpoint
-from kemo.classifier.registry import create_model
+from kemo.classifier.registry import MODELS, create_model
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -147,3 +148,33 @@ def test_a_model_pt_declaring_more_tensor_bytes_than_its_model_is_refused_before
     json.dump({**meta, "model_sha256": hashlib.sha256(buf.getvalue()).hexdigest()}, open(f"{path}/meta.json", "w"))
     with pytest.raises(CheckpointError, match=r"declares 67108864 bytes of tensors, more than the \d+ it may hold"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_tensor_of_a_registered_model_is_in_its_state_dict(name):
+    """A model built uninitialised takes its tensors from the state dict alone (assign): a buffer left out of it
+    (non-persistent) would keep what its constructor made, a parameter its garbage."""
+    with torch.device("meta"):
+        model = create_model(name)
+    held = {k for k, _ in model.named_parameters()} | {k for k, _ in model.named_buffers()}
+    assert held <= set(model.state_dict())
+
+
+def test_a_loaded_checkpoint_is_the_saved_model_in_fp32(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("kemotionnet", blocks=[1, 1, 1, 1]).eval()
+    save_checkpoint(str(tmp_path / "fp32"), model, "kemotionnet", {"blocks": [1, 1, 1, 1]}, image_size=32)
+    half = copy.deepcopy(model).half()
+    save_checkpoint(str(tmp_path / "fp16"), half, "kemotionnet", {"blocks": [1, 1, 1, 1]}, image_size=32)
+    x = torch.rand(2, 3, 32, 32)
+    for folder in ("fp32", "fp16"):
+        loaded, _ = load_checkpoint(str(tmp_path / folder))
+        tensors = [*loaded.parameters(), *loaded.buffers()]
+        assert not loaded.training and not any(t.is_meta for t in tensors)
+        assert {t.dtype for t in loaded.parameters()} == {torch.float32}  # as a copy into a built model holds them
+        saved = (model if folder == "fp32" else half).state_dict()
+        for k, a in loaded.state_dict().items():
+            assert torch.equal(a, saved[k].to(a.dtype)), k
+        if folder == "fp32":
+            with torch.inference_mode():
+                assert torch.equal(loaded(x), model(x))

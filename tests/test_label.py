@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import pyarrow.csv as pacsv
 import pytest
 import torch
 
-from kemo import outputs, storage, views
+from kemo import gallery, outputs, storage, views
 from kemo.classes import CLASS_NAMES
 from kemo.classifier.checkpoint import input_batch, load_checkpoint, read_meta, save_checkpoint
 from kemo.classifier.data import decode_crop
@@ -223,7 +224,7 @@ def test_labels_equal_the_classifier_on_the_training_path(labelled):
             assert (a is None and b is None) or np.allclose(a, b, atol=1e-5)
 
 
-def test_reruns_label_only_new_and_replaced_photos(ray_local, checkpoint, tmp_path):
+def test_reruns_label_only_new_and_replaced_photos(ray_local, checkpoint, tmp_path, monkeypatch):
     ckpt = str(tmp_path / "ckpt")
     shutil.copytree(checkpoint, ckpt)
     photos = tmp_path / "photos"
@@ -246,14 +247,28 @@ def test_reruns_label_only_new_and_replaced_photos(ray_local, checkpoint, tmp_pa
     with open(model_pt, "wb") as f:
         f.write(good)
 
-    # Two new photos: exactly those two are labelled, in one new part; the first run's parts stay as they were.
+    # Two new photos: exactly those two are labelled, in one new part; the first run's parts stay as they were, and
+    # labels.csv gets the new rows appended: its earlier bytes are not written again
     write_tree(photos, {"new/p4.jpg": one_face(4), "new/p5.jpg": one_face(5)})
+    csv_path = os.path.join(cfg.output, "labels.csv")
+    csv_before, inode = open(csv_path, "rb").read(), os.stat(csv_path).st_ino
+    cut = []  # the gallery cuts the new photos' thumbnails only: the others are the committed page's
+    real_thumbnail = gallery.face_thumbnail
+    monkeypatch.setattr(gallery, "face_thumbnail", lambda uri, *a: cut.append(uri) or real_thumbnail(uri, *a))
     added = run(cfg)
     assert added.processed == 2 and added.skipped == 4 and added.photos == 6
     (new_part,) = set(committed_parts(cfg.output)) - set(parts)
     assert set(parts) <= set(committed_parts(cfg.output))
     new_rows = storage.read_parquet(os.path.join(cfg.output, new_part)).column("uri").to_pylist()
     assert sorted(new_rows) == [str(photos / "new" / "p4.jpg"), str(photos / "new" / "p5.jpg")]
+    assert sorted(cut) == sorted(new_rows)
+    page = parse_gallery(os.path.join(cfg.output, "gallery.html"))
+    shown = [f for name in CLASS_NAMES for f in page[name]["figures"]]
+    assert len(shown) == 6 and all(len(f) == 1 for f in shown)  # every face with its picture
+    csv_after = open(csv_path, "rb").read()
+    assert csv_after.startswith(csv_before) and os.stat(csv_path).st_ino == inode
+    assert sorted(r["uri"] for r in pacsv.read_csv(csv_path).to_pylist()) == sorted(by_uri(cfg.output))
+    assert outputs.verify(outputs.VerifyConfig(cfg.output)) == []
 
     # A replaced photo (same key, other bytes) is labelled again and keeps exactly one, current row.
     target = photos / "p1.jpg"
@@ -267,7 +282,11 @@ def test_reruns_label_only_new_and_replaced_photos(ray_local, checkpoint, tmp_pa
     assert not np.allclose(row["probs"], old[0]["probs"], atol=1e-5)
     # the part that held the old row was rewritten; the parts directory holds exactly what the commit names
     assert set(os.listdir(os.path.join(cfg.output, "parts"))) == {p[6:] for p in committed_parts(cfg.output)}
-    assert len(pacsv.read_csv(os.path.join(cfg.output, "labels.csv"))) == 6
+    # labels.csv lost a row: written whole again, sorted, with exactly the current rows
+    csv = pacsv.read_csv(csv_path).to_pylist()
+    assert [r["uri"] for r in csv] == sorted(by_uri(cfg.output)) and len(csv) == 6
+    assert next(r for r in csv if r["uri"] == str(target))["size"] == len(TWO_FACES)
+    assert outputs.verify(outputs.VerifyConfig(cfg.output)) == []
 
 
 def test_an_interrupted_output_resumes_without_duplicates(labelled, folder, tmp_path):
@@ -658,3 +677,16 @@ def test_gpu_half_precision_agrees_with_cpu(labelled):
     for a, b in zip(cpu, gpu):
         if a["status"] == "ok":
             np.testing.assert_allclose(b["probs"], a["probs"], atol=0.02)  # bf16/fp16 autocast vs fp32
+
+
+def test_the_actor_holds_torch_to_its_cpu_share(small_kemotionnet, tmp_path):
+    """In a fresh process, as in a Ray worker: intra- and inter-op threads are the actor's decoders, not the node's
+    cores."""
+    cfg = LabelConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), checkpoint=small_kemotionnet,
+                      detector="haar", decoders=1)
+    code = ("import json, sys, torch; from kemo.label_photos import LabelPhotos; "
+            "LabelPhotos(json.loads(sys.argv[1]), 1.0, None); "
+            "print(torch.get_num_threads(), torch.get_num_interop_threads())")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg))], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1", "1"]

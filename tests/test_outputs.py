@@ -368,3 +368,36 @@ def test_a_failed_write_leaves_no_temporary_and_the_next_run_sweeps_a_killed_wri
     (root / "summary.json.tmp-89abcdef").write_bytes(b"{")
     with outputs.Output(str(root), "test").lease():
         assert sorted(os.listdir(root)) == ["_lease.json", "parts"] and os.listdir(root / "parts") == []
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_committed_file_is_appended_to_and_its_receipt_hashes_the_whole(where, tmp_path, request):
+    root = root_for(where, tmp_path, request)
+    out = outputs.Output(root, "test")
+    manifest = out.commit([out.write_file("a.csv", b"k\n1\n")], {})
+    (entry,) = [f for f in manifest["files"] if f["path"] == "a.csv"]
+    receipt = out.append(out.appendable(entry), b"2\n3\n")
+    assert storage.read_bytes(out.path("a.csv")) == b"k\n1\n2\n3\n"
+    assert receipt == outputs.Receipt.of("a.csv", b"k\n1\n2\n3\n")
+    out.commit([receipt], {})
+    assert out.verify() == []
+    assert out.appendable(entry) is None  # no longer what that commit says: the caller writes it whole
+    storage.delete(out.path("a.csv"))
+    assert out.appendable(entry) is None
+
+
+def test_parts_are_written_in_row_groups_and_a_gallery_reads_only_those_of_its_rows(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from kemo import views
+
+    crops = [os.urandom(40_000) for _ in range(200)]  # incompressible, as JPEG crops are
+    receipt = outputs.write_part(str(tmp_path), "shards", pa.table({"k": range(200), "crop": crops}), ["x"])
+    path = str(tmp_path / receipt.path)
+    groups = pq.ParquetFile(path).metadata.num_row_groups
+    assert 5 <= groups <= 12  # ~1 MiB each
+    read: list[int] = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, g, **kw: read.append(g) or real(self, g, **kw))
+    assert views.crops_at(path, [3, 150, 4]) == {3: crops[3], 4: crops[4], 150: crops[150]}
+    assert len(read) == 2

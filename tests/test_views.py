@@ -29,3 +29,18 @@ def test_the_gallery_shows_bidirectional_controls_escaped():
                                                        pictures=False)]).decode()
     assert "\u202e" not in page and page.count("photo\\u202egpj.exe") == 8
     assert gallery.escape("<b>\u2066x\u2069") == "&lt;b&gt;\\u2066x\\u2069"
+
+
+def test_a_page_gives_its_thumbnails_back_by_file_version_and_box_and_a_new_page_cuts_only_the_others():
+    row = {"uri": "s3://b/a.jpg", "size": 10, "mtime_ns": None, "etag": '"e1"'}
+    key = gallery.tile_key(row, [1.0, 2.0, 3.0, 4.0])
+    assert key != gallery.tile_key({**row, "etag": '"e2"'}, [1.0, 2.0, 3.0, 4.0])  # another version
+    assert key != gallery.tile_key(row, None) and gallery.tile_key({"uri": "x"}, None) is None
+    old = gallery.Tile(caption="a", title='a "quoted" <name>', thumb=b"\xff\xd8jpeg", key=key)
+    page = gallery.page("t", [], [gallery.Section("s", [old, gallery.Tile(caption="b", title="b", key="00")], 2)])
+    assert gallery.known_thumbs(page) == {key: b"\xff\xd8jpeg"}  # a tile without a picture gives none
+    made = []
+    again = gallery.Tile(caption="a", title="a", make=lambda: made.append("a") or b"new", key=key)
+    other = gallery.Tile(caption="c", title="c", make=lambda: made.append("c") or b"cut", key="11")
+    gallery.thumbnails([gallery.Section("s", [again, other], 2)], gallery.known_thumbs(page))
+    assert (again.thumb, other.thumb, made) == (b"\xff\xd8jpeg", b"cut", ["c"])

@@ -223,7 +223,21 @@ def _scale_markdown(report: dict[str, Any]) -> list[str]:
         f"every crop (--cache none) {' / '.join(map(str, t['decode_images_per_s']))}, from the cache "
         f"(--cache memory) {' / '.join(map(str, t['cached_images_per_s']))}; the model trains "
         f"{s['model_images_per_s']} images/s at that size here, so without the cache training is "
-        f"{'data-bound' if s['training_data_bound_without_cache'] else 'not data-bound'}."]
+        f"{'data-bound' if s['training_data_bound_without_cache'] else 'not data-bound'}.", *_incremental_lines(s)]
+
+
+def _incremental_lines(s: dict[str, Any]) -> list[str]:
+    """The labelling rerun that adds a few photos to an output of N and of 10×N, against a first run into an empty
+    output: what the growth of a daily labelling job costs."""
+    inc = s.get("label_incremental")
+    if not inc:
+        return []
+    (_, n, n10), first, (a, b) = s["photos"], inc["first_run"], inc["reruns"]
+    return ["", f"Labelling, incremental: {inc['added']} photos added to outputs of {n} and {n10} photos took "
+            f"{a['seconds']} / {b['seconds']} s (driver read {a['driver_read_mib']} / {b['driver_read_mib']} MiB, "
+            f"wrote {a['driver_written_mib']} / {b['driver_written_mib']} MiB), against {first['seconds']} s "
+            f"({first['driver_read_mib']} MiB read, {first['driver_written_mib']} MiB written) for the same photos "
+            f"into an empty output; 10×N / N: {inc['ratio_10x']['seconds']}× the time."]
 
 
 def _sampled_runs(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

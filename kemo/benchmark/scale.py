@@ -40,10 +40,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 # Linux keeps a child's peak RSS across exec from the memory it was forked with: a job forked from this process
-# would report this process's RSS as its own peak. So a small Python starts the job and reports the job's peak.
-LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, s, r = os.wait4(p.pid, 0); "
-            "print(f'{sys.argv[1]}{r.ru_maxrss}', flush=True); sys.exit(os.waitstatus_to_exitcode(s))")
+# would report this process's RSS as its own peak. So a small Python starts the job and reports the job's peak, and
+# the bytes it read and wrote (/proc's rchar and wchar: every read and write call, files and sockets alike), read
+# from the exited job before it is reaped.
+LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[3:]); "
+            "os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT); io = open(f'/proc/{p.pid}/io').read().split(); "
+            "_, s, r = os.wait4(p.pid, 0); print(f'{sys.argv[1]}{r.ru_maxrss}', flush=True); "
+            "print(sys.argv[2] + ' '.join(io[io.index(k) + 1] for k in ('rchar:', 'wchar:')), flush=True); "
+            "sys.exit(os.waitstatus_to_exitcode(s))")
 PEAK = "kemo-peak-kib: "
+IO = "kemo-io-bytes: "
 
 
 def _last(out: str, prefix: str) -> str:
@@ -51,21 +57,24 @@ def _last(out: str, prefix: str) -> str:
 
 
 def run_driver(args: list[str], sample_every: float) -> dict[str, Any]:
-    """One job as its own driver process joined to this process's Ray: wall seconds, its peak RSS, the largest
-    Ray worker's peak RSS while it ran, and its stdout. A job that fails fails the stage, with its output."""
+    """One job as its own driver process joined to this process's Ray: wall seconds, its peak RSS, the MiB it read
+    and wrote, the largest Ray worker's peak RSS while it ran, and its stdout. A job that fails fails the stage, with
+    its output."""
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     with Sampler(sample_every) as sampler:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", LAUNCHER, PEAK, sys.executable, *args], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-c", LAUNCHER, PEAK, IO, sys.executable, *args], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - t0
     out = proc.stdout.decode(errors="replace")
     if proc.returncode:
         raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}:\n{out[-4000:]}")
+    read, written = (round(int(b) / MIB, 2) for b in _last(out, IO).split())
     return {"seconds": round(seconds, 2), "driver_peak_rss_mib": round(int(_last(out, PEAK)) / 1024, 1),
+            "driver_read_mib": read, "driver_written_mib": written,
             "largest_worker_rss_mib": sampler.report()["peak_rss_mib"], "stdout": out}
 
 
@@ -82,7 +91,7 @@ def scale_benchmark(cfg: BenchmarkConfig, work: str) -> dict[str, Any]:
     # the handful twice: the first run starts the node's Ray workers and is not counted
     sizes = [FIXED_PHOTOS, FIXED_PHOTOS, cfg.scale_photos, 10 * cfg.scale_photos]
     runs: dict[str, list[dict[str, Any]]] = {"index": [], "preprocess": [], "training_input": [], "label": []}
-    photos = []
+    photos, incremental, added = [], [], 0
     for k, n in enumerate(sizes):
         d = os.path.join(work, f"scale-{k}-{n}")
         photos.append(generate(os.path.join(d, "corpus"), n, cfg.scale_size, cfg.seed, cfg.texture))
@@ -95,9 +104,13 @@ def scale_benchmark(cfg: BenchmarkConfig, work: str) -> dict[str, Any]:
                             str(cfg.train_batch)], cfg.sample_every)
         probe.update(json.loads(_last(probe["stdout"], PROBE)))
         runs["training_input"].append(probe)
-        runs["label"].append(run_driver(
-            ["jobs/label.py", "--input", f"{d}/corpus", "--output", f"{d}/labels", "--checkpoint", checkpoint,
-             "--detector", "haar"], cfg.sample_every))
+        label = ["jobs/label.py", "--input", f"{d}/corpus", "--output", f"{d}/labels", "--checkpoint", checkpoint,
+                 "--detector", "haar"]
+        runs["label"].append(run_driver(label, cfg.sample_every))
+        if k >= 2:  # the same output a day later: a handful more photos, as many as the first run into an empty one
+            added = generate(os.path.join(d, "corpus", "added"), FIXED_PHOTOS, cfg.scale_size, cfg.seed + 1,
+                             cfg.texture)
+            incremental.append(run_driver(label, cfg.sample_every))
     photos = photos[1:]
     runs = {stage: r[1:] for stage, r in runs.items()}
     report: dict[str, Any] = {"photos": photos, "photo_size": cfg.scale_size, "texture": cfg.texture,
@@ -117,10 +130,22 @@ def scale_benchmark(cfg: BenchmarkConfig, work: str) -> dict[str, Any]:
             entry["data_path_images_per_s"] = {k: [r[k] for r in (small, big)]
                                                for k in ("decode_images_per_s", "cached_images_per_s")}
         report["stages"][stage] = entry
+    report["label_incremental"] = incremental_report(runs["label"][0], incremental, added)
     report["model_images_per_s"] = model_rate(cfg)
     best = max(report["stages"]["training_input"]["data_path_images_per_s"]["decode_images_per_s"])
     report["training_data_bound_without_cache"] = best < 1.2 * report["model_images_per_s"]
     return report
+
+
+def incremental_report(first: dict[str, Any], reruns: list[dict[str, Any]], added: int) -> dict[str, Any]:
+    """A labelling rerun that adds ``added`` photos to an output of N and of 10×N photos, against the first run of
+    as many photos into an empty output: its seconds and driver bytes, and their ratios (the goal: within 2× of the
+    first run, and flat from N to 10×N)."""
+    keys = ("seconds", "driver_read_mib", "driver_written_mib")
+    return {"added": added, "first_run": {k: first[k] for k in keys},
+            "reruns": [{k: r[k] for k in keys} for r in reruns],
+            "vs_first_run": [{k: round(r[k] / max(first[k], 1e-9), 2) for k in keys} for r in reruns],
+            "ratio_10x": {k: round(reruns[1][k] / max(reruns[0][k], 1e-9), 2) for k in keys}}
 
 
 def model_rate(cfg: BenchmarkConfig) -> float:
