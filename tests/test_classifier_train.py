@@ -11,8 +11,9 @@ import torch
 
 from kemo.classifier import train
 from kemo.classifier.checkpoint import IMAGENET, input_batch, load_checkpoint
-from kemo.classifier.data import arrays_dataset, plan, split_dataset
+from kemo.classifier.data import order_keys, plan, split_dataset, usable
 from kemo.classifier.evaluation import evaluate
+from kemo.classifier.networks import weighted_layers
 from kemo.classifier.train import (
     TRAIN_STATE,
     CapacityLost,
@@ -29,31 +30,25 @@ from kemo.classifier.train import (
     train_one_epoch,
 )
 from kemo.classifier.transform import InputTransform
+from kemo.preprocess import read_crops
 from tests import seams
 
-SPEC = RunSpec(model="resnet18", epochs=3, batch_size=32, image_size=32)
+# Two epochs: enough to see a new order each epoch, a checkpoint to resume from and a falling loss; K-EmotionNet in
+# the layout `--blocks 1,1,1,1` gives a run (tests/test_calibrated_labels.py checks that it reaches the run's spec)
+SPEC = RunSpec(model="kemotionnet", arguments={"blocks": [1, 1, 1, 1]}, epochs=2, batch_size=16, image_size=32)
+TIMING = {"train_images_per_s", "epoch_seconds"}
 
 
-def colour_coded(n, seed):
-    """Photos whose class is written in one channel's brightness: learnable in a few epochs."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 7, n).astype(np.int64)
-    x = rng.integers(0, 20, (n, 32, 32, 3)).astype(np.uint8)
-    for i, c in enumerate(y):
-        x[i, :, :, c % 3] += np.uint8(40 + 30 * c)
-    return x, y
+def learned(metrics):
+    return {k: v for k, v in metrics.items() if k not in TIMING}
 
 
 @pytest.fixture(scope="module")
-def data():
-    return colour_coded(224, 0), colour_coded(56, 1)
-
-
-@pytest.fixture(scope="module")
-def splits(ray_local, data):
-    """The photos as Ray Data splits; train materialised (the cache), val streamed: both paths in every run."""
-    (x, y), (xv, yv) = data
-    return arrays_dataset(x, y).materialize(), arrays_dataset(xv, yv)
+def splits(ray_local, annotation_crops):
+    """The real input path, uncached: crop shards read, sorted, repartitioned and decoded again every epoch and after
+    a restart, in blocks of 16 so that order could go astray; (planned data, train, val)."""
+    data = plan(annotation_crops, 32)
+    return data, *(split_dataset(data, s, block_rows=16) for s in ("train", "val"))
 
 
 @pytest.fixture(scope="module")
@@ -63,87 +58,82 @@ def traces(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(splits, tmp_path_factory, traces):
-    train_split, val = splits
+    _, train_split, val = splits
     with pytest.MonkeyPatch.context() as patch:  # each worker writes the photos it trained on, per epoch
         patch.setattr(train, "train_loop", seams.traced(traces))
-        return fit(train_split, val, SPEC, str(tmp_path_factory.mktemp("runs")), "r18", workers=2)
+        # half a CPU each: the other CPU decodes (kemo.classifier.experiment.cpus_per_worker leaves one to Ray Data)
+        return fit(train_split, val, SPEC, str(tmp_path_factory.mktemp("runs")), "ken", workers=2,
+                   cpus_per_worker=0.5)
+
+
+def _train_keys(annotation_crops: str) -> set[int]:
+    table = read_crops(annotation_crops, ["image_id", "split", "label", "agree_n", "status"])
+    ok, _ = usable(table, 2)
+    ids = [i for i, good, s in zip(table.column("image_id").to_pylist(), ok, table.column("split").to_pylist())
+           if good and s == "train"]
+    return set(order_keys(ids).tolist())
 
 
 @pytest.mark.slow
-def test_two_workers_train_and_the_best_checkpoint_scores_what_it_reported(uninterrupted, data):
-    _, (x_val, y_val) = data
-    assert uninterrupted.error is None and uninterrupted.metrics["epoch"] == 3
+def test_two_workers_train_and_the_best_checkpoint_scores_what_it_reported(uninterrupted, splits):
+    _, _, val = splits
+    assert uninterrupted.error is None and uninterrupted.metrics["epoch"] == 2
     (best, metrics), = uninterrupted.best_checkpoints
-    assert metrics["val_accuracy"] == uninterrupted.metrics["best_val_accuracy"] > 0.5  # chance is 1/7
+    assert metrics["val_accuracy"] == uninterrupted.metrics["best_val_accuracy"]
     with best.as_directory() as d:
         model, meta = load_checkpoint(d)
         state = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)
     assert meta["training"]["workers"] == 2 and meta["metrics"] == metrics
+    assert meta["arguments"] == {"blocks": [1, 1, 1, 1]} and weighted_layers(model) == 10  # the spec's layout
+    rows = val.take_all()  # the validation photos as the workers were given them
+    x_val, y_val = np.stack([r["image"] for r in rows]), np.array([r["label"] for r in rows])
     with torch.no_grad():
         accuracy = float((model(input_batch(x_val, meta)).argmax(1).numpy() == y_val).mean())
     assert accuracy == pytest.approx(metrics["val_accuracy"])
     assert [h["epoch"] for h in state["history"]][-1] == metrics["epoch"]
+    with uninterrupted.checkpoint.as_directory() as d:  # the latest: both epochs
+        history = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["train_loss"] < history[0]["train_loss"]  # the two workers' steps lowered the loss
 
 
 @pytest.mark.slow
-def test_each_worker_trains_on_a_disjoint_equal_share_each_epoch_reshuffled(uninterrupted, data, traces):
-    (_, y), _ = data
+def test_each_worker_trains_on_a_disjoint_equal_share_each_epoch_reshuffled(uninterrupted, annotation_crops, traces):
+    train_keys = _train_keys(annotation_crops)
     seen = {(e, r): json.load(open(os.path.join(traces, f"epoch{e}-rank{r}.json")))["keys"]
-            for e in (1, 2, 3) for r in (0, 1)}
-    for epoch in (1, 2, 3):
+            for e in (1, 2) for r in (0, 1)}
+    for epoch in (1, 2):
         a, b = seen[epoch, 0], seen[epoch, 1]
-        assert len(a) == len(b) == len(y) // 2 and len(set(a)) == len(a)  # equal shares, each photo once
-        assert not set(a) & set(b) and set(a) | set(b) == set(range(len(y)))  # disjoint, and every photo
+        assert len(a) == len(b) == len(train_keys) // 2 and len(set(a)) == len(a)  # equal shares, each photo once
+        assert not set(a) & set(b) and set(a) | set(b) <= train_keys  # disjoint, and the train split's
+        assert len(train_keys) - 2 * len(a) <= 1  # every photo, less at most one for equal steps
     assert seen[1, 0] != seen[2, 0] and sorted(seen[1, 0]) == sorted(seen[2, 0])  # the same share, in a new order
 
 
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_where_an_uninterrupted_run_does(
         uninterrupted, splits, tmp_path, monkeypatch):
-    train_split, val = splits
+    _, train_split, val = splits
     marker = str(tmp_path / "killed")
-    monkeypatch.setattr(train, "train_loop", seams.failing_once(epoch=1, rank=1, marker=marker))
+    monkeypatch.setattr(train, "train_loop", seams.failing_once(epoch=1, rank=1, marker=marker))  # the last epoch
     # failures beyond the injected one are tolerated: a loaded machine may fail a worker's health check as well, and
     # that restart resumes the same way; the marker proves the injected death happened (once: it checks the marker)
-    result = fit(train_split, val, SPEC, str(tmp_path / "runs"), "r18", workers=2, max_failures=3)
+    result = fit(train_split, val, SPEC, str(tmp_path / "runs"), "ken", workers=2, max_failures=3,
+                 cpus_per_worker=0.5)
     assert os.path.exists(marker) and result.error is None  # rank 1 died at epoch 2; the group restarted
     with result.checkpoint.as_directory() as d:
         history = torch.load(os.path.join(d, TRAIN_STATE), weights_only=True)["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]  # epoch 1 was not trained twice
-    timing = {"train_images_per_s", "epoch_seconds"}
-    assert timing < set(result.metrics) and result.metrics["train_images_per_s"] > 0
-
-    def learned(m):
-        return {k: v for k, v in m.items() if k not in timing}
-
-    assert learned(result.metrics) == learned(uninterrupted.metrics)  # same seeds, same data order: the same run
-
-
-@pytest.mark.slow
-def test_on_crop_shards_decoded_every_epoch_a_killed_worker_still_resumes_to_the_same_run(annotation_crops, tmp_path,
-                                                                                          monkeypatch):
-    """The real input path, uncached (read, sort, repartition and decode again every epoch and after the restart, in
-    blocks of 16 so that order could go astray): the resumed run ends where the uninterrupted one does."""
-    data = plan(annotation_crops, 32)
-    train_split, val = (split_dataset(data, s, block_rows=16) for s in ("train", "val"))
-    spec = RunSpec(model="resnet18", epochs=2, batch_size=16, image_size=32)
-    # half a CPU each: the other CPU decodes (kemo.classifier.experiment.cpus_per_worker leaves one to Ray Data)
-    whole = fit(train_split, val, spec, str(tmp_path / "whole"), "r18", workers=2, cpus_per_worker=0.5)
-    marker = str(tmp_path / "killed")
-    monkeypatch.setattr(train, "train_loop", seams.failing_once(epoch=1, rank=0, marker=marker))  # the last epoch
-    resumed = fit(train_split, val, spec, str(tmp_path / "resumed"), "r18", workers=2, max_failures=3,
-                  cpus_per_worker=0.5)
-    assert os.path.exists(marker) and resumed.error is None and whole.error is None
-    timing = {"train_images_per_s", "epoch_seconds"}
-    assert {k: v for k, v in resumed.metrics.items() if k not in timing} == \
-        {k: v for k, v in whole.metrics.items() if k not in timing}
+    assert [h["epoch"] for h in history] == [1, 2]  # epoch 1 was not trained twice
+    assert TIMING < set(result.metrics) and result.metrics["train_images_per_s"] > 0
+    # same seeds, same data order: the same run
+    assert learned(result.metrics) == learned(uninterrupted.metrics)
 
 
 @pytest.mark.slow
 def test_workers_no_node_can_hold_end_the_run_once_the_capacity_timeout_is_spent(splits, tmp_path):
     """Ray Train retries a worker group that cannot start without end; with a capacity timeout the run stops with
     a message that says what to do (on a cluster the rerun resumes: tests/test_job_submit.py)."""
-    train_split, val = splits
+    _, train_split, val = splits
     t0 = time.monotonic()
     with pytest.raises(CapacityLost, match=r"no node could hold 1 training worker\(s\) \(64 CPU each\) for 5 s"):
         fit(train_split, val, SPEC, str(tmp_path / "runs"), "big", workers=1, cpus_per_worker=64, capacity_timeout=5)

@@ -251,7 +251,7 @@ def split_dataset(data: TrainingData, split: str, block_rows: int = BLOCK_ROWS, 
 
 def arrays_dataset(images: np.ndarray, labels: np.ndarray) -> Any:
     """Photos already in memory ((N, S, S, 3) uint8, (N,) labels) as a split like :func:`split_dataset`'s, in blocks
-    of :data:`BLOCK_ROWS`, keyed by position: for benchmarks and tests, whose photos are generated in the process."""
+    of :data:`BLOCK_ROWS`, keyed by position: for the benchmark, whose photos are generated in the process."""
     import ray
     from ray.data.extensions import ArrowTensorArray
 
