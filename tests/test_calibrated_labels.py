@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from kemo import outputs
+from kemo import outputs, preprocess
 from kemo.classifier import calibration
 from kemo.classifier.checkpoint import input_batch, load_checkpoint, read_meta
 from kemo.classifier.data import decode_crop, usable
-from kemo.classifier.experiment import TrainConfig, run
+from kemo.classifier.experiment import KIND, TrainConfig, plan_runs, run
 from kemo.classifier.metrics import annotator_agreement
 from kemo.crop import encode_jpeg, resize_whole
 from kemo.label import LabelConfig
@@ -203,6 +203,57 @@ def test_both_galleries_render_in_a_real_browser(annotation_crops, trained, held
         # thumbnails drawn: many pixels far from the page's near-white background, in many colours
         dark = (image.astype(int).sum(2) < 600).mean()
         assert dark > 0.05 and len(np.unique(image.reshape(-1, 3) // 32, axis=0)) > 50, page
+
+
+@pytest.mark.slow
+def test_every_run_named_evaluated_reported_committed_and_a_rerun_writes_nothing(annotation_crops, trained):
+    """jobs/train.py's library end to end: every run named, evaluated, reported and committed; run again (and the
+    crops preprocessed again) it trains nothing and writes nothing."""
+    cfg, report = trained
+    out, shards = cfg.output, annotation_crops
+    outputs.Output(out, KIND).committed()
+    test_photos = report.data["annotations"].splits["test"].photos
+    for entry, row in zip(report.runs, report.rows):
+        assert read_meta(entry.checkpoint)["training"]["seed"] == entry.seed == 0
+        assert row.preprocessing == "annotations" and row.accuracy.n == 1
+        assert row.accuracy_on_faces.mean == pytest.approx(entry.test.accuracy)
+        assert sum(map(sum, entry.test.confusion_matrix)) == test_photos
+        right = sum(entry.test.confusion_matrix[k][k] for k in range(7))
+        assert row.accuracy.mean == pytest.approx(right / report.data["annotations"].test_photos)
+    table = open(os.path.join(out, "table5.md")).read().splitlines()
+    assert table[0].startswith("Every row is scored on the same ") and table[2].startswith(
+        "| Preprocessing | Model | Test accuracy (%) | On faces (%) | Faces found (%)") and table[4].startswith(
+        "| annotations | resnet18 | ")
+    for png in ("confusion.png", "curves.png"):
+        assert open(os.path.join(out, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    name = report.runs[0].name
+    assert name.startswith("annotations-resnet18-seed0-") and report.runs[1].name.startswith(
+        "annotations-resnet18-votes-seed0-")
+    finished = json.load(open(os.path.join(out, "results", f"{name}.json")))
+    # preprocess again (the crops are committed: a no-op) and train again: nothing is trained, nothing written
+    before = snapshot(out) | snapshot(shards)
+    preprocess.run(preprocess.PreprocessConfig(**outputs.Output(shards, preprocess.KIND).read_json("config.json")
+                                               ["config"]))
+    again = run(cfg)
+    assert again.runs == report.runs and finished["checkpoint"] == report.runs[0].checkpoint
+    assert snapshot(out) | snapshot(shards) == before  # every file byte-identical, every mtime unchanged
+    # other settings name other runs (a run resumes only under its own name: tests/test_classifier_train.py), each
+    # seed is a run of its own, and a model's runs keep their names when another model joins the grid
+    other = plan_runs(dataclasses.replace(cfg, lr=5e-4)).runs["annotations"]
+    assert {r.name for r in other}.isdisjoint(r.name for r in report.runs) and other[0].spec.lr == 5e-4
+    seeds = plan_runs(dataclasses.replace(cfg, seeds=2)).runs["annotations"]
+    assert sorted(r.seed for r in seeds) == [0, 0, 1, 1] and {r.name for r in report.runs} < {r.name for r in seeds}
+    grown = plan_runs(dataclasses.replace(cfg, models=("resnet18", "kemotionnet"))).runs["annotations"]
+    assert {r.name for r in report.runs} < {r.name for r in grown}
+    # K-EmotionNet in a layout given on the command line (--blocks 1,1,1,1) is in each of its runs' specs (that a
+    # spec's layout reaches the checkpoint: tests/test_classifier_train.py, which trains that layout)
+    laid_out = plan_runs(dataclasses.replace(cfg, models=("kemotionnet",), blocks=(1, 1, 1, 1))).runs["annotations"]
+    assert [r.spec.arguments for r in laid_out] == [{"blocks": [1, 1, 1, 1]}] * 2
+    assert plan_runs(dataclasses.replace(cfg, models=("kemotionnet",))).runs["annotations"][0].spec.arguments == {}
+    with pytest.raises(ValueError, match="unknown models"):
+        run(TrainConfig(shards=(shards,), output=out, models=("resnet50",)))
+    with pytest.raises(ValueError, match="four stages"):
+        run(dataclasses.replace(cfg, blocks=(3, 4, 16)))
 
 
 @pytest.mark.slow

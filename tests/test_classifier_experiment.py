@@ -1,70 +1,17 @@
-"""jobs/train.py's library: crop shards × models × seeds on Ray Train → evaluated, reported, committed; reruns skip."""
+"""jobs/train.py's library: worker sizing and a checkpoint evaluated as it predicts (its end-to-end run, Table 5 and
+a rerun that writes nothing: tests/test_calibrated_labels.py, which trains once for both)."""
 
 import dataclasses
-import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from kemo import outputs, preprocess
 from kemo.classifier.checkpoint import input_batch, load_checkpoint, save_checkpoint
 from kemo.classifier.evaluation import evaluate_checkpoint
-from kemo.classifier.experiment import KIND, TrainConfig, plan_runs, run
+from kemo.classifier.experiment import TrainConfig
 from kemo.classifier.metrics import classification_report, confusion_matrix
-from kemo.classifier.networks import weighted_layers
 from kemo.classifier.registry import create_model
-from tests.tree import snapshot
-
-
-@pytest.mark.slow
-def test_runs_every_seed_reports_table5_and_skips_finished_runs(annotation_crops, tmp_path):
-    shards = annotation_crops
-    out = str(tmp_path / "classify")
-    # K-EmotionNet in a layout given on the command line (--blocks 1,1,1,1): it reaches every run and checkpoint
-    cfg = TrainConfig(shards=(shards,), output=out, models=("kemotionnet",), blocks=(1, 1, 1, 1), seeds=2, epochs=1,
-                      image_size=32, batch_size=32)
-    report = run(cfg)
-    outputs.Output(out, KIND).committed()
-    (row,) = report.rows
-    assert row.preprocessing == "annotations" and row.model == "kemotionnet" and row.accuracy.n == 2
-    for entry in report.runs:
-        assert entry.spec.arguments == {"blocks": [1, 1, 1, 1]}
-        model, meta = load_checkpoint(entry.checkpoint)
-        assert meta["arguments"] == {"blocks": [1, 1, 1, 1]} and weighted_layers(model) == 10
-    accuracies = [r.test.accuracy for r in report.runs]
-    assert row.accuracy_on_faces.mean == pytest.approx(sum(accuracies) / 2)
-    test_photos = report.data["annotations"].splits["test"].photos
-    assert all(sum(map(sum, r.test.confusion_matrix)) == test_photos for r in report.runs)
-    right = [sum(r.test.confusion_matrix[k][k] for k in range(7)) for r in report.runs]
-    assert row.accuracy.mean == pytest.approx(sum(right) / 2 / report.data["annotations"].test_photos)
-    table = open(os.path.join(out, "table5.md")).read().splitlines()
-    assert table[0].startswith("Every row is scored on the same ") and table[2].startswith(
-        "| Preprocessing | Model | Test accuracy (%) | On faces (%) | Faces found (%)") and table[4].startswith(
-        "| annotations | kemotionnet | ")
-    for png in ("confusion.png", "curves.png"):
-        assert open(os.path.join(out, png), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    name = report.runs[0].name
-    assert name.startswith("annotations-kemotionnet-seed0-")
-    finished = json.load(open(os.path.join(out, "results", f"{name}.json")))
-    # preprocess again (the crops are committed: a no-op) and train again: nothing is trained, nothing written
-    before = snapshot(out) | snapshot(shards)
-    preprocess.run(preprocess.PreprocessConfig(**outputs.Output(shards, preprocess.KIND).read_json("config.json")
-                                               ["config"]))
-    again = run(cfg)
-    assert again.runs == report.runs and finished["checkpoint"] == report.runs[0].checkpoint
-    assert snapshot(out) | snapshot(shards) == before  # every file byte-identical, every mtime unchanged
-    # other settings name other runs (a run resumes only under its own name: tests/test_classifier_train.py), and a
-    # model's runs keep their names when another model joins the grid
-    other = plan_runs(dataclasses.replace(cfg, lr=5e-4)).runs["annotations"]
-    assert {r.name for r in other}.isdisjoint(r.name for r in report.runs) and other[0].spec.lr == 5e-4
-    grown = plan_runs(dataclasses.replace(cfg, models=("kemotionnet", "resnet18"))).runs["annotations"]
-    assert {r.name for r in report.runs} < {r.name for r in grown}
-    with pytest.raises(ValueError, match="unknown models"):
-        run(TrainConfig(shards=(shards,), output=out, models=("resnet50",)))
-    with pytest.raises(ValueError, match="four stages"):
-        run(dataclasses.replace(cfg, blocks=(3, 4, 16)))
 
 
 def test_cpu_workers_reserve_their_share_of_the_node_and_unplaceable_workers_are_refused():
