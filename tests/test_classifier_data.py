@@ -110,11 +110,10 @@ def test_the_shards_row_order_and_files_never_reach_training(annotation_crops, t
     parts = [outputs.write_part(shuffled, "shards", table.take(order[:40]), ["b"]),
              outputs.write_part(shuffled, "shards", table.take(order[40:]), ["a"])]
     outputs.Output(shuffled, KIND).commit(parts, {})
-    for split in ("train", "test"):
-        original = rows_of(split_dataset(plan(annotation_crops, 32), split))
-        again = rows_of(split_dataset(plan(shuffled, 32), split))
-        assert [(k, y) for k, y, _ in again] == [(k, y) for k, y, _ in original]
-        assert all(np.array_equal(a, b) for (*_, a), (*_, b) in zip(again, original))
+    original = rows_of(split_dataset(plan(annotation_crops, 32), "train"))
+    again = rows_of(split_dataset(plan(shuffled, 32), "train"))
+    assert [(k, y) for k, y, _ in again] == [(k, y) for k, y, _ in original] and len(original) > 100
+    assert all(np.array_equal(a, b) for (*_, a), (*_, b) in zip(again, original))
 
 
 def test_cached_splits_are_materialised_once_and_auto_caches_what_fits(annotation_crops):
