@@ -15,6 +15,14 @@ import pytest
 
 from kemo.data.synth import SynthConfig, generate
 
+# Set before torch or Ray starts, for this process and every process the tests start (Ray's workers and nodes, jobs):
+# - OpenMP threads sleep when they wait instead of spinning: on a machine whose cores other work also uses, torch's
+#   spinning threads of two processes took turns at 1-3 photos/s where one thread trains at 40;
+# - Ray keeps an idle worker process for a minute rather than one second: every fit and every Ray Data run starts
+#   tasks in bursts, and a worker started anew costs ~2.5 s of CPU (26 starts in one small fit, 16 with this).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -148,7 +148,9 @@ class Sampler:
     def __enter__(self) -> Sampler:
         self._raylet = raylet_pid()
         self._probe = gpu_probe()
-        self._before = {pid for pid, title, _ in self._scan() if title not in NOT_WORKERS}
+        # workers busy before the stage began, as they were then; Ray hands an idle worker process on to the next
+        # task or actor, so one that changes title has taken work of this stage and counts from then on
+        self._before = {pid: title for pid, title, _ in self._scan() if title not in NOT_WORKERS}
         self._thread = threading.Thread(target=self._loop, name="benchmark-sampler", daemon=True)
         self._thread.start()
         return self
@@ -178,8 +180,9 @@ class Sampler:
     def _loop(self) -> None:
         while True:
             for pid, title, rss in self._scan():
-                if pid in self._before:
+                if self._before.get(pid) == title:
                     continue
+                self._before.pop(pid, None)
                 if title not in NOT_WORKERS:
                     self.names[pid] = re.sub(r"\.\w+$", "", title)  # an actor's title ends in the method it runs
                 self.peak[pid] = max(self.peak.get(pid, 0), rss)
