@@ -602,7 +602,9 @@ def test_a_bad_checkpoint_is_refused_in_seconds_before_any_file_and_the_right_on
         t0 = time.monotonic()
         proc = subprocess.run(base + ["--checkpoint", bad], cwd=ROOT, capture_output=True, text=True, timeout=120)
         seconds = time.monotonic() - t0
-        assert proc.returncode == 2 and seconds < 10, (seconds, proc.stderr[-2000:])
+        # refused before Ray starts (its start alone is 10-40 s here): ~4 s alone, of which the interpreter and torch's
+        # import are most; the bound leaves room for a machine that other work keeps busy
+        assert proc.returncode == 2 and seconds < 30 and "Ray instance" not in proc.stderr, (seconds, proc.stderr)
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last and "Traceback" not in proc.stderr, proc.stderr
         assert not os.path.exists(out)  # not even the lease
