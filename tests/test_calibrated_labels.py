@@ -36,7 +36,7 @@ TARGET_ACCURACY = 0.5  # the models of a 2-minute test reach ~40-70% on these cr
 @pytest.fixture(scope="module")
 def trained(annotation_crops, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("classify"))
-    cfg = TrainConfig(shards=(annotation_crops,), output=out, models=("resnet18",), seeds=1, epochs=8, image_size=32,
+    cfg = TrainConfig(shards=(annotation_crops,), output=out, models=("resnet18",), seeds=1, epochs=5, image_size=32,
                       batch_size=16, target=("majority", "votes"), target_accuracy=TARGET_ACCURACY)
     return cfg, run(cfg)
 

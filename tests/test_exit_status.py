@@ -13,22 +13,26 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from kemo import preprocess
+from kemo.config import parse
 from kemo.data import aihub, synth
+from kemo.preprocess import PreprocessConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = int(os.environ.get("KEMO_EXIT_RUNS", 8))
 
 
 @pytest.fixture(scope="module")
-def index_and_crops(tmp_path_factory):
+def index_and_crops(ray_local, tmp_path_factory):
+    """An index, and the command line of a preprocess job whose output is committed and current: written here, in
+    the session's Ray, from the very config that command line parses to (a job of its own would start a Ray)."""
     d = tmp_path_factory.mktemp("exit")
     synth.generate(synth.SynthConfig(out=str(d / "corpus"), per_class=1, size="160x120"))
     aihub.run(aihub.IndexConfig(root=str(d / "corpus"), output=str(d / "index")))
-    job = [sys.executable, "jobs/preprocess.py", "--input", str(d / "index"), "--output", str(d / "crops"),
-           "--detector", "annotations", "--crop-size", "32", "--gallery", "0"]
-    first = subprocess.run(job, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    return str(d / "index"), job
+    flags = ["--input", str(d / "index"), "--output", str(d / "crops"), "--detector", "annotations",
+             "--crop-size", "32", "--gallery", "0"]
+    assert preprocess.run(parse(PreprocessConfig, flags)).processed > 0
+    return str(d / "index"), [sys.executable, "jobs/preprocess.py", *flags]
 
 
 def statuses(command: list[str]) -> list[int]:

@@ -398,7 +398,7 @@ def _traced(trace: str, epoch: int) -> bool:
 def test_training_across_the_cluster_on_s3(cluster, crops_on_s3, moto_endpoint, module_bucket):
     """Crops on S3 → jobs/train.py --workers 2 --cache none: two Ray Train workers fed by Ray Data, the photos re-read
     from S3 and decoded on the nodes every epoch; the workers' shares of the train split are disjoint, equal and
-    together the split (less at most one photo, for equal steps). After the first of its three epochs the run, into an
+    together the split (less at most one photo, for equal steps). After the first of its two epochs the run, into an
     S3 output, loses the 2-CPU node: with nowhere to put its two workers it ends within its --capacity-timeout, saying
     so; once the node is back, the same jobs/train.py command, as a user runs it (no tracing, the default --cache: the
     cache is no part of a run's identity), resumes from the latest checkpoint, finishes and commits the report."""
@@ -409,7 +409,7 @@ def test_training_across_the_cluster_on_s3(cluster, crops_on_s3, moto_endpoint, 
     # generous, so that only the lost node can spend it
     out, trace, timeout = f"{bucket}/classify", f"{bucket}/trace", 40
     train_args = ["jobs/train.py", "--shards", shards, "--output", out, "--models", "resnet18", "--seeds", "1",
-                  "--epochs", "3", "--image-size", "32", "--batch-size", "16", "--workers", "2",
+                  "--epochs", "2", "--image-size", "32", "--batch-size", "16", "--workers", "2",
                   "--cpus-per-worker", "1", "--checkpoint-every", "1", "--capacity-timeout", str(timeout)]
     submit_head = [RAY, "job", "submit", "--address", cluster.address, "--working-dir", ".",
                    "--runtime-env-json", json.dumps({"env_vars": s3_env(moto_endpoint)}), "--"]
@@ -442,10 +442,10 @@ def test_training_across_the_cluster_on_s3(cluster, crops_on_s3, moto_endpoint, 
     _restart_worker_node(cluster)
     status, output = submit(cluster, ["python", *train_args], s3_env(moto_endpoint))
     assert status == "SUCCEEDED", output[-4000:]
-    epochs = [int(m) for m in re.findall(r"resnet18 seed 0 epoch (\d+)/3", output)]
-    assert epochs and epochs[0] > 1 and epochs[-1] == 3, epochs  # resumed, not started over
+    epochs = [int(m) for m in re.findall(r"resnet18 seed 0 epoch (\d+)/2", output)]
+    assert epochs and set(epochs) == {2}, epochs  # resumed at the second epoch, not started over
     report = storage.read_json(f"{out}/report.json")
     (run,) = report["runs"]
     history = json.loads(storage.read_bytes(f"{out}/results/{run['name']}.json"))["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["epoch"] for h in history] == [1, 2]
     assert storage.exists(f"{out}/_commit.json")
