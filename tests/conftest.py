@@ -65,11 +65,15 @@ def ray_local(moto_endpoint):
     environment of the process that started Ray."""
     import ray
 
+    from kemo.resources import embedded_options
+
     env = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
+    saved = {k: os.environ.get(k) for k in [*env, "RAY_API_SERVER_ADDRESS"]}
     os.environ.update(env)
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # kept to itself as a job's embedded Ray is (kemo.resources.embedded_options): the test cluster of
+    # tests/test_job_submit.py runs beside it, and Ray Train's placement-group cleaner must not ask that one's state API
+    ctx = ray.init(num_cpus=2, log_to_driver=False, **embedded_options(dashboard=False))
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ctx
     ray.shutdown()
