@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,13 @@ from kemo.data.synth import SynthConfig, generate
 #   tasks in bursts, and a worker started anew costs ~2.5 s of CPU (26 starts in one small fit, 16 with this).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `make test` starts one of its two pytest processes in the background, where a non-interactive shell leaves
+    # SIGINT ignored: Ctrl-C must stop that one too, through its fixtures' teardown (its test cluster, Ray, moto)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _free_port() -> int:

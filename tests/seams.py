@@ -7,6 +7,7 @@ watches the worker's train share pass by (one pass an epoch) and then runs the r
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -69,9 +70,14 @@ def _watching(before: Callable[[int, int], None], after: Callable[[int, int, lis
     return loop
 
 
-def traced(folder: str) -> Callable[[dict[str, Any]], None]:
+def traced(folder: str, hold: int | None = None) -> Callable[[dict[str, Any]], None]:
     """A train loop whose workers write ``epoch<k>-rank<r>.json`` (node id and the order keys of the photos trained
-    on) into ``folder``."""
+    on) into ``folder``. With ``hold``, each worker waits as epoch ``hold`` begins until ``folder``/release exists: a
+    test that kills the run's node meanwhile knows that the run cannot have finished first."""
+
+    def wait(epoch: int, rank: int) -> None:
+        while epoch == hold and not storage.exists(storage.join(folder, "release")):
+            time.sleep(0.5)
 
     def write(epoch: int, rank: int, keys: list[int]) -> None:
         import ray
@@ -79,7 +85,7 @@ def traced(folder: str) -> Callable[[dict[str, Any]], None]:
         storage.write_json(storage.join(folder, f"epoch{epoch}-rank{rank}.json"),
                            {"node": ray.get_runtime_context().get_node_id(), "keys": keys})
 
-    return _watching(lambda epoch, rank: None, write)
+    return _watching(wait, write)
 
 
 def failing_once(epoch: int, rank: int, marker: str) -> Callable[[dict[str, Any]], None]:

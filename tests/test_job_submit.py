@@ -348,13 +348,14 @@ def test_label_job(cluster, corpus_on_s3, moto_endpoint, module_bucket, module_u
 
 
 # jobs/train.py as a user runs it, with the train loop of tests/seams.py installed first: each of the two workers
-# writes the photos (order keys) it trained on per epoch to S3, what the test checks against the shards.
+# writes the photos (order keys) it trained on per epoch to S3, what the test checks against the shards, and waits as
+# the second epoch begins, so that the run is still training when the test takes its node away.
 TRACED = """
 import runpy
 import sys
 from kemo.classifier import train
 from tests import seams
-train.train_loop = seams.traced(sys.argv[1])
+train.train_loop = seams.traced(sys.argv[1], hold=2)
 sys.argv = sys.argv[2:]
 runpy.run_path("jobs/train.py", run_name="__main__")
 """

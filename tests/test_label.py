@@ -8,6 +8,7 @@ import os
 import re
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -643,7 +644,12 @@ def test_job_script_smoke_test(ray_local, folder, checkpoint, tmp_path, monkeypa
     # the script as `python jobs/label.py` runs it, in this process: its Ray is the session's (a Ray of its own
     # costs 10-20 s here; tests/test_job_submit.py runs the scripts with theirs)
     monkeypatch.setattr(sys, "argv", command)
-    runpy.run_path(os.path.join(ROOT, command[0]), run_name="__main__")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        runpy.run_path(os.path.join(ROOT, command[0]), run_name="__main__")
+    finally:  # the job's own SIGINT/SIGTERM handlers (a clean stop) are the job's, not pytest's
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     assert len(expected) > 16 and "16 files: 16 labelled" in capsys.readouterr().out
     rows = read_labels(out)
     assert rows.num_rows == 16 and set(rows.column("detector").to_pylist()) == {"none"}
