@@ -72,11 +72,11 @@ def _watching(before: Callable[[int, int], None], after: Callable[[int, int, lis
 
 def traced(folder: str, hold: int | None = None) -> Callable[[dict[str, Any]], None]:
     """A train loop whose workers write ``epoch<k>-rank<r>.json`` (node id and the order keys of the photos trained
-    on) into ``folder``. With ``hold``, each worker waits as epoch ``hold`` begins until ``folder``/release exists: a
-    test that kills the run's node meanwhile knows that the run cannot have finished first."""
+    on) into ``folder``. With ``hold``, each worker waits as epoch ``hold`` begins until it is stopped: a test that
+    kills the run's node meanwhile knows that the run cannot have finished first."""
 
     def wait(epoch: int, rank: int) -> None:
-        while epoch == hold and not storage.exists(storage.join(folder, "release")):
+        while epoch == hold:
             time.sleep(0.5)
 
     def write(epoch: int, rank: int, keys: list[int]) -> None:
