@@ -2,7 +2,7 @@
 
 Label, preprocess and train start Ray (``kemo.resources.connect``) only once they know they have work for it, so
 flag errors, refusals and reruns with nothing to do answer without it; index needs no Ray; the detector, benchmark
-and demo doors call ``ray.init()``.
+and demo doors call ``connect`` before their stage runs.
 Importing kemo makes ultralytics offline (no weight, font or pip downloads at run time) unless the caller has
 already decided otherwise.
 """

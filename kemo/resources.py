@@ -135,7 +135,12 @@ def embedded_options(dashboard: bool) -> dict[str, object]:
     then removes the placement group of a run still training. An embedded start therefore puts its dashboard on a
     port chosen here and names it in ``RAY_API_SERVER_ADDRESS``, which the state API reads before searching; Ray's
     processes inherit it from this one. Joining a cluster (``RAY_ADDRESS``, ``ray job submit``, a local ``ray start``)
-    changes nothing: that cluster's processes have their own environment."""
+    changes nothing: that cluster's processes have their own environment.
+
+    Its workers also run at the priority of the process that started it. Ray lowers every worker to nice 15, so that a
+    cluster node's raylet stays ahead of the work; on a machine that other work keeps busy, an embedded Ray's workers
+    (which hold all of a job's work) then got ~3% of a core each beside a plain CPU-bound process, and a fit crawled.
+    A job at nice 0 gets its fair share; ``nice -n 10 python jobs/…`` still puts the whole job in the background."""
     import socket
 
     from ray._private.services import canonicalize_bootstrap_address
@@ -146,7 +151,7 @@ def embedded_options(dashboard: bool) -> dict[str, object]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    return {"include_dashboard": dashboard, "dashboard_port": port}
+    return {"include_dashboard": dashboard, "dashboard_port": port, "_system_config": {"worker_niceness": 0}}
 
 
 def _transient_start_failure(e: Exception) -> bool:

@@ -44,6 +44,10 @@ NODE_SETTINGS = {
     # idle workers kept a minute, not a second (tests/conftest.py says why); the nodes get no other RAY_ setting of
     # this process
     "RAY_idle_worker_killing_time_threshold_ms": "60000",
+    # workers at the nodes' own priority, as kemo's embedded Ray runs them (kemo.resources.embedded_options): this
+    # cluster shares its machine with the suite and other work, where Ray's default nice 15 starves its jobs; a real
+    # cluster's nodes run Ray alone, and keep Ray's default
+    "RAY_worker_niceness": "0",
 }
 
 

@@ -166,19 +166,28 @@ def state_of(actor_id):  # what Ray Train's PlacementGroupCleaner asks, once a s
     from ray.util.state import get_actor
     return get_actor(actor_id, timeout=30).state
 
+@ray.remote
+def niceness():
+    import os
+    return os.nice(0)
+
 probe = Probe.remote()
 ray.get(probe.ping.remote())
 print("STATE", ray.get(state_of.remote(probe._actor_id.hex())))
+print("NICE", ray.get(niceness.remote()), ray.get(probe.__ray_call__.remote(lambda _: __import__("os").nice(0))))
 """
 
 
 @pytest.mark.slow
-def test_an_embedded_ray_beside_another_asks_its_own_state_api(ray_local):
+def test_an_embedded_ray_beside_another_asks_its_own_state_api_and_works_at_the_jobs_priority(ray_local):
     """Two kemo jobs on one machine: with ray_local running, a job's embedded Ray answers a worker's state query
     about its own actor (Ray alone raises "Found multiple active Ray instances", or asks the other instance, whose
-    answer "no such actor" makes the cleaner remove a live run's placement group)."""
+    answer "no such actor" makes the cleaner remove a live run's placement group). Its tasks and actors run at the
+    job's own niceness (3 here), not Ray's 15 on top of it, which starved them beside other work."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    proc = subprocess.run([sys.executable, "-c", BESIDE_ANOTHER], capture_output=True, text=True, timeout=180, env=env)
+    proc = subprocess.run([sys.executable, "-c", BESIDE_ANOTHER], capture_output=True, text=True, timeout=180, env=env,
+                          preexec_fn=lambda: os.nice(3))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "STATE ALIVE" in proc.stdout
+    assert f"NICE {os.nice(0) + 3} {os.nice(0) + 3}" in proc.stdout
     assert "multiple active Ray instances" not in proc.stdout + proc.stderr
