@@ -137,10 +137,12 @@ def embedded_options(dashboard: bool) -> dict[str, object]:
     processes inherit it from this one. Joining a cluster (``RAY_ADDRESS``, ``ray job submit``, a local ``ray start``)
     changes nothing: that cluster's processes have their own environment.
 
-    Its workers also run at the priority of the process that started it. Ray lowers every worker to nice 15, so that a
-    cluster node's raylet stays ahead of the work; on a machine that other work keeps busy, an embedded Ray's workers
-    (which hold all of a job's work) then got ~3% of a core each beside a plain CPU-bound process, and a fit crawled.
-    A job at nice 0 gets its fair share; ``nice -n 10 python jobs/…`` still puts the whole job in the background."""
+    Its workers also run at the priority of the process that started it. Ray raises every worker's nice value by 15,
+    so that a cluster node's raylet stays ahead of the work; on a machine that other work keeps busy, an embedded Ray's
+    workers (which hold all of a job's work) then got ~4% of a core each beside a plain CPU-bound process, and a fit
+    crawled. A job at nice 0 gets its fair share; ``nice -n 10 python jobs/…`` still puts the whole job in the
+    background, and a ``RAY_worker_niceness`` the user exported is kept. The address is ``"local"``: ``ray.init``
+    then starts the instance planned here even if a ``ray start`` appears in between."""
     import socket
 
     from ray._private.services import canonicalize_bootstrap_address
@@ -151,7 +153,10 @@ def embedded_options(dashboard: bool) -> dict[str, object]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    return {"include_dashboard": dashboard, "dashboard_port": port, "_system_config": {"worker_niceness": 0}}
+    options: dict[str, object] = {"address": "local", "include_dashboard": dashboard, "dashboard_port": port}
+    if "RAY_worker_niceness" not in os.environ:  # Ray's _system_config would override the user's own
+        options["_system_config"] = {"worker_niceness": 0}
+    return options
 
 
 def _transient_start_failure(e: Exception) -> bool:

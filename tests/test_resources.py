@@ -150,7 +150,31 @@ def test_an_embedded_ray_that_misses_its_start_deadline_is_tried_again_then_refu
     assert len(tries) == 1
 
 
+def test_an_embedded_start_is_planned_whole_and_keeps_a_niceness_the_user_chose(monkeypatch):
+    """Starting: a new local instance (``address="local"``, even if a cluster appears before ``ray.init``), its own
+    dashboard port named for the state API, workers at the job's priority unless the user exported
+    ``RAY_worker_niceness``; joining a cluster: no options at all (Ray refuses ``_system_config`` there)."""
+    import ray._private.services as services
+
+    from kemo.resources import embedded_options
+
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "restored after the test")
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", lambda addr: None)
+    options = embedded_options(dashboard=False)
+    assert options["address"] == "local" and options["include_dashboard"] is False
+    assert options["_system_config"] == {"worker_niceness": 0}
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{options['dashboard_port']}"
+    monkeypatch.setenv("RAY_worker_niceness", "19")
+    assert "_system_config" not in embedded_options(dashboard=True)
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", lambda addr: "127.0.0.1:6379")
+    assert embedded_options(dashboard=True) == {}
+
+
 BESIDE_ANOTHER = """
+import os
+os.nice(3)  # the job runs below the test's priority; its Ray's workers must follow it, not add Ray's 15
+
 import ray
 from kemo.resources import connect
 
@@ -174,7 +198,7 @@ def niceness():
 probe = Probe.remote()
 ray.get(probe.ping.remote())
 print("STATE", ray.get(state_of.remote(probe._actor_id.hex())))
-print("NICE", ray.get(niceness.remote()), ray.get(probe.__ray_call__.remote(lambda _: __import__("os").nice(0))))
+print("NICE", os.nice(0), ray.get(niceness.remote()), ray.get(probe.__ray_call__.remote(lambda _: os.nice(0))))
 """
 
 
@@ -183,11 +207,14 @@ def test_an_embedded_ray_beside_another_asks_its_own_state_api_and_works_at_the_
     """Two kemo jobs on one machine: with ray_local running, a job's embedded Ray answers a worker's state query
     about its own actor (Ray alone raises "Found multiple active Ray instances", or asks the other instance, whose
     answer "no such actor" makes the cleaner remove a live run's placement group). Its tasks and actors run at the
-    job's own niceness (3 here), not Ray's 15 on top of it, which starved them beside other work."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    proc = subprocess.run([sys.executable, "-c", BESIDE_ANOTHER], capture_output=True, text=True, timeout=180, env=env,
-                          preexec_fn=lambda: os.nice(3))
+    job's own niceness (the test's + 3), not 15 more, which starved them beside other work."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_worker_niceness")}
+    proc = subprocess.run([sys.executable, "-c", BESIDE_ANOTHER], capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "STATE ALIVE" in proc.stdout
-    assert f"NICE {os.nice(0) + 3} {os.nice(0) + 3}" in proc.stdout
+    job, task, actor = map(int, proc.stdout.split("NICE ")[1].split())
+    assert job == min(19, os.nice(0) + 3) and task == job and actor == job
+    if job == 19:  # Linux's floor: Ray's 15 more would read the same
+        pytest.skip("the test runs at nice 16 or above, where the job's workers cannot be told from Ray's default")
     assert "multiple active Ray instances" not in proc.stdout + proc.stderr
